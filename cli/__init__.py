@@ -1,0 +1,1 @@
+"""The mmexport command line (installed as ``mmexport.cli``): parses, calls the library, prints."""

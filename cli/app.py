@@ -1,0 +1,240 @@
+"""Typer app: each command builds a config, calls one library function, renders the result."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from mmexport import __version__
+from mmexport.errors import MMExportError, VerificationError
+
+from .console import RichProgress, console, error_console, verification_table
+
+app = typer.Typer(
+    name="mmexport",
+    help="MedMerge: merge two CNN backbones, fold to plain torchvision, verify, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RunArg = Annotated[Path, typer.Argument(help="Run directory written by `mmexport train`.")]
+
+
+def _command_line() -> str:
+    return shlex.join(["mmexport", *sys.argv[1:]])
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"mmexport {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """MedMerge model merging, from training to verified deployable artifacts."""
+
+
+@app.command()
+def train(
+    arch: Annotated[str, typer.Option(help="Architecture, e.g. resnet18, resnet50, densenet121.")],
+    source_a: Annotated[str, typer.Option("--source-a", help="Source A: .safetensors, .pt/.pth, or torchvision:<Weights>.<MEMBER>.")],
+    source_b: Annotated[str, typer.Option("--source-b", help="Source B, same forms as --source-a.")],
+    data: Annotated[str, typer.Option(help="ImageFolder root with train/ and val/ (test/ optional), or synthetic:target.")],
+    out: Annotated[Path, typer.Option(help="Run directory to create.")],
+    granularity: Annotated[str, typer.Option(help="Merge coefficient granularity: kernel, filter or layer.")] = "kernel",
+    merge_epochs: Annotated[int, typer.Option(help="Stage 1 epochs (merge logits + head).")] = 10,
+    finetune_epochs: Annotated[int, typer.Option(help="Stage 2 epochs (full fine-tune of the folded net); 0 skips it.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Batch size for both stages.")] = 32,
+    lr_logits: Annotated[float, typer.Option(help="Adam learning rate of the merge logits.")] = 1e-2,
+    lr_head: Annotated[float, typer.Option(help="Adam learning rate of the new head in stage 1.")] = 1e-3,
+    lr_finetune: Annotated[float, typer.Option(help="AdamW learning rate of stage 2.")] = 1e-4,
+    bn_init: Annotated[str, typer.Option(help="BatchNorm statistics before stage 1: blend (of the sources') or reestimate (on target images).")] = "blend",
+    image_size: Annotated[Optional[int], typer.Option(help="Input size (default 224 for folders, 64 for synthetic).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for every random generator.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+) -> None:
+    """Stage 1 (merge logits + head), fold, verify the fold, stage 2 (fine-tune)."""
+    from mmexport.train import TrainConfig, train as run_training
+
+    config = TrainConfig(
+        arch=arch, source_a=source_a, source_b=source_b, data=data, out=str(out), granularity=granularity,
+        merge_epochs=merge_epochs, finetune_epochs=finetune_epochs, batch_size=batch_size, lr_logits=lr_logits,
+        lr_head=lr_head, lr_finetune=lr_finetune, bn_init=bn_init, image_size=image_size, seed=seed, device=device,
+        force=force,
+    )
+    progress = RichProgress()
+    try:
+        run_dir = run_training(config, progress, command=_command_line())
+    finally:
+        progress.finish()
+    _print_run_summary(run_dir)
+
+
+def _print_run_summary(run_dir: Path) -> None:
+    from mmexport.workflows import inspect_run
+
+    summary = inspect_run(run_dir)
+    final = summary["manifest"].get("training", {}).get("final", {})
+    for split, metrics in final.items():
+        console.print(f"  final {split}: accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}")
+    console.print(f"[green]run written to[/green] {run_dir}")
+
+
+@app.command("fold")
+def fold_command(
+    run: RunArg,
+    to: Annotated[str, typer.Option(help="Output format: safetensors or pt (a state dict loadable with weights_only=True).")] = "safetensors",
+) -> None:
+    """Fold the run's unmerged checkpoint into a stock torchvision network, verify it, write it into the run."""
+    from mmexport.workflows import fold_run
+
+    result = fold_run(run, to)
+    console.print(verification_table(result["report"]))
+    reproduced = {None: "", True: " (bit-identical to the training-time fold)", False: " (differs from the previous fold!)"}
+    console.print(f"[green]wrote[/green] {result['path']}  sha256 {result['sha256'][:16]}…{reproduced[result['reproduced']]}")
+
+
+@app.command()
+def verify(
+    run: RunArg,
+    data: Annotated[Optional[str], typer.Option(help="Also compare on real images of this dataset's val split.")] = None,
+    samples: Annotated[int, typer.Option(help="Number of random inputs (and at most this many real images).")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, auto.")] = "cpu",
+) -> None:
+    """Check the folded network against the unmerged one (DESIGN §4 policy); exit 1 on failure."""
+    from mmexport.workflows import verify_run
+
+    try:
+        report = verify_run(run, data=data, samples=samples, seed=seed, device=device)
+    except VerificationError as exc:
+        if exc.report is not None:
+            console.print(verification_table(exc.report))
+        raise
+    console.print(verification_table(report))
+    console.print("[green]verification passed[/green]")
+
+
+@app.command()
+def inspect(
+    run: RunArg,
+    all_parameters: Annotated[bool, typer.Option("--all", help="List every merged parameter, not only weights of conv layers.")] = False,
+) -> None:
+    """Summarise a run's manifest and the per-layer mean merge coefficient (depth-wise view)."""
+    from mmexport.workflows import inspect_run
+
+    summary = inspect_run(run)
+    manifest = summary["manifest"]
+    config = manifest.get("config", {})
+    console.print(f"[bold]{summary['path']}[/bold]  created {manifest.get('created')}  by `{manifest.get('command', '')}`")
+    model = manifest.get("model", {})
+    console.print(f"arch {model.get('arch')}  classes {', '.join(model.get('classes', []))}  image {model.get('image_size')}px  "
+                  f"granularity {config.get('granularity')}  seed {manifest.get('seed')}")
+    inputs = Table(title="inputs", title_justify="left")
+    for column in ("input", "spec", "sha256"):
+        inputs.add_column(column)
+    for key, value in manifest.get("inputs", {}).items():
+        inputs.add_row(key, str(value.get("spec", value.get("source", ""))), (value.get("sha256") or "—")[:16])
+    console.print(inputs)
+    outputs = Table(title="outputs", title_justify="left")
+    for column in ("file", "kind", "size", "sha256", "state"):
+        outputs.add_column(column)
+    for name, entry in summary["outputs"].items():
+        state = "[green]intact[/green]" if entry["state"] == "intact" else f"[red]{entry['state']}[/red]"
+        outputs.add_row(name, entry["kind"], f"{entry['size_bytes'] / 1e6:.1f} MB", entry["sha256"][:16], state)
+    console.print(outputs)
+    checks = Table(title="verification", title_justify="left")
+    for column in ("artifact", "policy", "when", "max abs error", "top-1", "result"):
+        checks.add_column(column)
+    for entry in manifest.get("verification", []):
+        stats = [o for s in entry["input_sets"] for o in s["outputs"].values()]
+        checks.add_row(
+            entry.get("artifact", "?"), entry["tolerance"]["name"], entry.get("created", ""),
+            f"{max(o['max_abs_error'] for o in stats):.3g}" if stats else "—",
+            f"{min(o['top1_agreement'] for o in stats):.1%}" if stats else "—",
+            "[green]pass[/green]" if entry["passed"] else "[red]FAIL[/red]",
+        )
+    console.print(checks)
+    for split, metrics in manifest.get("training", {}).get("final", {}).items():
+        console.print(f"final {split}: accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}")
+    rows = [r for r in summary["coefficients"] if all_parameters or (r["layer"] == "conv" and r["name"].endswith("weight"))]
+    if rows:
+        table = Table(title="mean weight of source A, σ(λ), input → output", title_justify="left")
+        for column in ("#", "parameter", "layer", "σ(λ)", ""):
+            table.add_column(column, justify="right" if column in ("#", "σ(λ)") else "left")
+        for index, row in enumerate(rows):
+            bar = round(20 * row["mean"])
+            table.add_row(str(index), row["name"], row["layer"], f"{row['mean']:.3f}", "A " + "█" * bar + "·" * (20 - bar) + " B")
+        console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for the demo's sources and run.")] = Path("mmexport-demo"),
+    arch: Annotated[str, typer.Option(help="Architecture for both sources.")] = "resnet18",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Replace a non-empty --out that is not an earlier demo.")] = False,
+) -> None:
+    """Train two synthetic source backbones, merge them on the synthetic target, fold and verify."""
+    from mmexport.demo import DemoConfig, run_demo
+
+    progress = RichProgress()
+    console.print("[bold]mmexport demo[/bold]: source A learns lesion pigment, source B lesion border; the target needs both.")
+    try:
+        summary = run_demo(DemoConfig(out=str(out), arch=arch, device=device, force=force), progress)
+    finally:
+        progress.finish()
+    table = Table(title="demo summary", title_justify="left")
+    table.add_column("step")
+    table.add_column("result")
+    table.add_column("time", justify="right")
+    t = summary["timings"]
+    for label in ("A", "B"):
+        s = summary[f"source_{label}"]
+        table.add_row(f"source {label} ({s['task']})", f"val acc {s['val_accuracy']:.3f}  macro-F1 {s['val_macro_f1']:.3f}", f"{t[f'source_{label}']:.0f} s")
+    mb = summary["merge_best"]
+    table.add_row("stage 1 merge (best epoch)", f"val acc {mb['val_accuracy']:.3f}  macro-F1 {mb['val_macro_f1']:.3f}", "")
+    for split, m in summary["final"].items():
+        table.add_row(f"final model, {split}", f"acc {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}", "")
+    table.add_row("train total", summary["run"], f"{t['train']:.0f} s")
+    for name, stats in summary["verification"].items():
+        table.add_row(f"fold check ({name})", f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}", "")
+    table.add_row("fold + verify", "bit-identical re-fold" if summary["fold"]["reproduced"] else "re-folded", f"{t['fold_verify']:.0f} s")
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: library errors become one red line and exit 1 (traceback with MMEXPORT_DEBUG=1)."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(prog_name="mmexport", standalone_mode=False)
+    except MMExportError as exc:
+        if os.environ.get("MMEXPORT_DEBUG") == "1":
+            raise
+        error_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        error_console.print("[red]aborted[/red]")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

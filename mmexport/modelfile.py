@@ -1,0 +1,125 @@
+"""Model files a run publishes: the unmerged merge and the plain (folded or fine-tuned) network.
+
+Both are safetensors with string metadata, so a file alone says what it holds:
+architecture, classes and the preprocessing an inference server must apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmexport import __version__
+from mmexport.backbones import get_backbone
+from mmexport.checkpoints import load_safetensors_with_metadata, save_state_dict
+from mmexport.errors import CheckpointError
+from mmexport.merge import MergedModel
+
+MODEL_FORMAT = "mmexport-model/1"
+METADATA_KEY = "mmexport"
+
+
+def pack_metadata(fields: dict[str, str]) -> dict[str, str]:
+    """One safetensors metadata entry holding canonical JSON.
+
+    safetensors writes its metadata map in hash order, which differs between
+    processes; with a single key the file bytes (and so its sha256) are
+    reproducible, so a re-fold can be proven bit-identical.
+    """
+    return {METADATA_KEY: json.dumps(fields, sort_keys=True, separators=(",", ":"))}
+
+
+def unpack_metadata(metadata: dict[str, str], source: str) -> dict[str, str]:
+    if METADATA_KEY not in metadata:
+        return dict(metadata)
+    try:
+        fields = json.loads(metadata[METADATA_KEY])
+    except ValueError:
+        raise CheckpointError(f"{source}: malformed mmexport metadata") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{source}: malformed mmexport metadata")
+    return {str(k): str(v) for k, v in fields.items()}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a deployment needs to know beside the weights."""
+
+    arch: str
+    classes: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "arch": self.arch,
+            "classes": json.dumps(list(self.classes)),
+            "image_size": str(self.image_size),
+            "mean": json.dumps(list(self.mean)),
+            "std": json.dumps(list(self.std)),
+            "channel_order": self.channel_order,
+            "layout": self.layout,
+            "mmexport_version": __version__,
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], source: str) -> "ModelInfo":
+        try:
+            return cls(
+                arch=metadata["arch"],
+                classes=tuple(json.loads(metadata["classes"])),
+                image_size=int(metadata["image_size"]),
+                mean=tuple(json.loads(metadata["mean"])),
+                std=tuple(json.loads(metadata["std"])),
+                channel_order=metadata.get("channel_order", "RGB"),
+                layout=metadata.get("layout", "NCHW"),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{source}: missing or malformed model metadata ({exc!r})") from None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def save_model(path: str | os.PathLike[str], model: nn.Module, info: ModelInfo, stage: str) -> None:
+    """The plain torchvision network as safetensors, with its :class:`ModelInfo` and stage."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_state_dict(path, state, pack_metadata({"format": MODEL_FORMAT, "stage": stage, **info.to_metadata()}))
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the stock torchvision network from a model file (``strict=True``)."""
+    tensors, metadata = load_safetensors_with_metadata(path)
+    metadata = unpack_metadata(metadata, str(path))
+    if metadata.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path}: not an mmexport model file (format {metadata.get('format')!r})")
+    info = ModelInfo.from_metadata(metadata, str(path))
+    model = get_backbone(info.arch).build(info.num_classes)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit {info.arch}: {str(exc).splitlines()[0]}") from None
+    return model.eval(), info
+
+
+def save_unmerged(path: str | os.PathLike[str], merged: MergedModel, info: ModelInfo) -> None:
+    save_state_dict(path, merged.unmerged_state_dict(), pack_metadata({**merged.unmerged_metadata(), **info.to_metadata()}))
+
+
+def load_unmerged(path: str | os.PathLike[str]) -> tuple[MergedModel, ModelInfo]:
+    tensors, metadata = load_safetensors_with_metadata(path)
+    metadata = unpack_metadata(metadata, str(path))
+    info = ModelInfo.from_metadata(metadata, str(Path(path)))
+    return MergedModel.from_unmerged_state_dict(tensors, metadata).eval(), info
