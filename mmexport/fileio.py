@@ -36,7 +36,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise RunDirError(f"{directory}: output directory does not exist")
     if not os.access(directory, os.W_OK):
         raise RunDirError(f"{directory}: output directory is not writable")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:  # e.g. a read-only file system, which os.access does not see for root
+        raise RunDirError(f"{directory}: cannot write here ({exc.strerror or exc})") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -159,6 +159,7 @@ class MergedModel(nn.Module):
                 if leaf in BN_BUFFERS:
                     weights = self.mixing_weights(f"{module_prefix}.weight")
                     stacked = torch.stack([s[name].float() for s in sources])
+                    weights = weights.reshape(*weights.shape, *([1] * (stacked.dim() - weights.dim())))
                     buffer.copy_((weights * stacked).sum(0))
                 elif leaf == "num_batches_tracked":
                     buffer.copy_(max(int(s[name]) for s in sources))

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny source checkpoints and datasets the tests make themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmexport.backbones import get_backbone
+from mmexport.checkpoints import save_state_dict
+
+TINY_TARGET = "synthetic:target?n_train=24&n_val=16&n_test=16"
+
+
+def backbone_state(arch: str, seed: int, num_classes: int = 7) -> dict[str, torch.Tensor]:
+    """A randomly initialised network's full state dict (head included), with non-trivial BN stats."""
+    torch.manual_seed(seed)
+    model = get_backbone(arch).build(num_classes)
+    state = model.state_dict()
+    generator = torch.Generator().manual_seed(seed + 1000)
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            value.copy_(torch.randn(value.shape, generator=generator) * 0.1)
+        elif key.endswith("running_var"):
+            value.copy_(torch.rand(value.shape, generator=generator) + 0.5)
+    return state
+
+
+@pytest.fixture(scope="session")
+def resnet18_sources(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    paths = []
+    for name, seed in (("a", 1), ("b", 2)):
+        path = root / f"{name}.safetensors"
+        save_state_dict(path, backbone_state("resnet18", seed))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def write_image_folder(root: Path, classes: dict[str, dict[str, int]], size: int = 40) -> Path:
+    """``classes`` maps split -> {class: count}; writes small random PNGs."""
+    rng = np.random.default_rng(0)
+    for split, counts in classes.items():
+        for class_name, count in counts.items():
+            folder = root / split / class_name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture()
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(
+        tmp_path / "data", {"train": {"benign": 6, "malignant": 4}, "val": {"benign": 3, "malignant": 3}}
+    )
+
+
+@pytest.fixture(autouse=True)
+def _few_threads(monkeypatch):
+    # Keep runs comparable on the 2-core CI machine.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
