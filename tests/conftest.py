@@ -66,3 +66,11 @@ def _few_threads(monkeypatch):
     # Keep runs comparable on the 2-core CI machine.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+def pytest_runtest_setup(item):
+    """GPU tests skip with a reason when CUDA is absent; MMEXPORT_REQUIRE_GPU=1 makes that a failure."""
+    if "gpu" in item.keywords and not torch.cuda.is_available():
+        if os.environ.get("MMEXPORT_REQUIRE_GPU") == "1":
+            pytest.fail("MMEXPORT_REQUIRE_GPU=1 but CUDA is unavailable (torch.cuda.is_available() is False)")
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")

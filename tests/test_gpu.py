@@ -1,0 +1,33 @@
+"""CUDA checks: run on a GPU machine (``MMEXPORT_REQUIRE_GPU=1 python -m pytest -m gpu``)."""
+
+import pytest
+import torch
+
+from mmexport.fold import fold
+from mmexport.runners import TorchRunner
+from mmexport.verify import random_inputs
+from tests.test_fold import merged_with_random_logits
+
+pytestmark = pytest.mark.gpu
+
+
+def test_stage1_training_step_on_cuda():
+    merged = merged_with_random_logits("resnet18").cuda().train()
+    optimizer = torch.optim.Adam([p for p in merged.parameters() if p.requires_grad], lr=1e-2)
+    before = merged.logit("conv1.weight").detach().clone()
+    loss = torch.nn.functional.cross_entropy(merged(torch.randn(8, 3, 64, 64, device="cuda")), torch.randint(0, 5, (8,), device="cuda"))
+    loss.backward()
+    optimizer.step()
+    assert merged.logit("conv1.weight").is_cuda
+    assert not torch.equal(before, merged.logit("conv1.weight"))
+
+
+def test_fold_on_cuda_matches_unmerged_and_cpu():
+    merged = merged_with_random_logits("resnet50").cuda().eval()
+    folded = fold(merged)
+    assert next(folded.parameters()).is_cuda
+    images = random_inputs(8, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with TorchRunner(merged, device="cuda") as ref, TorchRunner(folded, device="cuda") as cand:
+        reference, candidate = ref.infer(images), cand.infer(images)
+    assert (reference.argmax(1) == candidate.argmax(1)).all()
+    assert abs(reference - candidate).max() <= 1e-5 + 1e-5 * abs(reference).max()
