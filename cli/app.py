@@ -53,34 +53,50 @@ def train(
     source_b: Annotated[str, typer.Option("--source-b", help="Source B, same forms as --source-a.")],
     data: Annotated[str, typer.Option(help="ImageFolder root with train/ and val/ (test/ optional), or synthetic:target.")],
     out: Annotated[Path, typer.Option(help="Run directory to create.")],
+    method: Annotated[str, typer.Option(help="medmerge, average, finetune-a, finetune-b, lpft-a or lpft-b.")] = "medmerge",
     granularity: Annotated[str, typer.Option(help="Merge coefficient granularity: kernel, filter or layer.")] = "kernel",
-    merge_epochs: Annotated[int, typer.Option(help="Stage 1 epochs (merge logits + head).")] = 10,
-    finetune_epochs: Annotated[int, typer.Option(help="Stage 2 epochs (full fine-tune of the folded net); 0 skips it.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Batch size for both stages.")] = 32,
-    lr_logits: Annotated[float, typer.Option(help="Adam learning rate of the merge logits.")] = 1e-2,
-    lr_head: Annotated[float, typer.Option(help="Adam learning rate of the new head in stage 1.")] = 1e-3,
-    lr_finetune: Annotated[float, typer.Option(help="AdamW learning rate of stage 2.")] = 1e-4,
+    merge_epochs: Annotated[int, typer.Option(help="Stage 1 epochs (merge logits + head; head only for average/lpft).")] = 10,
+    finetune_epochs: Annotated[int, typer.Option(help="Stage 2 epochs (full fine-tune); 0 skips it.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Batch size (per process under torchrun).")] = 32,
+    lr_logits: Annotated[float, typer.Option(help="Adam learning rate of the merge logits (stage 1).")] = 1e-2,
+    lr_head: Annotated[float, typer.Option(help="Learning rate of a freshly initialised head.")] = 1e-3,
+    lr_backbone: Annotated[float, typer.Option(help="AdamW learning rate of stage 2 (full fine-tune).")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of stage 2.")] = 1e-4,
+    schedule: Annotated[str, typer.Option(help="Learning-rate schedule per stage: cosine or constant.")] = "cosine",
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up at the start of each stage, in epochs.")] = 1.0,
+    patience: Annotated[int, typer.Option(help="Stop a stage after this many epochs without val macro-F1 gain; 0 never stops.")] = 0,
+    class_weights: Annotated[str, typer.Option(help="Loss class weights: none or balanced (inverse frequency).")] = "none",
+    sampler: Annotated[str, typer.Option(help="Training sampler: none (shuffle) or balanced (class-balanced).")] = "none",
+    augment: Annotated[bool, typer.Option(help="Training augmentation (flips; resized crop for image folders).")] = True,
     bn_init: Annotated[str, typer.Option(help="BatchNorm statistics before stage 1: blend (of the sources') or reestimate (on target images).")] = "blend",
     image_size: Annotated[Optional[int], typer.Option(help="Input size (default 224 for folders, 64 for synthetic).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for every random generator.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
-    force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = True,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace an existing run directory (or discard an interrupted one).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same config from its last epoch.")] = False,
 ) -> None:
-    """Stage 1 (merge logits + head), fold, verify the fold, stage 2 (fine-tune)."""
+    """Train one method into a run directory: stage 1, fold (merge methods), stage 2."""
     from mmexport.train import TrainConfig, train as run_training
 
     config = TrainConfig(
-        arch=arch, source_a=source_a, source_b=source_b, data=data, out=str(out), granularity=granularity,
-        merge_epochs=merge_epochs, finetune_epochs=finetune_epochs, batch_size=batch_size, lr_logits=lr_logits,
-        lr_head=lr_head, lr_finetune=lr_finetune, bn_init=bn_init, image_size=image_size, seed=seed, device=device,
-        force=force,
+        arch=arch, source_a=source_a, source_b=source_b, data=data, out=str(out), method=method,
+        granularity=granularity, merge_epochs=merge_epochs, finetune_epochs=finetune_epochs, batch_size=batch_size,
+        lr_logits=lr_logits, lr_head=lr_head, lr_backbone=lr_backbone, weight_decay=weight_decay, schedule=schedule,
+        warmup_epochs=warmup_epochs, patience=patience, class_weights=class_weights, sampler=sampler, augment=augment,
+        bn_init=bn_init, image_size=image_size, seed=seed, device=device, amp=amp, num_workers=workers, force=force,
+        resume=resume,
     )
-    progress = RichProgress()
+    rank = int(os.environ.get("RANK", "0"))
+    progress = RichProgress() if rank == 0 else None
     try:
         run_dir = run_training(config, progress, command=_command_line())
     finally:
-        progress.finish()
-    _print_run_summary(run_dir)
+        if progress is not None:
+            progress.finish()
+    if rank == 0:
+        _print_run_summary(run_dir)
 
 
 def _print_run_summary(run_dir: Path) -> None:
@@ -132,9 +148,14 @@ def verify(
 def inspect(
     run: RunArg,
     all_parameters: Annotated[bool, typer.Option("--all", help="List every merged parameter, not only weights of conv layers.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the per-layer mean σ(λ), input to output, to this PNG.")] = None,
 ) -> None:
     """Summarise a run's manifest and the per-layer mean merge coefficient (depth-wise view)."""
-    from mmexport.workflows import inspect_run
+    from mmexport.workflows import inspect_run, plot_run_coefficients
+
+    if plot is not None:
+        written = plot_run_coefficients(run, plot, all_layers=all_parameters)
+        console.print(f"[green]plot written to[/green] {written}")
 
     summary = inspect_run(run)
     manifest = summary["manifest"]

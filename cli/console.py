@@ -42,11 +42,12 @@ class RichProgress:
     def epoch(self, record: dict[str, Any]) -> None:
         console.print(
             f"  {record['stage']:<22} epoch {record['epoch']:>2}  loss {record['train_loss']:.4f}  "
-            f"val acc {record['val_accuracy']:.3f}  val macro-F1 {record['val_macro_f1']:.3f}"
+            f"val acc {record['val_accuracy']:.3f}  val macro-F1 {record['val_macro_f1']:.3f}",
+            soft_wrap=True,
         )
 
     def message(self, text: str) -> None:
-        console.print(f"  {text}")
+        console.print(f"  {text}", soft_wrap=True)
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:

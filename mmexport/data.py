@@ -59,6 +59,13 @@ class TaskData:
             sampler=sampler, generator=generator, num_workers=num_workers, drop_last=False,
         )
 
+    def labels(self, split: str) -> np.ndarray:
+        """Class index of every sample of ``split``, in dataset order (no image is decoded)."""
+        dataset = self.dataset(split, augment=False)
+        if isinstance(dataset, _ArrayImages):
+            return dataset.labels.numpy()
+        return np.asarray(dataset.targets, dtype=np.int64)  # torchvision ImageFolder
+
     def arrays(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``limit`` preprocessed (eval-transform) images and labels of ``split`` as numpy."""
         dataset = self.dataset(split, augment=False)

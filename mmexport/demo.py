@@ -103,10 +103,10 @@ def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> dict[s
     training = manifest["training"]
     summary.update(
         run=str(run_dir),
-        merge_best=training["merge"]["best_metrics"] and {
-            "epoch": training["merge"]["best_epoch"],
-            "val_accuracy": training["merge"]["best_metrics"]["accuracy"],
-            "val_macro_f1": training["merge"]["best_metrics"]["macro_f1"],
+        merge_best={
+            "epoch": training["stages"]["merge"]["best_epoch"],
+            "val_accuracy": training["stages"]["merge"]["best_metrics"]["accuracy"],
+            "val_macro_f1": training["stages"]["merge"]["best_metrics"]["macro_f1"],
         },
         final={split: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for split, m in training["final"].items()},
         fold={"reproduced": folded["reproduced"], "sha256": folded["sha256"]},

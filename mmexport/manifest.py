@@ -25,6 +25,7 @@ from mmexport.fileio import atomic_path, sha256_file, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mmexport-run/1"
+TRANSIENT_SUFFIX = ".resume"  # files needed only to resume an unfinished run; removed on publish
 _VERSIONED_PACKAGES = ("torch", "torchvision", "numpy", "safetensors", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
@@ -47,6 +48,11 @@ def environment_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "packages": versions,
     }
+
+
+def staging_path(final: Path) -> Path:
+    """Where a run is built before it is published (one per destination, so it can be resumed)."""
+    return final.parent / f".{final.name}.partial"
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -89,7 +95,13 @@ class RunDir:
             raise RunDirError(f"{parent}: parent directory does not exist")
         if not os.access(parent, os.W_OK):
             raise RunDirError(f"{parent}: directory is not writable")
-        staging = parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+        staging = staging_path(final)
+        if staging.exists():
+            if not force:
+                raise RunDirError(
+                    f"{staging}: an interrupted run of {final.name} exists; continue it with --resume or discard it with --force"
+                )
+            shutil.rmtree(staging)
         staging.mkdir()
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -103,6 +115,18 @@ class RunDir:
         }
         run = cls(staging, manifest, final_path=final)
         run.save()
+        return run
+
+    @classmethod
+    def resume(cls, destination: str | os.PathLike[str]) -> "RunDir":
+        """Reopen the staging directory an interrupted run left beside ``destination``."""
+        final = Path(destination).expanduser().absolute()
+        staging = staging_path(final)
+        if not staging.is_dir():
+            raise RunDirError(f"{final}: no interrupted run to resume (no {staging.name} beside it)")
+        run = cls.open(staging)
+        run._final_path = final
+        run.manifest.setdefault("resumed", []).append(_now())
         return run
 
     @classmethod
@@ -131,6 +155,8 @@ class RunDir:
             return self.path
         final = self._final_path
         self.manifest["completed"] = _now()
+        for leftover in self.path.glob(f"*{TRANSIENT_SUFFIX}"):
+            leftover.unlink()
         self.save()
         retired = None
         if final.exists():

@@ -25,11 +25,20 @@ def _save_pt(path: Path, model: torch.nn.Module, info: ModelInfo) -> None:
     torch.save({"state_dict": state, "mmexport": {**info.to_metadata(), "stage": "folded"}}, path)
 
 
+def _merge_run(run_path: str | os.PathLike[str]) -> RunDir:
+    """Open a run that has a merge to fold or verify (baseline methods have none)."""
+    run = RunDir.open(run_path)
+    if UNMERGED_FILE not in run.manifest.get("outputs", {}):
+        method = run.manifest.get("training", {}).get("method", "?")
+        raise MMExportError(f"{run.path}: a {method} run has no unmerged model to fold or verify against")
+    return run
+
+
 def fold_run(run_path: str | os.PathLike[str], to: str = "safetensors", samples: int = 32) -> dict[str, Any]:
     """Re-fold the run's unmerged checkpoint, verify it, and write ``folded.<to>`` into the run."""
     if to not in FOLD_FORMATS:
         raise MMExportError(f"unknown fold format {to!r}; choose one of {', '.join(FOLD_FORMATS)}")
-    run = RunDir.open(run_path)
+    run = _merge_run(run_path)
     merged, info = load_unmerged(run.checked_file(UNMERGED_FILE))
     folded = fold(merged)
     report = verify_fold(merged, folded, None, info, samples, seed=0, device=torch.device("cpu"))
@@ -56,7 +65,7 @@ def verify_run(
     run_path: str | os.PathLike[str], data: str | None = None, samples: int = 64, seed: int = 0, device: str = "cpu"
 ) -> VerificationReport:
     """Unmerged vs folded of a run, on random inputs and optionally real images; recorded in the manifest."""
-    run = RunDir.open(run_path)
+    run = _merge_run(run_path)
     merged, info = load_unmerged(run.checked_file(UNMERGED_FILE))
     folded, folded_info = load_model(run.checked_file(FOLDED_FILE))
     if folded_info.classes != info.classes or folded_info.arch != info.arch:
@@ -126,3 +135,23 @@ def inspect_run(run_path: str | os.PathLike[str]) -> dict[str, Any]:
         "outputs": outputs,
         "coefficients": layer_coefficients(run) if UNMERGED_FILE in manifest.get("outputs", {}) else [],
     }
+
+
+def plot_run_coefficients(run_path: str | os.PathLike[str], path: str | os.PathLike[str], *, all_layers: bool = False) -> Path:
+    """Draw the run's depth-wise coefficient profile to ``path`` (PNG), atomically."""
+    from mmexport.fileio import atomic_path
+    from mmexport.plots import plot_coefficients
+
+    run = RunDir.open(run_path)
+    if UNMERGED_FILE not in run.manifest.get("outputs", {}):
+        method = run.manifest.get("training", {}).get("method", "?")
+        raise MMExportError(f"{run.path}: method {method} has no merge coefficients to plot")
+    target = Path(path).expanduser().absolute()
+    if target.suffix.lower() != ".png":
+        raise MMExportError(f"{target}: the plot is written as PNG; name the file *.png")
+    config = run.manifest.get("config", {})
+    title = f"{config.get('arch', '?')} {config.get('method', 'medmerge')}: mean σ(λ) per layer (1 = source A)"
+    with atomic_path(target) as tmp:
+        plot_coefficients(layer_coefficients(run), tmp, title, arch=config.get("arch", ""),
+                          layers="all" if all_layers else "conv")
+    return target

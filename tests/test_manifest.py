@@ -8,7 +8,7 @@ from mmexport.manifest import MANIFEST_NAME, RunDir
 
 def test_run_is_staged_then_published(tmp_path):
     run = RunDir.create(tmp_path / "run", command="test")
-    assert not (tmp_path / "run").exists() and run.path.name.startswith(".run.partial-")
+    assert not (tmp_path / "run").exists() and run.path.name == ".run.partial"
     run.write_output("weights.bin", lambda p: p.write_bytes(b"abc"), "model", stage="x")
     final = run.publish()
     assert final == tmp_path / "run" and (final / "weights.bin").read_bytes() == b"abc"
@@ -96,3 +96,20 @@ def test_atomic_write_into_unwritable_directory_is_a_clear_error(tmp_path, monke
     with pytest.raises(RunDirError, match="cannot write here"):
         write_bytes_atomic(tmp_path / "x", b"1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_run_can_be_resumed_or_discarded(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    run.write_output("a.bin", lambda p: p.write_bytes(b"1"), "x")
+    (run.path / "state.resume").write_bytes(b"checkpoint")
+    with pytest.raises(RunDirError, match="--resume"):
+        RunDir.create(tmp_path / "run")
+    resumed = RunDir.resume(tmp_path / "run")
+    assert "a.bin" in resumed.manifest["outputs"] and resumed.manifest["resumed"]
+    final = resumed.publish()
+    assert (final / "a.bin").exists() and not (final / "state.resume").exists()
+    with pytest.raises(RunDirError, match="no interrupted run"):
+        RunDir.resume(tmp_path / "run")
+    RunDir.create(tmp_path / "other")
+    RunDir.create(tmp_path / "other", force=True).publish()  # --force discards the interrupted one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "run"]

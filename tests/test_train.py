@@ -22,13 +22,14 @@ def config(sources, out, **overrides):
 def test_train_writes_a_complete_traceable_run(resnet18_sources, tmp_path):
     run = train(config(resnet18_sources, tmp_path / "run"))
     manifest = json.loads((run / "manifest.json").read_text())
-    assert set(manifest["outputs"]) == {"unmerged.safetensors", "folded.safetensors", "model.safetensors"}
+    assert set(manifest["outputs"]) == {"unmerged.safetensors", "folded.safetensors", "model.safetensors", "coefficients.png"}
     for name, entry in manifest["outputs"].items():
         assert entry["sha256"] == sha256_file(run / name)
     assert manifest["inputs"]["source_a"]["sha256"] == sha256_file(resnet18_sources[0])
     assert manifest["inputs"]["data"]["classes"] == manifest["model"]["classes"]
     assert manifest["verification"][0]["passed"] and manifest["verification"][0]["tolerance"]["name"] == "fold"
-    history = manifest["training"]["merge"]["history"] + manifest["training"]["finetune"]["history"]
+    stages = manifest["training"]["stages"]
+    history = stages["merge"]["history"] + stages["finetune"]["history"]
     assert [h["stage"] for h in history] == ["merge", "finetune"]
     assert {"val", "test"} <= set(manifest["training"]["final"])
     model, info = load_model(run / "model.safetensors")

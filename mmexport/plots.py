@@ -1,0 +1,66 @@
+"""Figures (matplotlib, headless): the depth-wise merge-coefficient profile."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def _stage_of(name: str) -> str:
+    # resnet: layer1..layer4; densenet: features.denseblockN / transitionN; else the stem
+    parts = name.split(".")
+    for part in parts:
+        if part.startswith(("layer", "denseblock", "transition")):
+            return part
+    return "stem"
+
+
+def plot_coefficients(
+    rows: Sequence[Any], path: str | os.PathLike[str], title: str, *, arch: str = "", layers: str = "conv"
+) -> None:
+    """Mean σ(λ) (the weight of source A) per layer, input to output: the paper's Figure 3 view.
+
+    ``rows`` are ``(name, mean)`` pairs (as ``MergedModel.layer_coefficients``) or dicts with
+    ``name``/``mean``/``layer`` keys. By default only conv weights are drawn (one point per
+    conv layer, as in the paper); blocks are shaded so depth is readable.
+    """
+    points = []
+    for row in rows:
+        name, mean, kind = (row["name"], row["mean"], row.get("layer")) if isinstance(row, dict) else (row[0], row[1], None)
+        if layers == "all" or (name.endswith("weight") and (kind == "conv" if kind else _looks_like_conv(name))):
+            points.append((name, float(mean)))
+    if not points:
+        points = [(r["name"], r["mean"]) if isinstance(r, dict) else (r[0], r[1]) for r in rows]
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.12 * len(points) + 3), 3.6), dpi=120)
+    xs = range(len(points))
+    axis.plot(xs, [p[1] for p in points], marker="o", markersize=3, linewidth=1.2, color="#1f6f8b")
+    axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--", label="σ = 0.5 (start)")
+    start = 0
+    for index in range(1, len(points) + 1):
+        if index == len(points) or _stage_of(points[index][0]) != _stage_of(points[start][0]):
+            if _stage_of(points[start][0]) != "stem" and (len({_stage_of(p[0]) for p in points[:start]}) % 2):
+                axis.axvspan(start - 0.5, index - 0.5, color="#eeeeee", zorder=0)
+            axis.text((start + index - 1) / 2, 1.02, _stage_of(points[start][0]), ha="center", va="bottom", fontsize=7,
+                      transform=axis.get_xaxis_transform())
+            start = index
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_ylim(0, 1)
+    axis.set_xlim(-0.5, len(points) - 0.5)
+    axis.set_xlabel(f"{'conv ' if layers == 'conv' else ''}layer, input → output{f' ({arch})' if arch else ''}")
+    axis.set_ylabel("mean σ(λ)  (1 = source A)")
+    axis.set_title(title, fontsize=9, pad=14)
+    axis.legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    plt.close(figure)
+
+
+def _looks_like_conv(name: str) -> bool:
+    module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    return module.startswith("conv") or module == "0" and "downsample" in name
