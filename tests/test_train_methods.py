@@ -1,0 +1,162 @@
+"""Baselines, resume, class balancing, early stopping and torchrun for mmexport.train."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mmexport.errors import MMExportError, RunDirError
+from mmexport.fileio import sha256_file
+from mmexport.modelfile import load_model
+from mmexport.train import DistContext, TrainConfig, _epoch_indices, _lr_lambda, train
+from tests.test_train import config
+
+
+@pytest.mark.parametrize("method", ["average", "finetune-a", "lpft-b"])
+def test_every_method_publishes_a_plain_network(resnet18_sources, tmp_path, method):
+    run = train(config(resnet18_sources, tmp_path / "run", method=method))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["training"]["method"] == method
+    model, info = load_model(run / "model.safetensors")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, len(info.classes))
+    stages = manifest["training"]["stages"]
+    if method == "finetune-a":
+        # equal budget: stage 1's epochs are spent fine-tuning
+        assert list(stages) == ["finetune"] and len(stages["finetune"]["history"]) == 2
+        assert set(manifest["inputs"]) == {"source_a", "data"}
+    elif method == "lpft-b":
+        assert list(stages) == ["probe", "finetune"] and "unmerged.safetensors" not in manifest["outputs"]
+        assert set(manifest["inputs"]) == {"source_b", "data"}
+    else:
+        assert list(stages) == ["probe", "finetune"] and "folded.safetensors" in manifest["outputs"]
+
+
+def test_average_keeps_sigma_at_one_half(resnet18_sources, tmp_path):
+    from mmexport.modelfile import load_unmerged
+
+    run = train(config(resnet18_sources, tmp_path / "run", method="average", finetune_epochs=0))
+    merged, _ = load_unmerged(run / "unmerged.safetensors")
+    assert all(float(logit.detach().abs().max()) == 0.0 for logit in merged.logits.values())
+
+
+def test_linear_probe_leaves_the_backbone_untouched(resnet18_sources, tmp_path):
+    from mmexport.checkpoints import load_source
+
+    run = train(config(resnet18_sources, tmp_path / "run", method="lpft-a", finetune_epochs=0))
+    model, _ = load_model(run / "model.safetensors")
+    source = load_source(str(resnet18_sources[0]), "resnet18").state_dict
+    assert torch.equal(model.conv1.weight, source["conv1.weight"])
+    assert torch.equal(model.layer4[1].conv2.weight, source["layer4.1.conv2.weight"])
+
+
+def _interrupt_after(stage, epoch):
+    def hook(current_stage, current_epoch):
+        if (current_stage, current_epoch) == (stage, epoch):
+            raise KeyboardInterrupt
+
+    return hook
+
+
+@pytest.mark.parametrize("stop_at", [("merge", 1), ("finetune", 1)])
+def test_killed_then_resumed_run_matches_uninterrupted(resnet18_sources, tmp_path, stop_at):
+    overrides = dict(merge_epochs=2, finetune_epochs=2)
+    reference = train(config(resnet18_sources, tmp_path / "ref", **overrides))
+    target = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(config(resnet18_sources, target, **overrides), after_epoch=_interrupt_after(*stop_at))
+    assert not target.exists() and (tmp_path / ".run.partial").is_dir()
+    with pytest.raises(RunDirError, match="--resume"):
+        train(config(resnet18_sources, target, **overrides))
+    resumed = train(config(resnet18_sources, target, resume=True, **overrides))
+    for name in ("unmerged.safetensors", "folded.safetensors", "model.safetensors"):
+        assert sha256_file(resumed / name) == sha256_file(reference / name), name
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert manifest["resumed"] and not list(resumed.glob("*.resume"))
+    ref_history = json.loads((reference / "manifest.json").read_text())["training"]["stages"]
+    assert manifest["training"]["stages"] == ref_history
+
+
+def test_resume_with_a_different_config_is_refused(resnet18_sources, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(config(resnet18_sources, tmp_path / "run", merge_epochs=2), after_epoch=_interrupt_after("merge", 1))
+    with pytest.raises(RunDirError, match=r"different config: lr_logits"):
+        train(config(resnet18_sources, tmp_path / "run", merge_epochs=2, lr_logits=0.5, resume=True))
+    with pytest.raises(RunDirError, match="no interrupted run"):
+        train(config(resnet18_sources, tmp_path / "other", resume=True))
+
+
+def test_early_stopping_stops_a_stage(resnet18_sources, tmp_path):
+    # a zero-ish learning rate cannot improve val macro-F1 after the first epoch
+    run = train(config(resnet18_sources, tmp_path / "run", merge_epochs=4, finetune_epochs=0, patience=1,
+                       lr_logits=1e-12, lr_head=1e-12))
+    stage = json.loads((run / "manifest.json").read_text())["training"]["stages"]["merge"]
+    assert stage["stopped_early_at"] == 2 and len(stage["history"]) == 2
+
+
+def test_balanced_sampler_draws_classes_evenly():
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    cfg = TrainConfig(arch="resnet18", source_a="", source_b="", data="", out="", sampler="balanced", seed=3)
+    drawn = np.concatenate([labels[_epoch_indices(labels, cfg, "merge", e, DistContext())] for e in range(1, 31)])
+    shares = np.bincount(drawn, minlength=3) / len(drawn)
+    assert np.all(np.abs(shares - 1 / 3) < 0.05), shares
+
+
+def test_distributed_shards_partition_each_epoch():
+    labels = np.arange(10) % 3
+    cfg = TrainConfig(arch="resnet18", source_a="", source_b="", data="", out="", seed=1)
+    shards = [_epoch_indices(labels, cfg, "merge", 4, DistContext(rank=r, world_size=3)) for r in range(3)]
+    assert all(len(s) == 4 for s in shards)  # 10 samples padded to 12
+    assert set().union(*shards) == set(range(10))
+    assert _epoch_indices(labels, cfg, "merge", 4, DistContext()) != _epoch_indices(labels, cfg, "merge", 5, DistContext())
+
+
+def test_warmup_then_cosine_schedule():
+    factor = _lr_lambda(total_steps=10, warmup_steps=2, schedule="cosine")
+    values = [factor(step) for step in range(10)]
+    assert values[0] == 0.5 and values[1] == 1.0 and values[2] == 1.0
+    assert all(a >= b for a, b in zip(values[2:], values[3:])) and values[-1] < 0.1
+    assert _lr_lambda(10, 0, "constant")(7) == 1.0
+
+
+def test_class_weighted_loss_is_recorded_and_runs(resnet18_sources, tmp_path):
+    run = train(config(resnet18_sources, tmp_path / "run", class_weights="balanced", sampler="balanced",
+                       finetune_epochs=0))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["class_weights"] == "balanced" and manifest["config"]["sampler"] == "balanced"
+
+
+def test_force_and_resume_together_are_refused(resnet18_sources, tmp_path):
+    with pytest.raises(MMExportError, match="contradict"):
+        train(config(resnet18_sources, tmp_path / "run", force=True, resume=True))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_processes_gloo(resnet18_sources, tmp_path):
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if k != "MMEXPORT_DEBUG"}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        "--master_addr=127.0.0.1", "-m", "mmexport", "train", "--arch", "resnet18",
+        "--source-a", str(resnet18_sources[0]), "--source-b", str(resnet18_sources[1]),
+        "--data", "synthetic:target?n_train=24&n_val=16&n_test=16", "--image-size", "32", "--merge-epochs", "1",
+        "--finetune-epochs", "1", "--batch-size", "4", "--device", "cpu", "--out", str(out),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["world_size"] == 2
+    assert manifest["verification"][0]["passed"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # rank 1 wrote nothing of its own
+    steps = len(manifest["training"]["stages"]["merge"]["history"])
+    assert steps == 1
