@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmexport.backbones import get_backbone
 from mmexport.checkpoints import save_state_dict
 from mmexport.data import load_task
@@ -52,6 +54,36 @@ def _prepare(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def train_synthetic_sources(
+    directory: Path, *, arch: str, epochs: int, batch_size: int = 32, seed: int = 0, device: torch.device | None = None,
+    data_options: str = "", progress: ProgressSink | None = None,
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Train source A on ``synthetic:pigment`` and source B on ``synthetic:border`` from scratch.
+
+    Returns the two checkpoint paths (``{"A": ..., "B": ...}``) and a summary of their val scores.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    device = device or resolve_device("auto")
+    paths, summary = {}, {}
+    for label, task_name in (("A", "pigment"), ("B", "border")):
+        start = time.perf_counter()
+        seed_everything(seed)
+        task = load_task(f"synthetic:{task_name}{data_options}")
+        model = get_backbone(arch).build(task.num_classes)
+        result = train_plain(
+            model, task, epochs=epochs, lr=1e-3, batch_size=batch_size, seed=seed, device=device,
+            progress=progress, stage=f"source {label} ({task_name})",
+        )
+        path = directory / f"{task_name}.safetensors"
+        save_state_dict(path, {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        pack_metadata({"task": f"synthetic:{task_name}{data_options}", "arch": arch, "seed": str(seed)}))
+        paths[label] = path
+        summary[f"source_{label}"] = {"task": task_name, "path": str(path), "seconds": time.perf_counter() - start,
+                                      "val_accuracy": result.best_metrics["accuracy"],
+                                      "val_macro_f1": result.best_metrics["macro_f1"]}
+    return paths, summary
+
+
 def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> dict[str, Any]:
     progress = progress or SilentProgress()
     out = Path(config.out).expanduser().absolute()
@@ -61,25 +93,12 @@ def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> dict[s
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"out": str(out), "device": str(device), "arch": config.arch}
 
-    sources = {}
-    (out / "sources").mkdir(exist_ok=True)
-    for label, task_name in (("A", "pigment"), ("B", "border")):
-        start = time.perf_counter()
-        seed_everything(config.seed)
-        task = load_task(f"synthetic:{task_name}{config.source_data}")
-        model = get_backbone(config.arch).build(task.num_classes)
-        result = train_plain(
-            model, task, epochs=config.source_epochs, lr=1e-3, batch_size=config.batch_size, seed=config.seed,
-            device=device, progress=progress, stage=f"source {label} ({task_name})",
-        )
-        path = out / "sources" / f"{task_name}.safetensors"
-        save_state_dict(path, {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        pack_metadata({"task": f"synthetic:{task_name}", "arch": config.arch}))
-        sources[label] = path
-        timings[f"source_{label}"] = time.perf_counter() - start
-        summary[f"source_{label}"] = {"task": task_name, "path": str(path),
-                                      "val_accuracy": result.best_metrics["accuracy"],
-                                      "val_macro_f1": result.best_metrics["macro_f1"]}
+    sources, source_summary = train_synthetic_sources(
+        out / "sources", arch=config.arch, epochs=config.source_epochs, batch_size=config.batch_size,
+        seed=config.seed, device=device, data_options=config.source_data, progress=progress,
+    )
+    summary.update(source_summary)
+    timings.update({f"source_{label}": source_summary[f"source_{label}"]["seconds"] for label in ("A", "B")})
 
     start = time.perf_counter()
     run_dir = train(

@@ -1,0 +1,90 @@
+"""Shared machinery of the accuracy benchmarks: synthetic sources, resumable result log, tables."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from mmexport.demo import train_synthetic_sources
+from mmexport.train import TrainConfig, train
+
+ARCH = "resnet18"
+SOURCE_EPOCHS = 8
+SOURCE_DATA = "?n_train=2000&n_val=400"
+TASKS = {
+    # the demo's target: 300 labelled images, imbalanced 45/25/15/10/5 %
+    "target-300": "synthetic:target?n_train=300&n_val=300&n_test=600&seed=0",
+    # fewer labels, other images
+    "target-150": "synthetic:target?n_train=150&n_val=300&n_test=600&seed=1",
+}
+
+
+def sources(work: Path) -> dict[str, Path]:
+    """Train (once; cached in ``work``) the two synthetic source backbones."""
+    marker = work / "sources" / "done.json"
+    paths = {"A": work / "sources" / "pigment.safetensors", "B": work / "sources" / "border.safetensors"}
+    if marker.is_file():
+        return paths
+    trained, summary = train_synthetic_sources(work / "sources", arch=ARCH, epochs=SOURCE_EPOCHS, data_options=SOURCE_DATA)
+    marker.write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in summary.items()}, indent=2))
+    return trained
+
+
+def run_one(work: Path, log: Path, name: str, task: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Train one (config, task, seed) unless the log has it; append the result to the log."""
+    key = f"{name}|{task}|{seed}"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        record = json.loads(line)
+        if record["key"] == key:
+            return record
+    paths = sources(work)
+    config = TrainConfig(arch=ARCH, source_a=str(paths["A"]), source_b=str(paths["B"]), data=TASKS[task],
+                         out=str(work / "runs" / key.replace("|", "_")), seed=seed, force=True, device="cpu",
+                         verify_samples=16, **overrides)
+    start = time.perf_counter()
+    run = train(config)
+    manifest = json.loads((run / "manifest.json").read_text())
+    final = manifest["training"]["final"]
+    record = {
+        "key": key, "config": name, "task": task, "seed": seed, "overrides": overrides,
+        "seconds": time.perf_counter() - start,
+        "val_macro_f1": final["val"]["macro_f1"], "val_accuracy": final["val"]["accuracy"],
+        "test_macro_f1": final["test"]["macro_f1"], "test_accuracy": final["test"]["accuracy"],
+        "stage1_val_macro_f1": next(iter(manifest["training"]["stages"].values()))["best_metrics"].get("macro_f1"),
+        "mean_sigma": _mean_sigma(manifest),
+    }
+    with log.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return record
+
+
+def _mean_sigma(manifest: dict) -> float | None:
+    rows = manifest["training"].get("layer_coefficients")
+    return statistics.fmean(r[1] for r in rows) if rows else None
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def table(records: list[dict], rows: list[str], tasks: list[str], title: str, note: str) -> str:
+    lines = [f"# {title}", "", note, ""]
+    header = "| config | " + " | ".join(f"{t} test macro-F1 | {t} test acc | {t} val macro-F1" for t in tasks) + " | n |"
+    lines += [header, "|" + " --- |" * (1 + 3 * len(tasks) + 1)]
+    for row in rows:
+        cells, count = [], 0
+        for task in tasks:
+            chosen = [r for r in records if r["config"] == row and r["task"] == task]
+            count = max(count, len(chosen))
+            if not chosen:
+                cells += ["—", "—", "—"]
+                continue
+            cells += [mean_std([r["test_macro_f1"] for r in chosen]), mean_std([r["test_accuracy"] for r in chosen]),
+                      mean_std([r["val_macro_f1"] for r in chosen])]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {count} |")
+    return "\n".join(lines) + "\n"
