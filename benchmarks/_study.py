@@ -22,8 +22,13 @@ TASKS = {
 }
 
 
+SOURCES: dict[str, Path] | None = None  # set to use given checkpoints instead of the synthetic sources
+
+
 def sources(work: Path) -> dict[str, Path]:
     """Train (once; cached in ``work``) the two synthetic source backbones."""
+    if SOURCES is not None:
+        return SOURCES
     marker = work / "sources" / "done.json"
     paths = {"A": work / "sources" / "pigment.safetensors", "B": work / "sources" / "border.safetensors"}
     if marker.is_file():
