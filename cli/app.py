@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -112,35 +111,82 @@ def _print_run_summary(run_dir: Path) -> None:
 @app.command("fold")
 def fold_command(
     run: RunArg,
-    to: Annotated[str, typer.Option(help="Output format: safetensors or pt (a state dict loadable with weights_only=True).")] = "safetensors",
+    to: Annotated[str, typer.Option(help="safetensors, pt (a state dict loadable with weights_only=True) or onnx.")] = "safetensors",
+    precision: Annotated[str, typer.Option(help="With --to onnx: fp32, fp16 (fp32 I/O) or int8 (static QDQ).")] = "fp32",
+    calib_data: Annotated[Optional[str], typer.Option(help="int8 calibration images (train split); default: the run's dataset.")] = None,
+    calib_images: Annotated[Optional[int], typer.Option(help="Number of calibration images (default 256, all if fewer).")] = None,
+    calib_method: Annotated[str, typer.Option(help="int8 calibration: minmax, entropy or percentile.")] = "minmax",
+    int8_target: Annotated[str, typer.Option(help="int8 flavour: onnxruntime (U8S8, fast on CPU) or tensorrt (symmetric S8S8).")] = "onnxruntime",
+    data: Annotated[Optional[str], typer.Option(help="Labelled held-out images for the check (default: the run's dataset, test split else val).")] = None,
+    comparisons: Annotated[bool, typer.Option(help="With --to onnx: also export the unmerged and dual-backbone models (benchmark baselines).")] = False,
 ) -> None:
-    """Fold the run's unmerged checkpoint into a stock torchvision network, verify it, write it into the run."""
-    from mmexport.workflows import fold_run
+    """Write the run's network in a deployable format, verified before it is published."""
+    from mmexport.workflows import export_comparison_onnx, export_onnx_run, fold_run
 
+    if to == "onnx":
+        try:
+            results = export_onnx_run(run, precision, calib_data=calib_data, calib_images=calib_images, data=data,
+                                      int8_target=int8_target, calib_method=calib_method,
+                                      progress=lambda message: console.print(f"  {message}", soft_wrap=True))
+        except VerificationError as exc:
+            if exc.report is not None:
+                console.print(verification_table(exc.report))
+            raise
+        for result in results.values():
+            console.print(verification_table(result["report"]))
+            facts = result["facts"]
+            console.print(f"[green]wrote[/green] {result['path']}  {facts['size_bytes'] / 1e6:.1f} MB  sha256 {facts['sha256'][:16]}…",
+                          soft_wrap=True)
+        if comparisons:
+            for kind, facts in export_comparison_onnx(run).items():
+                console.print(f"[green]wrote[/green] {kind} comparison model  {facts['size_bytes'] / 1e6:.1f} MB", soft_wrap=True)
+        return
     result = fold_run(run, to)
     console.print(verification_table(result["report"]))
     reproduced = {None: "", True: " (bit-identical to the training-time fold)", False: " (differs from the previous fold!)"}
-    console.print(f"[green]wrote[/green] {result['path']}  sha256 {result['sha256'][:16]}…{reproduced[result['reproduced']]}")
+    console.print(f"[green]wrote[/green] {result['path']}  sha256 {result['sha256'][:16]}…{reproduced[result['reproduced']]}",
+                  soft_wrap=True)
 
 
 @app.command()
 def verify(
     run: RunArg,
-    data: Annotated[Optional[str], typer.Option(help="Also compare on real images of this dataset's val split.")] = None,
-    samples: Annotated[int, typer.Option(help="Number of random inputs (and at most this many real images).")] = 64,
+    backend: Annotated[Optional[list[str]], typer.Option(help="torch (unmerged vs folded) and/or onnx (torch fp32 vs each ONNX artifact); repeatable.")] = None,
+    precision: Annotated[Optional[list[str]], typer.Option(help="With --backend onnx: fp32, fp16, int8 (repeatable; default: every artifact the run has).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Also compare on real labelled images of this dataset.")] = None,
+    samples: Annotated[int, typer.Option(help="Number of random inputs (and at most this many real images for torch).")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, auto.")] = "cpu",
+    device: Annotated[str, typer.Option(help="Where torch runs: cpu, cuda, auto.")] = "cpu",
 ) -> None:
-    """Check the folded network against the unmerged one (DESIGN §4 policy); exit 1 on failure."""
-    from mmexport.workflows import verify_run
+    """Check artifacts against their reference under the project's tolerance policy; exit 1 on failure."""
+    from mmexport.manifest import RunDir
+    from mmexport.workflows import ONNX_FILES, verify_onnx_run, verify_run
 
+    backends = backend or ["torch"]
+    unknown = [b for b in backends if b not in ("torch", "onnx", "trt")]
+    if unknown:
+        raise MMExportError(f"unknown backend {unknown[0]!r}; choose torch, onnx (trt arrives with the TensorRT runner)")
+    if "trt" in backends:
+        raise MMExportError("the TensorRT backend is not available yet: verify with --backend torch or --backend onnx")
+    failed = False
     try:
-        report = verify_run(run, data=data, samples=samples, seed=seed, device=device)
+        if "torch" in backends:
+            report = verify_run(run, data=data, samples=samples, seed=seed, device=device)
+            console.print(verification_table(report))
+        if "onnx" in backends:
+            outputs = RunDir.open(run).manifest["outputs"]
+            chosen = precision or [p for p, name in ONNX_FILES.items() if name in outputs]
+            if not chosen:
+                raise MMExportError(f"{run}: no ONNX artifact yet; make one with `mmexport fold RUN --to onnx`")
+            for report in verify_onnx_run(run, chosen, data=data, samples=samples, seed=seed):
+                console.print(verification_table(report))
+                failed = failed or not report.passed
     except VerificationError as exc:
         if exc.report is not None:
             console.print(verification_table(exc.report))
         raise
-    console.print(verification_table(report))
+    if failed:
+        raise VerificationError("verification failed (see the table above)")
     console.print("[green]verification passed[/green]")
 
 
@@ -238,23 +284,19 @@ def demo(
 
 
 def main() -> None:
-    """Entry point: library errors become one red line and exit 1 (traceback with MMEXPORT_DEBUG=1)."""
+    """Entry point: library errors become one red line and exit 1 (traceback with MMEXPORT_DEBUG=1).
+
+    Click's standalone mode handles usage errors (exit 2) and Ctrl-C itself and lets
+    every other exception through, so only MMExportError needs catching here.
+    """
     command = typer.main.get_command(app)
     try:
-        command.main(prog_name="mmexport", standalone_mode=False)
+        command.main(prog_name="mmexport", standalone_mode=True)
     except MMExportError as exc:
         if os.environ.get("MMEXPORT_DEBUG") == "1":
             raise
         error_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(1)
-    except click.exceptions.Abort:
-        error_console.print("[red]aborted[/red]")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

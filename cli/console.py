@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -10,7 +12,10 @@ from rich.table import Table
 
 from mmexport.verify import VerificationReport
 
-console = Console()
+# Piped output (CI logs, files) would otherwise be cut at 80 columns, truncating the numbers
+# an auditor reads; an explicit COLUMNS still wins.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+console = Console(width=_WIDTH)
 error_console = Console(stderr=True)
 
 

@@ -29,6 +29,7 @@ SYNTHETIC_DEFAULTS = {
     "target": {"n_train": 300, "n_val": 300, "n_test": 300},
 }
 SYNTHETIC_IMAGE_SIZE = 64
+MIN_IMAGE_SIZE = 16  # below this the torchvision backbones' downsampling runs out of pixels
 FOLDER_IMAGE_SIZE = 224
 
 
@@ -98,10 +99,17 @@ class _ArrayImages(Dataset):
 
 
 def load_task(spec: str, *, image_size: int | None = None) -> TaskData:
-    """``synthetic:<task>[?n_train=..&n_val=..&n_test=..&seed=..]`` or an ImageFolder root with train/ and val/."""
+    """``synthetic:<task>[?...]`` or ``PATH[?key=value&...]``: an image folder, a CSV or a MedMNIST .npz.
+
+    File formats and their options are in :mod:`mmexport.formats`.
+    """
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE):
+        raise DataError(f"{spec}: image size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
     if spec.startswith("synthetic:"):
         return _synthetic_task(spec, image_size)
-    return _imagefolder_task(spec, image_size)
+    from mmexport.formats import load_file_task  # lazy: formats imports this module
+
+    return load_file_task(spec, image_size)
 
 
 def _synthetic_task(spec: str, image_size: int | None) -> TaskData:
@@ -111,13 +119,19 @@ def _synthetic_task(spec: str, image_size: int | None) -> TaskData:
     task, _, query = body.partition("?")
     names = synthetic.class_names(task)  # raises DataError for an unknown task
     options = dict(SYNTHETIC_DEFAULTS[task], seed=0)
+    seen: set[str] = set()
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in options:
             raise DataError(f"{spec}: unknown option {key!r}; known: {', '.join(options)}")
+        if key in seen:
+            raise DataError(f"{spec}: option {key} given twice")
+        seen.add(key)
         try:
             options[key] = int(value)
         except ValueError:
             raise DataError(f"{spec}: option {key} must be an integer, got {value!r}") from None
+        if options[key] < 0:
+            raise DataError(f"{spec}: option {key} must be >= 0, got {options[key]}")
     size = image_size or SYNTHETIC_IMAGE_SIZE
     splits = tuple(s for s in SPLITS if options[f"n_{s}"] > 0)
     if "train" not in splits or "val" not in splits:
@@ -132,54 +146,3 @@ def _synthetic_task(spec: str, image_size: int | None) -> TaskData:
 
     description = {"source": spec, "kind": "synthetic", "task": task, **options, "image_size": size, "classes": names}
     return TaskData(names, size, IMAGENET_MEAN, IMAGENET_STD, description, factory, splits)
-
-
-def _imagefolder_task(spec: str, image_size: int | None) -> TaskData:
-    from torchvision import datasets
-    from torchvision.transforms import v2
-
-    root = Path(spec).expanduser()
-    if not root.exists():
-        raise DataError(f"{root}: no such dataset directory (or use synthetic:target)")
-    if not root.is_dir():
-        raise DataError(f"{root}: expected a directory with train/ and val/ subfolders")
-    present = [s for s in SPLITS if (root / s).is_dir()]
-    if "train" not in present or "val" not in present:
-        raise DataError(f"{root}: expected train/ and val/ subfolders, found {', '.join(present) or 'neither'}")
-    size = image_size or FOLDER_IMAGE_SIZE
-    normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    eval_transform = v2.Compose([v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size), *normalize])
-    train_transform = v2.Compose(
-        [v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip(), *normalize]
-    )
-
-    def open_split(split: str, transform) -> datasets.ImageFolder:
-        try:
-            return datasets.ImageFolder(str(root / split), transform=transform)
-        except FileNotFoundError as exc:
-            raise DataError(f"{root / split}: {str(exc).splitlines()[0]}") from None
-
-    scanned = {split: open_split(split, None) for split in present}
-    classes = scanned["train"].classes
-    for split in present[1:]:
-        other = scanned[split].classes
-        missing = [c for c in classes if c not in other]
-        unknown = [c for c in other if c not in classes]
-        if missing:
-            raise DataError(f"{root / split}: class(es) {', '.join(missing)} of train/ missing from {split}/")
-        if unknown:
-            raise DataError(f"{root / split}: class(es) {', '.join(unknown)} not in train/")
-    if len(classes) < 2:
-        raise DataError(f"{root / 'train'}: need at least 2 classes, found {len(classes)}")
-
-    def factory(split: str, augment: bool) -> Dataset:
-        return open_split(split, train_transform if augment else eval_transform)
-
-    description = {
-        "source": str(root.absolute()),
-        "kind": "imagefolder",
-        "image_size": size,
-        "classes": classes,
-        "counts": {s: len(scanned[s]) for s in present},
-    }
-    return TaskData(list(classes), size, IMAGENET_MEAN, IMAGENET_STD, description, factory, tuple(present))

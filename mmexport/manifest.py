@@ -41,9 +41,15 @@ def environment_info() -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
+    torch = sys.modules.get("torch")  # imported by then in every command that writes a manifest
+    build = {}
+    if torch is not None:
+        build = {"torch_build": torch.__version__, "cuda_runtime": torch.version.cuda,
+                 "cuda_available": torch.cuda.is_available()}
     return {
         "mmexport": __version__,
         "python": sys.version.split()[0],
+        **build,
         "platform": platform.platform(),
         "machine": platform.machine(),
         "packages": versions,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -13,7 +13,7 @@ from mmexport.errors import DataError, MMExportError, VerificationError
 from mmexport.fold import fold
 from mmexport.manifest import RunDir
 from mmexport.modelfile import ModelInfo, load_model, load_unmerged, save_model, unpack_metadata
-from mmexport.train import FOLDED_FILE, UNMERGED_FILE, resolve_device, verify_fold
+from mmexport.train import FOLDED_FILE, MODEL_FILE, UNMERGED_FILE, resolve_device, verify_fold
 from mmexport.verify import VerificationReport
 
 FOLD_FORMATS = ("safetensors", "pt")
@@ -155,3 +155,173 @@ def plot_run_coefficients(run_path: str | os.PathLike[str], path: str | os.PathL
         plot_coefficients(layer_coefficients(run), tmp, title, arch=config.get("arch", ""),
                           layers="all" if all_layers else "conv")
     return target
+
+
+# -- ONNX artifacts ------------------------------------------------------------------------------
+
+ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+COMPARISON_FILES = {"unmerged": "unmerged.onnx", "dual": "dual.onnx"}
+
+
+def _held_out(task, limit: int) -> tuple[str, tuple]:
+    """Labelled images not trained on: the test split when there is one, else val."""
+    split = "test" if "test" in task.splits else "val"
+    return f"data:{split}", task.arrays(split, limit=limit)
+
+
+def _task_for(spec: str, info: ModelInfo, what: str):
+    task = load_task(spec, image_size=info.image_size)
+    if task.num_classes != info.num_classes:
+        raise DataError(f"{what} {spec}: has {task.num_classes} classes, the model has {info.num_classes}")
+    if list(task.classes) != list(info.classes):
+        raise DataError(f"{what} {spec}: classes {task.classes} differ from the model's {list(info.classes)}")
+    return task
+
+
+def _publish_verified(run: RunDir, name: str, write: Callable[[Path], dict], check: Callable[[Path], VerificationReport],
+                      kind: str, details: dict[str, Any]) -> tuple[dict[str, Any], VerificationReport]:
+    """Write an artifact to a hidden temporary name in the run, verify it there, then publish it.
+
+    A failed check removes the temporary file: nothing is published, the previous
+    artifact (if any) stays, and the failed report is recorded in the manifest.
+    """
+    from mmexport.fileio import atomic_path
+
+    with atomic_path(run.file(name)) as tmp:
+        facts = write(tmp)
+        report = check(tmp)
+        run.add_verification({"artifact": name, "command": "export", **report.as_dict()})
+        if not report.passed:
+            raise VerificationError(f"{name}: verification failed, nothing published: " + "; ".join(report.failures()), report)
+    run.record_output(name, kind, **details, **{k: v for k, v in facts.items() if k not in ("sha256", "size_bytes")})
+    return facts, report
+
+
+def export_onnx_run(
+    run_path: str | os.PathLike[str], precision: str = "fp32", *, calib_data: str | None = None,
+    calib_images: int | None = None, data: str | None = None, int8_target: str = "onnxruntime",
+    calib_method: str = "minmax", samples: int = 64, progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Export the run's final network to ONNX at ``precision``, verify it against torch fp32, publish it.
+
+    fp16 and int8 are made from the fp32 export (which is made first when missing). int8
+    is calibrated on ``calib_data`` (default: the run's training split) and judged on
+    labelled held-out images of ``data`` (default: the run's dataset; its test split
+    when it has one, else val).
+    """
+    from mmexport.export import DEFAULT_CALIBRATION_IMAGES, convert_fp16, export_onnx, quantize_int8, verify_onnx_artifact
+    from mmexport.export.onnx import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise MMExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    notify = progress or (lambda message: None)
+    run = RunDir.open(run_path)
+    model_path = run.checked_file(MODEL_FILE)
+    model, info = load_model(model_path)
+    data_spec = data or run.manifest.get("config", {}).get("data")
+    task = _task_for(data_spec, info, "--data") if data_spec else None
+    held_name, held = _held_out(task, limit=max(samples, 512)) if task is not None else ("data", None)
+    results: dict[str, Any] = {}
+
+    fp32_name = ONNX_FILES["fp32"]
+    if precision == "fp32" or fp32_name not in run.manifest["outputs"]:
+        notify(f"exporting {fp32_name}")
+        facts, report = _publish_verified(
+            run, fp32_name,
+            lambda tmp: export_onnx(model, info, tmp, weights_sha256=run.manifest["outputs"][MODEL_FILE]["sha256"]),
+            lambda tmp: verify_onnx_artifact(model, tmp, info, "fp32", data_arrays=held, samples=samples, data_name=held_name),
+            "onnx", {"precision": "fp32", "source": MODEL_FILE},
+        )
+        results["fp32"] = {"path": str(run.file(fp32_name)), "facts": facts, "report": report}
+    fp32_path = run.checked_file(fp32_name)
+
+    if precision == "fp16":
+        notify("converting to fp16")
+        name = ONNX_FILES["fp16"]
+        facts, report = _publish_verified(
+            run, name, lambda tmp: convert_fp16(fp32_path, tmp),
+            lambda tmp: verify_onnx_artifact(model, tmp, info, "fp16", data_arrays=held, samples=samples, data_name=held_name),
+            "onnx", {"precision": "fp16", "source": fp32_name},
+        )
+        results["fp16"] = {"path": str(run.file(name)), "facts": facts, "report": report}
+    elif precision == "int8":
+        calib_spec = calib_data or run.manifest.get("config", {}).get("data")
+        if not calib_spec:
+            raise DataError("int8 needs calibration images: pass --calib-data")
+        calib_task = _task_for(calib_spec, info, "--calib-data")
+        limit = calib_images or DEFAULT_CALIBRATION_IMAGES
+        calibration, _ = calib_task.arrays("train", limit=limit)
+        if held is None:
+            raise DataError("int8 is judged on labelled held-out data: pass --data")
+        notify(f"calibrating int8 on {len(calibration)} images of {calib_spec}")
+        name = ONNX_FILES["int8"]
+        facts, report = _publish_verified(
+            run, name,
+            lambda tmp: quantize_int8(fp32_path, tmp, calibration, target=int8_target, method=calib_method,
+                                      max_images=limit),
+            lambda tmp: verify_onnx_artifact(model, tmp, info, "int8", data_arrays=held, samples=samples, data_name=held_name),
+            "onnx", {"precision": "int8", "source": fp32_name, "calibration_data": calib_spec},
+        )
+        results["int8"] = {"path": str(run.file(name)), "facts": facts, "report": report}
+    return results
+
+
+def export_comparison_onnx(run_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Export the unmerged model and the dual-backbone model of a merge run to ONNX (benchmark baselines).
+
+    The dual backbone is source A and source B side by side, each with the run's head,
+    logits averaged: the cost of an ensemble of two single-source networks.
+    """
+    from mmexport.backbones import get_backbone
+    from mmexport.export import DualBackbone, export_dual_onnx, export_unmerged_onnx
+    from mmexport.fileio import atomic_path
+
+    run = _merge_run(run_path)
+    unmerged_path = run.checked_file(UNMERGED_FILE)
+    merged, info = load_unmerged(unmerged_path)
+    sha = run.manifest["outputs"][UNMERGED_FILE]["sha256"]
+    results = {}
+    with atomic_path(run.file(COMPARISON_FILES["unmerged"])) as tmp:
+        facts = export_unmerged_onnx(merged, info, tmp, weights_sha256=sha)
+    run.record_output(COMPARISON_FILES["unmerged"], "onnx-comparison", model_kind="unmerged",
+                      **{k: v for k, v in facts.items() if k not in ("sha256", "size_bytes")})
+    results["unmerged"] = facts
+    head = {n: merged.template.state_dict()[n] for n in merged.head_names}
+    members = []
+    for bag in merged.sources:
+        member = get_backbone(info.arch).build(info.num_classes)
+        state = {name: bag.get(name) for name in merged.merge_names}
+        state.update(head)
+        state.update({k: v for k, v in merged.template.state_dict().items() if k in merged.buffer_names})
+        member.load_state_dict(state, strict=True)
+        members.append(member.eval())
+    with atomic_path(run.file(COMPARISON_FILES["dual"])) as tmp:
+        facts = export_dual_onnx(DualBackbone(*members), info, tmp, weights_sha256=sha)
+    run.record_output(COMPARISON_FILES["dual"], "onnx-comparison", model_kind="dual",
+                      **{k: v for k, v in facts.items() if k not in ("sha256", "size_bytes")})
+    results["dual"] = facts
+    return results
+
+
+def verify_onnx_run(run_path: str | os.PathLike[str], precisions: list[str], *, data: str | None = None,
+                    samples: int = 64, seed: int = 0) -> list[VerificationReport]:
+    """Torch fp32 (the run's model) vs each published ONNX artifact, hash-checked first."""
+    from mmexport.export import verify_onnx_artifact
+
+    run = RunDir.open(run_path)
+    model, info = load_model(run.checked_file(MODEL_FILE))
+    task = _task_for(data, info, "--data") if data else None
+    held_name, held = _held_out(task, limit=max(samples, 512)) if task is not None else ("data", None)
+    reports = []
+    for precision in precisions:
+        name = ONNX_FILES.get(precision)
+        if name is None:
+            raise MMExportError(f"unknown precision {precision!r}; choose one of {', '.join(ONNX_FILES)}")
+        if name not in run.manifest["outputs"]:
+            raise MMExportError(f"{run.path}: no {precision} ONNX artifact; make it with `mmexport fold RUN --to onnx --precision {precision}`")
+        path = run.checked_file(name)
+        report = verify_onnx_artifact(model, path, info, precision, data_arrays=held, samples=samples, seed=seed,
+                                      data_name=held_name)
+        run.add_verification({"artifact": name, "command": "verify", **report.as_dict()})
+        reports.append(report)
+    return reports
