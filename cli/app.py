@@ -15,7 +15,7 @@ from rich.table import Table
 from mmexport import __version__
 from mmexport.errors import MMExportError, VerificationError
 
-from .console import RichProgress, console, error_console, verification_table
+from .console import RichProgress, bench_table, console, error_console, ratio_table_view, verification_table
 
 app = typer.Typer(
     name="mmexport",
@@ -246,6 +246,49 @@ def inspect(
             bar = round(20 * row["mean"])
             table.add_row(str(index), row["name"], row["layer"], f"{row['mean']:.3f}", "A " + "█" * bar + "·" * (20 - bar) + " B")
         console.print(table)
+
+
+@app.command()
+def bench(
+    run: RunArg,
+    engine: Annotated[str, typer.Option(help="torch (eager), onnx (ONNX Runtime) or trt (TensorRT, not available yet).")] = "onnx",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (ONNX only).")] = "fp32",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    models: Annotated[str, typer.Option(help="Comma-separated: folded, unmerged, dual, single (stock torchvision net).")] = "folded,unmerged,dual,single",
+    warmup: Annotated[float, typer.Option(help="Warm-up per model and batch size, seconds.")] = 1.0,
+    duration: Annotated[Optional[float], typer.Option(help="Timed seconds per model and batch size (default 5 unless --iterations).")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help="Timed iterations per model and batch size instead of --duration.")] = None,
+    rounds: Annotated[int, typer.Option(help="Interleaving rounds: models alternate this many times per batch size.")] = 5,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (ONNX Runtime session / torch).")] = None,
+    device: Annotated[str, typer.Option(help="torch engine: auto, cpu, cuda.")] = "auto",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every number plus machine and versions here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Latency and throughput vs batch size, PNG.")] = None,
+) -> None:
+    """Latency and throughput of the folded network against the unmerged, dual-backbone and stock models."""
+    from mmexport.bench import BenchSettings
+    from mmexport.benchrun import BenchRequest, bench_run, plot as draw, write_json
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise MMExportError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    settings = BenchSettings(batch_sizes=sizes, warmup_s=warmup, rounds=rounds, iterations=iterations,
+                             duration_s=None if iterations is not None else (duration if duration is not None else 5.0))
+    request = BenchRequest(engine=engine, precision=precision, models=tuple(m.strip() for m in models.split(",") if m.strip()),
+                           threads=threads, device=device, settings=settings)
+    with console.status("benchmarking") as status:
+        report = bench_run(run, request, on_progress=lambda message: status.update(message))
+    console.print(bench_table(report))
+    console.print(ratio_table_view(report))
+    for result in report["results"]:
+        for warning in result.warnings:
+            console.print(f"[yellow]warning[/yellow] {result.model} batch {result.batch_size}: {warning}", soft_wrap=True)
+    if json_path is not None:
+        write_json(report, json_path)
+        console.print(f"[green]wrote[/green] {json_path}")
+    if plot is not None:
+        draw(report["results"], plot, f"{Path(report['run']).name}: {report['engine']} {report['precision']}")
+        console.print(f"[green]wrote[/green] {plot}")
 
 
 @app.command()

@@ -78,3 +78,29 @@ def verification_table(report: VerificationReport) -> Table:
                 "[green]pass[/green]" if stats.passed else "[red]FAIL[/red]",
             )
     return table
+
+
+def bench_table(report: dict) -> Table:
+    table = Table(title=f"{report['engine']} {report['precision']} — {report['machine'].get('cpu_model', '')}", title_justify="left")
+    for column in ("model", "batch", "median ms", "mean ms", "p90", "p95", "p99", "min", "max", "CV", "images/s",
+                   "load s", "size MB", "+peak RSS MB", "n"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in report["results"]:
+        lat = r.latency
+        table.add_row(
+            r.model, str(r.batch_size), f"{lat.median_ms:.2f}", f"{lat.mean_ms:.2f}", f"{lat.p90_ms:.2f}",
+            f"{lat.p95_ms:.2f}", f"{lat.p99_ms:.2f}", f"{lat.min_ms:.2f}", f"{lat.max_ms:.2f}",
+            ("[yellow]" if lat.cv > 0.1 else "") + f"{lat.cv:.1%}", f"{lat.throughput_ips:.1f}", f"{r.load_s:.2f}",
+            "—" if r.artifact_bytes is None else f"{r.artifact_bytes / 1e6:.1f}",
+            "—" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / 1e6:.0f}", str(lat.iterations),
+        )
+    return table
+
+
+def ratio_table_view(report: dict) -> Table:
+    table = Table(title="headline: median latency ratios (1.00 = same cost)", title_justify="left")
+    for column in ("batch", "ratio", "median", "mean"):
+        table.add_column(column, justify="left" if column == "ratio" else "right")
+    for row in report["ratios"]:
+        table.add_row(str(row["batch_size"]), row["ratio"], f"{row['median_ratio']:.3f}", f"{row['mean_ratio']:.3f}")
+    return table

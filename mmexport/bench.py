@@ -85,7 +85,7 @@ class BenchResult:
     latency: LatencyStats
     load_s: float
     artifact_bytes: int | None
-    peak_rss_bytes: int | None
+    peak_rss_bytes: int | None  # process RSS high-water mark during load + warm-up, minus RSS before the load
     gpu_peak_bytes: int | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -113,6 +113,17 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _peak_rss_bytes() -> int | None:
@@ -170,6 +181,7 @@ def benchmark(
                 notify(f"loading {model.name} ({model.engine} {model.precision}) for batch {batch_size}")
                 _reset_peak_rss()
                 _gpu_peak(reset=True)
+                rss_before = _current_rss_bytes()
                 begin = time.perf_counter()
                 runner = model.make_runner()
                 runner.__enter__()
@@ -178,7 +190,9 @@ def benchmark(
                 shape = (batch_size, 3, model.image_size, model.image_size)
                 batches[model.name] = [rng.standard_normal(shape, dtype=np.float32) for _ in range(settings.distinct_batches)]
                 _timed_calls(runner, batches[model.name], 0, settings.warmup_s, 1 if settings.warmup_s == 0 else None)
-                peaks[model.name] = _peak_rss_bytes()
+                peak = _peak_rss_bytes()
+                # memory this model added at its peak (load + warm-up), not the whole process's
+                peaks[model.name] = peak - rss_before if peak is not None and rss_before is not None else peak
                 gpu_peaks[model.name] = _gpu_peak()
             samples = {m.name: [] for m in models}
             cursor = {m.name: 0 for m in models}

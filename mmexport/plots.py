@@ -64,3 +64,25 @@ def plot_coefficients(
 def _looks_like_conv(name: str) -> bool:
     module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
     return module.startswith("conv") or module == "0" and "downsample" in name
+
+
+def plot_latency(results: Sequence[Any], path: str | os.PathLike[str], title: str) -> None:
+    """Median latency (with the p90–p99 band) and throughput vs batch size, one line per model."""
+    figure, (latency_axis, throughput_axis) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for model in dict.fromkeys(r.model for r in results):
+        rows = sorted((r for r in results if r.model == model), key=lambda r: r.batch_size)
+        batches = [r.batch_size for r in rows]
+        latency_axis.plot(batches, [r.latency.median_ms for r in rows], marker="o", label=model)
+        latency_axis.fill_between(batches, [r.latency.p90_ms for r in rows], [r.latency.p99_ms for r in rows], alpha=0.15)
+        throughput_axis.plot(batches, [r.latency.throughput_ips for r in rows], marker="o", label=model)
+    for axis, label in ((latency_axis, "latency per batch, median (ms)"), (throughput_axis, "throughput (images/s)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("batch size")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    latency_axis.set_yscale("log")
+    throughput_axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    plt.close(figure)
