@@ -46,6 +46,7 @@ def run_one(work: Path, log: Path, name: str, task: str, seed: int, overrides: d
         if record["key"] == key:
             return record
     paths = sources(work)
+    (work / "runs").mkdir(parents=True, exist_ok=True)
     config = TrainConfig(arch=ARCH, source_a=str(paths["A"]), source_b=str(paths["B"]), data=TASKS[task],
                          out=str(work / "runs" / key.replace("|", "_")), seed=seed, force=True, device="cpu",
                          verify_samples=16, **overrides)
