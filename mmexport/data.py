@@ -67,11 +67,19 @@ class TaskData:
             return dataset.labels.numpy()
         return np.asarray(dataset.targets, dtype=np.int64)  # torchvision ImageFolder
 
-    def arrays(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``limit`` preprocessed (eval-transform) images and labels of ``split`` as numpy."""
+    def arrays(self, split: str, limit: int | None = None, *, spread: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``limit`` preprocessed (eval-transform) images and labels of ``split`` as numpy.
+
+        The first ``limit`` samples, or with ``spread`` evenly spaced ones over the whole
+        split (for calibration, where a sorted split's first images would be one class).
+        """
         dataset = self.dataset(split, augment=False)
         count = len(dataset) if limit is None else min(limit, len(dataset))
-        images, labels = zip(*(dataset[i] for i in range(count)))
+        if spread and count < len(dataset):
+            indices = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
+        else:
+            indices = list(range(count))
+        images, labels = zip(*(dataset[i] for i in indices))
         return torch.stack(images).numpy(), np.asarray(labels, dtype=np.int64)
 
 

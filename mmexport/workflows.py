@@ -166,7 +166,7 @@ COMPARISON_FILES = {"unmerged": "unmerged.onnx", "dual": "dual.onnx"}
 def _held_out(task, limit: int) -> tuple[str, tuple]:
     """Labelled images not trained on: the test split when there is one, else val."""
     split = "test" if "test" in task.splits else "val"
-    return f"data:{split}", task.arrays(split, limit=limit)
+    return f"data:{split}", task.arrays(split, limit=limit, spread=True)
 
 
 def _task_for(spec: str, info: ModelInfo, what: str):
@@ -250,7 +250,7 @@ def export_onnx_run(
             raise DataError("int8 needs calibration images: pass --calib-data")
         calib_task = _task_for(calib_spec, info, "--calib-data")
         limit = calib_images or DEFAULT_CALIBRATION_IMAGES
-        calibration, _ = calib_task.arrays("train", limit=limit)
+        calibration, _ = calib_task.arrays("train", limit=limit, spread=True)
         if held is None:
             raise DataError("int8 is judged on labelled held-out data: pass --data")
         notify(f"calibrating int8 on {len(calibration)} images of {calib_spec}")

@@ -1,0 +1,589 @@
+"""ONNX export of the folded network and of the two comparison models, and its verification.
+
+Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript), not
+the TorchScript exporter (``dynamo=False``). Measured here (torch 2.14.1,
+onnxruntime 1.32, trained resnet18 at 224 px): both give 49 nodes (BatchNorm
+folded into Conv), match torch to 3e-5 and run equally fast in ONNX Runtime
+(median 15.34 vs 15.31 ms, one thread); on a freshly initialised network the
+TorchScript exporter leaves 16 stray ``Identity`` nodes (65 vs 49). The
+deciding facts: the TorchScript exporter warns that it is deprecated in torch
+2.14 and is slated for removal, while the dynamo exporter is the default, gives
+byte-for-byte reproducible files (two exports, one sha256) and states the
+dynamic batch dimension through ``torch.export.Dim``. The choice is recorded in
+each file's metadata (``exporter``).
+
+Opset 18 (``DEFAULT_OPSET``): the opset torch 2.14's ONNX function library is
+written against (``TORCHLIB_OPSET``), so no version conversion runs; ONNX
+Runtime >= 1.14 and TensorRT >= 8.6 parse it, and nothing a CNN classifier uses
+changed in opsets 19-23.
+
+Graph slimming: not applied, by measurement (resnet18, 224 px, batch 1, ONNX
+Runtime 1.32 on this project's 2-core CPU, one intra-op thread, interleaved
+runs). ``onnxslim`` 0.1.98 leaves the dynamo graph at 49 nodes (44 784 754 ->
+44 707 490 bytes, outputs bit-identical) and gains nothing at run time (median
+15.33 ms unslimmed vs 15.28 ms slimmed); ``quant_pre_process`` changes nothing
+either. ONNX Runtime's offline optimisation (``optimized_model_filepath``) gives
+25 nodes, but hardware-specific ones (NCHWc layout ops, fused Conv+Add+Relu):
+not portable, not TensorRT-parsable, and ONNX Runtime applies the same fusions
+itself at load in ~0.1 s.
+
+Comparison models for the benchmark (resnet18, 5 classes, 224 px; ONNX Runtime
+1.32, 2 intra-op threads, batch 1, interleaved, p10 of 150 runs each):
+
+=========  ========  =====  ==========================  =========  ========
+model      file      nodes  after ONNX Runtime's         load       latency
+                            optimisation (level all)
+=========  ========  =====  ==========================  =========  ========
+folded     44.8 MB   49     25 nodes                    0.07 s     7.7 ms
+unmerged   95.6 MB   568    the same 25 nodes           0.32 s     7.7 ms
+dual       89.6 MB   100    52 nodes                    0.11 s     15.5 ms
+=========  ========  =====  ==========================  =========  ========
+
+The unmerged graph carries both sources' backbones and the merge logits, and
+every one of the 60 blends ``σ(λ)·A + (1−σ(λ))·B`` as ``Sigmoid`` plus torch's
+``lerp`` decomposition (``Less``/``Where``/``Sub``/``Mul``/``Add``), with
+BatchNorm as separate nodes (the exporter's own constant folding, which would
+fold the small blends only, is told to leave them). All of it reads only
+initializers, so ONNX Runtime constant-folds it at session creation: its
+optimised graph has no ``Sigmoid``, ``Where`` or ``BatchNormalization`` left and
+is node-for-node the folded model's (outputs within 1e-7). In ONNX Runtime the
+unmerged model therefore costs what the folded one costs per batch; its price
+is twice the file, twice the memory while loading and a slower session start.
+A benchmark that wants the in-graph blend's cost must feed the weights as graph
+inputs rather than initializers. The dual backbone costs twice the folded
+network per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmexport import __version__
+from mmexport.backbones import get_backbone
+from mmexport.errors import ArchitectureError, CheckpointError, DataError, MMExportError
+from mmexport.fileio import atomic_path, sha256_file
+from mmexport.merge import MergedModel
+from mmexport.modelfile import ModelInfo
+from mmexport.tolerances import TOLERANCES
+from mmexport.verify import VerificationReport, random_inputs, verify_runners
+
+ONNX_FORMAT = "mmexport-onnx/1"
+DEFAULT_OPSET = 18
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+EXPORTER = "torch.onnx.export(dynamo=True)"
+EXPORT_BATCH = 2  # traced with batch >= 2 so that batch 1 is never baked into the graph
+SMOKE_BATCHES = (1, 3)  # every written file is run in ONNX Runtime at these batch sizes first
+MAX_PROTO_BYTES = 2**31 - 1  # protobuf's single-message limit; larger models would need external data
+PRECISIONS = ("fp32", "fp16", "int8")
+ModelKind = Literal["folded", "unmerged", "dual"]
+
+# Keys this module writes; ``extra_metadata`` may not override them.
+RESERVED_KEYS = frozenset(
+    {
+        "format", "model_kind", "arch", "classes", "image_size", "mean", "std", "channel_order", "layout",
+        "preprocessing", "mmexport_version", "precision", "weights_sha256", "exporter", "torch_version",
+        "onnx_opset", "input_name", "output_name", "granularity", "num_sources",
+    }
+)
+
+
+class DualBackbone(nn.Module):
+    """Two plain networks side by side; the output is the mean of their logits.
+
+    The naive alternative to merging (an ensemble of the two fine-tuned sources):
+    twice the weights and twice the compute of the folded network.
+    """
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first = first
+        self.second = second
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return (self.first(image) + self.second(image)) * 0.5
+
+
+# -- metadata -------------------------------------------------------------------------------
+
+
+def preprocessing_metadata(info: ModelInfo) -> str:
+    """What an inference server must do to an RGB image before feeding ``image``, as JSON."""
+    return json.dumps(
+        {
+            "image_size": info.image_size,
+            "mean": list(info.mean),
+            "std": list(info.std),
+            "channel_order": info.channel_order,
+            "layout": info.layout,
+            "scale": "pixel values divided by 255 before normalising",
+        },
+        sort_keys=True,
+    )
+
+
+def _base_metadata(info: ModelInfo, kind: str, weights_sha256: str, opset: int) -> dict[str, str]:
+    return {
+        **info.to_metadata(),
+        "format": ONNX_FORMAT,
+        "model_kind": kind,
+        "preprocessing": preprocessing_metadata(info),
+        "precision": "fp32",
+        "weights_sha256": weights_sha256,
+        "exporter": EXPORTER,
+        "torch_version": torch.__version__,
+        "onnx_opset": str(opset),
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+    }
+
+
+def _merge_extra(metadata: dict[str, str], extra: dict[str, str] | None) -> dict[str, str]:
+    if not extra:
+        return metadata
+    clashes = sorted(set(extra) & RESERVED_KEYS)
+    if clashes:
+        raise MMExportError(f"extra metadata may not override {', '.join(clashes)}")
+    bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise MMExportError(f"extra metadata keys and values must be strings (offending: {', '.join(map(str, bad))})")
+    return {**metadata, **extra}
+
+
+def set_metadata(model: Any, fields: dict[str, str]) -> None:
+    """Replace ``model.metadata_props`` with ``fields`` (sorted: reproducible bytes)."""
+    del model.metadata_props[:]
+    for key in sorted(fields):
+        entry = model.metadata_props.add()
+        entry.key = key
+        entry.value = str(fields[key])
+
+
+def get_metadata(model: Any) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _doc_string(info: ModelInfo, kind: str, precision: str) -> str:
+    size = info.image_size
+    what = {"folded": "MedMerge folded", "unmerged": "MedMerge unmerged (blend in the graph)", "dual": "dual-backbone"}[kind]
+    return (
+        f"{what} {info.arch}, {precision}, {info.num_classes} classes ({', '.join(info.classes)}). "
+        f"Input '{INPUT_NAME}': float32 N x 3 x {size} x {size}, {info.channel_order}, {info.layout}, "
+        f"pixels/255 normalised with mean {list(info.mean)} and std {list(info.std)}. "
+        f"Output '{OUTPUT_NAME}': float32 N x {info.num_classes} logits. Made by mmexport {__version__}."
+    )
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_onnx(path: str | os.PathLike[str]):
+    """``onnx.load`` with one-line errors for a missing or unreadable file."""
+    import onnx
+
+    target = Path(path)
+    if not target.is_file():
+        raise CheckpointError(f"{target}: no such ONNX file")
+    try:
+        return onnx.load(str(target), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{target}: not a readable ONNX model ({detail})") from None
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The file's ``metadata_props`` as a dict."""
+    return get_metadata(load_onnx(path))
+
+
+def onnx_model_info(path: str | os.PathLike[str]) -> ModelInfo:
+    """Rebuild the :class:`ModelInfo` an mmexport ONNX file carries in its metadata."""
+    return ModelInfo.from_metadata(read_onnx_metadata(path), str(path))
+
+
+def _tensor_shape(value_info: Any) -> list[int | str | None]:
+    dims = []
+    for dim in value_info.type.tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def graph_facts(model: Any) -> dict[str, Any]:
+    """Opset, node counts and the input/output signature of an ONNX model."""
+    import onnx
+
+    def signature(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": _tensor_shape(v),
+            }
+            for v in values
+        ]
+
+    ops = Counter(node.op_type for node in model.graph.node)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "opset": opset,
+        "nodes": len(model.graph.node),
+        "op_counts": dict(sorted(ops.items())),
+        "initializers": len(model.graph.initializer),
+        "inputs": signature(model.graph.input),
+        "outputs": signature(model.graph.output),
+    }
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def _smoke_run(path: Path, num_classes: int, image_size: int) -> None:
+    """Run the file in ONNX Runtime (CPU) at each of ``SMOKE_BATCHES``; any problem is an error."""
+    from mmexport.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+    rng = np.random.default_rng(0)
+    with OnnxRuntimeRunner(path, name="export check", threads=1) as runner:
+        for batch in SMOKE_BATCHES:
+            images = rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
+            logits = runner.infer(images)
+            if not isinstance(logits, np.ndarray) or logits.shape != (batch, num_classes):
+                shape = logits.shape if isinstance(logits, np.ndarray) else "several outputs"
+                raise MMExportError(
+                    f"exported model gives output {shape} for batch {batch}, expected ({batch}, {num_classes})"
+                )
+            if not np.isfinite(logits).all():
+                raise MMExportError(f"exported model gives NaN/Inf logits for batch {batch}")
+
+
+def write_onnx_checked(model: Any, path: str | os.PathLike[str], info: ModelInfo) -> dict[str, Any]:
+    """Serialise ``model`` to a temporary file beside ``path``, check it, then move it into place.
+
+    The checks (``onnx.checker.check_model(full_check=True)`` and an ONNX Runtime run at
+    batch sizes 1 and 3) run on the temporary file, so a model that fails them is never
+    published; an interruption anywhere leaves the previous ``path`` or nothing.
+    """
+    import onnx
+
+    size = model.ByteSize()
+    if size > MAX_PROTO_BYTES:
+        raise MMExportError(
+            f"{Path(path).name}: model is {size / 2**30:.1f} GiB, over ONNX's 2 GiB single-file limit"
+        )
+    data = model.SerializeToString()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise MMExportError(f"{Path(path).name}: exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        _smoke_run(tmp, info.num_classes, info.image_size)
+    # No "path" among the facts: callers often write through a temporary name (RunDir,
+    # atomic_path), and a manifest must not record that name.
+    target = Path(path)
+    return {
+        "size_bytes": target.stat().st_size,
+        "sha256": sha256_file(target),
+        "dynamic_batch_checked": list(SMOKE_BATCHES),
+        **graph_facts(model),
+    }
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def _check_weights_sha(weights_sha256: str) -> None:
+    if not isinstance(weights_sha256, str) or not weights_sha256.strip() or "\n" in weights_sha256:
+        raise MMExportError("weights_sha256 must be the sha256 of the weights the model was built from")
+
+
+def _check_opset(opset: int) -> None:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= 23:
+        raise MMExportError(f"opset must be an integer from 13 to 23 (recommended {DEFAULT_OPSET}), got {opset!r}")
+
+
+def _check_plain(model: nn.Module, info: ModelInfo, label: str) -> None:
+    """``model`` must be the stock torchvision network that ``info`` describes."""
+    if isinstance(model, MergedModel):
+        raise MMExportError(f"{label}: this is the unmerged model; fold it first or use export_unmerged_onnx")
+    if not isinstance(model, nn.Module):
+        raise MMExportError(f"{label}: expected a torch nn.Module, got {type(model).__name__}")
+    with torch.device("meta"):
+        expected = get_backbone(info.arch).build(info.num_classes).state_dict()
+    actual = model.state_dict()
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(actual) if tuple(expected[k].shape) != tuple(actual[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+        if wrong:
+            parts.append(f"wrong shape {', '.join(wrong[:3])}")
+        raise ArchitectureError(
+            f"{label}: not a {info.arch} with {info.num_classes} classes ({'; '.join(parts)})"
+        )
+
+
+def _trace_to_onnx(module: nn.Module, info: ModelInfo, opset: int, *, keep_blend: bool = False):
+    """torch.export -> ONNX ``ModelProto`` with a dynamic batch dimension, on the CPU in eval mode.
+
+    ``keep_blend``: the unmerged model. The exporter's optimiser would constant-fold the
+    small blends (those under onnxscript's 8192-element folding limit) and keep the large
+    ones; for a faithful comparison model every ``Sigmoid``/``Softmax`` over merge logits
+    is kept, so the whole blend stays in the graph.
+    """
+    module = copy.deepcopy(module).cpu().eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(EXPORT_BATCH, 3, info.image_size, info.image_size, generator=generator)
+    batch = torch.export.Dim(BATCH_DIM, min=1)
+    captured = io.StringIO()
+    try:
+        # The exporter reports its steps on stdout and warns freely; neither belongs in the CLI's output.
+        with contextlib.redirect_stdout(captured), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                (example,),
+                None,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                optimize=not keep_blend,
+                verbose=False,
+            )
+            if keep_blend:
+                import onnxscript.optimizer
+
+                onnxscript.optimizer.optimize_ir(
+                    program.model, should_fold=lambda node: False if node.op_type in ("Sigmoid", "Softmax") else None
+                )
+            model = program.model_proto
+    except MMExportError:
+        raise
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MMExportError(f"ONNX export of {info.arch} failed: {detail}") from exc
+    names_in = [v.name for v in model.graph.input]
+    names_out = [v.name for v in model.graph.output]
+    if names_in != [INPUT_NAME] or names_out != [OUTPUT_NAME]:
+        raise MMExportError(f"exported graph has inputs {names_in} and outputs {names_out}, expected ['image'] and ['logits']")
+    return model
+
+
+def _export(
+    module: nn.Module, info: ModelInfo, path: str | os.PathLike[str], *, kind: ModelKind, opset: int,
+    weights_sha256: str, extra_metadata: dict[str, str] | None, kind_metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    _check_opset(opset)
+    _check_weights_sha(weights_sha256)
+    metadata = _merge_extra({**_base_metadata(info, kind, weights_sha256, opset), **(kind_metadata or {})}, extra_metadata)
+    start = time.perf_counter()
+    model = _trace_to_onnx(module, info, opset, keep_blend=(kind == "unmerged"))
+    model.producer_name = "mmexport"
+    model.producer_version = __version__
+    model.doc_string = _doc_string(info, kind, "fp32")
+    set_metadata(model, metadata)
+    facts = write_onnx_checked(model, path, info)
+    return {
+        "format": "onnx",
+        "model_kind": kind,
+        "precision": "fp32",
+        "exporter": EXPORTER,
+        "torch_version": torch.__version__,
+        "export_seconds": round(time.perf_counter() - start, 3),
+        **facts,
+    }
+
+
+def export_onnx(
+    model: nn.Module,
+    info: ModelInfo,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = DEFAULT_OPSET,
+    weights_sha256: str,
+    extra_metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Export the plain (folded or fine-tuned) torchvision network to one self-contained fp32 ONNX file.
+
+    Input ``image`` float32 (N, 3, S, S), output ``logits`` float32 (N, K), N dynamic.
+    ``weights_sha256`` is the sha256 of the model file the network was loaded from; it
+    is written into the metadata with the :class:`ModelInfo`, the preprocessing, the
+    precision (``fp32``) and the exporter. The file is checked (``check_model`` with
+    ``full_check``, an ONNX Runtime run at batch 1 and 3) before it replaces ``path``.
+    Returns facts for the manifest: opset, exporter, node counts, size, sha256, and the
+    input/output names, dtypes and shapes.
+    """
+    _check_plain(model, info, "export_onnx")
+    return _export(model, info, path, kind="folded", opset=opset, weights_sha256=weights_sha256,
+                   extra_metadata=extra_metadata)
+
+
+def export_unmerged_onnx(
+    merged: MergedModel,
+    info: ModelInfo,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = DEFAULT_OPSET,
+    weights_sha256: str,
+    extra_metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Export the unmerged MedMerge model (both sources, the merge logits and the blend in the graph).
+
+    A comparison model for the benchmark, not a deployment artifact; ``weights_sha256``
+    is the unmerged checkpoint's sha256.
+    """
+    if not isinstance(merged, MergedModel):
+        raise MMExportError(f"export_unmerged_onnx needs a MergedModel, got {type(merged).__name__}")
+    if merged.arch != info.arch or merged.num_classes != info.num_classes:
+        raise ArchitectureError(
+            f"unmerged model is {merged.arch} with {merged.num_classes} classes; the model info says "
+            f"{info.arch} with {info.num_classes}"
+        )
+    kind_metadata = {
+        "granularity": merged.granularity,
+        "num_sources": str(merged.num_sources),
+    }
+    return _export(merged, info, path, kind="unmerged", opset=opset, weights_sha256=weights_sha256,
+                   extra_metadata=extra_metadata, kind_metadata=kind_metadata)
+
+
+def export_dual_onnx(
+    dual: DualBackbone | tuple[nn.Module, nn.Module],
+    info: ModelInfo,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = DEFAULT_OPSET,
+    weights_sha256: str,
+    extra_metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Export two plain networks run side by side, logits averaged (the ensemble baseline).
+
+    ``weights_sha256`` identifies both weight files, e.g. ``"<sha A>+<sha B>"``.
+    """
+    if isinstance(dual, tuple):
+        dual = DualBackbone(*dual)
+    if not isinstance(dual, DualBackbone):
+        raise MMExportError(f"export_dual_onnx needs a DualBackbone, got {type(dual).__name__}")
+    _check_plain(dual.first, info, "dual backbone (first)")
+    _check_plain(dual.second, info, "dual backbone (second)")
+    return _export(dual, info, path, kind="dual", opset=opset, weights_sha256=weights_sha256,
+                   extra_metadata=extra_metadata)
+
+
+# -- verification -----------------------------------------------------------------------------
+
+
+def _check_data(data_arrays: Any, info: ModelInfo) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        images, labels = data_arrays
+    except (TypeError, ValueError):
+        raise DataError("data_arrays must be a pair (images, labels)") from None
+    images = np.asarray(images)
+    expected = (3, info.image_size, info.image_size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected or len(images) == 0:
+        raise DataError(f"verification images must be N x {' x '.join(map(str, expected))} with N >= 1, got shape {images.shape}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),):
+            raise DataError(f"verification labels must have shape ({len(images)},), got {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
+            raise DataError(f"verification labels must lie in 0..{info.num_classes - 1}")
+    return images.astype(np.float32, copy=False), labels
+
+
+def _no_labelled_data_failure(report: VerificationReport) -> VerificationReport:
+    """int8 without labelled held-out data cannot pass: say so in the report itself."""
+    message = (
+        "no labelled held-out target data: the int8 policy (top-1 agreement and macro-F1 drop) "
+        "can only be judged on it"
+    )
+    for input_set in report.input_sets:
+        for stats in input_set.outputs.values():
+            stats.failures.append(message)
+    return report
+
+
+def verify_onnx_artifact(
+    torch_model: nn.Module,
+    onnx_path: str | os.PathLike[str],
+    info: ModelInfo,
+    precision: str,
+    *,
+    data_arrays: tuple[np.ndarray, np.ndarray] | None = None,
+    samples: int = 64,
+    seed: int = 0,
+    batch_size: int = 16,
+    threads: int | None = None,
+    data_name: str = "data",
+    torch_device: str = "cpu",
+) -> VerificationReport:
+    """Compare the ONNX artifact in ONNX Runtime (CPU) with the fp32 torch model under ``TOLERANCES[precision]``.
+
+    fp32/fp16: seeded random inputs in the normalised range (``samples`` of them) and,
+    when given, the real images of ``data_arrays`` (``(images, labels)``, already
+    normalised; reported as the input set ``data_name``, e.g. ``"data:val"``), all
+    judged element-wise and on top-1 agreement. ``threads``: ONNX Runtime's intra-op
+    threads (None: its default). ``torch_device``: where the fp32 reference runs (the
+    model is moved there).
+
+    int8: the policy is defined on held-out target data (top-1 agreement >= 99 % and a
+    macro-F1 drop <= 1 pt), so only ``data_arrays`` is judged; random inputs lie outside
+    the calibrated ranges and would measure clipping, not the artifact. Without labelled
+    data the report still carries the random-input statistics but is marked failed, with
+    the reason as its failure message.
+    """
+    if precision not in PRECISIONS:
+        raise MMExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    tolerance = TOLERANCES[precision]
+    stated = read_onnx_metadata(onnx_path).get("precision")
+    if stated is not None and stated != precision:
+        raise MMExportError(f"{onnx_path}: the file is {stated}, not {precision}")
+    if samples < 1:
+        raise MMExportError(f"samples must be at least 1, got {samples}")
+    data = _check_data(data_arrays, info) if data_arrays is not None else None
+
+    from mmexport.runners.onnxruntime_runner import OnnxRuntimeRunner
+    from mmexport.runners.torch_runner import TorchRunner
+
+    input_sets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    labelled = data is not None and data[1] is not None
+    if precision != "int8" or not labelled:
+        input_sets["random"] = (random_inputs(samples, info.image_size, info.mean, info.std, seed=seed), None)
+    if data is not None and (precision != "int8" or labelled):
+        input_sets[data_name] = data
+    reference = TorchRunner(torch_model, "torch fp32 (reference)", torch_device)
+    candidate = OnnxRuntimeRunner(onnx_path, name=f"onnxruntime {precision} ({Path(onnx_path).name})", threads=threads)
+    with reference as ref, candidate as cand:
+        report = verify_runners(ref, cand, input_sets, tolerance, batch_size=batch_size)
+    if precision == "int8" and not labelled:
+        report = _no_labelled_data_failure(report)
+    return report
