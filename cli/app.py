@@ -317,13 +317,34 @@ def demo(
         table.add_row(f"source {label} ({s['task']})", f"val acc {s['val_accuracy']:.3f}  macro-F1 {s['val_macro_f1']:.3f}", f"{t[f'source_{label}']:.0f} s")
     mb = summary["merge_best"]
     table.add_row("stage 1 merge (best epoch)", f"val acc {mb['val_accuracy']:.3f}  macro-F1 {mb['val_macro_f1']:.3f}", "")
-    for split, m in summary["final"].items():
-        table.add_row(f"final model, {split}", f"acc {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}", "")
-    table.add_row("train total", summary["run"], f"{t['train']:.0f} s")
+    table.add_row("MedMerge run", summary["run"], f"{t['train']:.0f} s")
     for name, stats in summary["verification"].items():
         table.add_row(f"fold check ({name})", f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}", "")
     table.add_row("fold + verify", "bit-identical re-fold" if summary["fold"]["reproduced"] else "re-folded", f"{t['fold_verify']:.0f} s")
+    for precision, export in summary["exports"].items():
+        for name, stats in export["stats"].items():
+            detail = f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}"
+            if stats.candidate_macro_f1 is not None:
+                detail += f", macro-F1 {stats.reference_macro_f1:.3f} → {stats.candidate_macro_f1:.3f}"
+            table.add_row(f"ONNX {precision} ({name})", detail, "")
+        table.add_row(f"ONNX {precision} file", f"{export['size_bytes'] / 1e6:.1f} MB", "")
+    if "export" in t:
+        table.add_row("export + verify", "", f"{t['export']:.0f} s")
     console.print(table)
+    comparison = Table(title="MedMerge vs each source fine-tuned alone (same epochs), synthetic target", title_justify="left")
+    for column in ("method", "test macro-F1", "test accuracy", "val macro-F1"):
+        comparison.add_column(column, justify="left" if column == "method" else "right")
+    for method, metrics in summary["comparison"].items():
+        test = metrics.get("test", metrics["val"])
+        comparison.add_row(method, f"{test['macro_f1']:.3f}", f"{test['accuracy']:.3f}", f"{metrics['val']['macro_f1']:.3f}")
+    console.print(comparison)
+    if summary["bench"]:
+        console.print(ratio_table_view(summary["bench"]))
+        for r in summary["bench"]["results"]:
+            console.print(f"  {r.model:9s} ONNX Runtime batch 1: median {r.latency.median_ms:.2f} ms, file "
+                          f"{(r.artifact_bytes or 0) / 1e6:.1f} MB", soft_wrap=True)
+    console.print(f"total {sum(t.values()):.0f} s; everything is in {summary['out']} (see `mmexport inspect {summary['run']}`)",
+                  soft_wrap=True)
 
 
 def main() -> None:

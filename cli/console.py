@@ -30,7 +30,7 @@ class RichProgress:
         self.finish()
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=console, transient=True,
+            TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal,
         )
         self._progress.start()
         self._task = self._progress.add_task(description, total=total)

@@ -123,7 +123,7 @@ def _onnx_artifact(run: RunDir, kind: str, module: nn.Module, info: ModelInfo, p
         with atomic_path(run.file(name)) as tmp:
             exporter(module, info, tmp, weights_sha256=sha)
     run.record_output(name, "bench-model", model_kind=kind, precision=precision,
-                      note="benchmark artifact: the same graph as the deployable one for its kind, not verified for accuracy")
+                      note="benchmark/comparison artifact, not a deployable model")
     return run.file(name)
 
 

@@ -23,7 +23,9 @@ from mmexport.errors import RunDirError
 from mmexport.fileio import write_json_atomic
 from mmexport.modelfile import pack_metadata
 from mmexport.train import ProgressSink, SilentProgress, TrainConfig, resolve_device, seed_everything, train, train_plain
-from mmexport.workflows import fold_run, verify_run
+from mmexport.bench import BenchSettings
+from mmexport.benchrun import BenchRequest, bench_run
+from mmexport.workflows import export_onnx_run, fold_run, verify_run
 
 DEMO_MARKER = "demo.json"
 
@@ -39,6 +41,9 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     force: bool = False
+    compare: bool = True  # also fine-tune each source alone (the comparison MedMerge must win)
+    export: bool = True  # ONNX fp32 and int8, each verified
+    bench_seconds: float = 3.0  # ONNX Runtime: folded vs unmerged vs dual at batch 1; 0 skips
     # smaller sets keep the demo inside its time budget on a 2-core CPU
     source_data: str = "?n_train=1200&n_val=300"
     target_data: str = "?n_train=300&n_val=300&n_test=300"
@@ -100,23 +105,53 @@ def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> dict[s
     summary.update(source_summary)
     timings.update({f"source_{label}": source_summary[f"source_{label}"]["seconds"] for label in ("A", "B")})
 
+    target = f"synthetic:target{config.target_data}"
+
+    def train_method(method: str, out_dir: Path) -> Path:
+        return train(
+            TrainConfig(
+                arch=config.arch, source_a=str(sources["A"]), source_b=str(sources["B"]), data=target,
+                out=str(out_dir), method=method, merge_epochs=config.merge_epochs,
+                finetune_epochs=config.finetune_epochs, batch_size=config.batch_size, seed=config.seed,
+                device=config.device, force=True,
+            ),
+            progress,
+            command=f"mmexport demo ({method})",
+        )
+
     start = time.perf_counter()
-    run_dir = train(
-        TrainConfig(
-            arch=config.arch, source_a=str(sources["A"]), source_b=str(sources["B"]),
-            data=f"synthetic:target{config.target_data}", out=str(out / "run"), merge_epochs=config.merge_epochs,
-            finetune_epochs=config.finetune_epochs, batch_size=config.batch_size, seed=config.seed,
-            device=config.device, force=True,
-        ),
-        progress,
-        command="mmexport demo",
-    )
+    run_dir = train_method("medmerge", out / "run")
     timings["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
     folded = fold_run(run_dir, "safetensors")
-    report = verify_run(run_dir, data=f"synthetic:target{config.target_data}")
+    report = verify_run(run_dir, data=target)
     timings["fold_verify"] = time.perf_counter() - start
+
+    # What the merge is for: MedMerge against each source fine-tuned alone, same epoch budget.
+    comparison = {"medmerge": _final_metrics(run_dir)}
+    if config.compare:
+        start = time.perf_counter()
+        (out / "baselines").mkdir(exist_ok=True)
+        for method in ("finetune-a", "finetune-b"):
+            comparison[method] = _final_metrics(train_method(method, out / "baselines" / method))
+        timings["baselines"] = time.perf_counter() - start
+
+    exports = {}
+    if config.export:
+        start = time.perf_counter()
+        for precision in ("fp32", "int8"):
+            result = export_onnx_run(run_dir, precision, samples=32)[precision]
+            exports[precision] = {"path": result["path"], "size_bytes": result["facts"]["size_bytes"],
+                                  "stats": {s.name: s.outputs["logits"] for s in result["report"].input_sets}}
+        timings["export"] = time.perf_counter() - start
+
+    speed = []
+    if config.bench_seconds > 0:
+        start = time.perf_counter()
+        settings = BenchSettings(batch_sizes=(1,), warmup_s=0.5, duration_s=config.bench_seconds, rounds=4)
+        speed = bench_run(run_dir, BenchRequest(engine="onnx", models=("folded", "unmerged", "dual"), settings=settings))
+        timings["bench"] = time.perf_counter() - start
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     training = manifest["training"]
@@ -127,14 +162,22 @@ def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> dict[s
             "val_accuracy": training["stages"]["merge"]["best_metrics"]["accuracy"],
             "val_macro_f1": training["stages"]["merge"]["best_metrics"]["macro_f1"],
         },
-        final={split: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for split, m in training["final"].items()},
+        final=comparison["medmerge"],
+        comparison=comparison,
         fold={"reproduced": folded["reproduced"], "sha256": folded["sha256"]},
         verification={s.name: s.outputs["logits"] for s in report.input_sets},
+        exports=exports,
+        bench=speed,
         timings=timings,
     )
     write_json_atomic(out / DEMO_MARKER, {"status": "complete", "config": config.__dict__,
                                           "timings": timings, "run": str(run_dir)})
     return summary
+
+
+def _final_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
+    final = json.loads((run_dir / "manifest.json").read_text())["training"]["final"]
+    return {split: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for split, m in final.items()}
 
 
 __all__ = ["DemoConfig", "run_demo"]

@@ -160,7 +160,6 @@ def plot_run_coefficients(run_path: str | os.PathLike[str], path: str | os.PathL
 # -- ONNX artifacts ------------------------------------------------------------------------------
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-COMPARISON_FILES = {"unmerged": "unmerged.onnx", "dual": "dual.onnx"}
 
 
 def _held_out(task, limit: int) -> tuple[str, tuple]:
@@ -193,7 +192,8 @@ def _publish_verified(run: RunDir, name: str, write: Callable[[Path], dict], che
         run.add_verification({"artifact": name, "command": "export", **report.as_dict()})
         if not report.passed:
             raise VerificationError(f"{name}: verification failed, nothing published: " + "; ".join(report.failures()), report)
-    run.record_output(name, kind, **details, **{k: v for k, v in facts.items() if k not in ("sha256", "size_bytes")})
+    recorded = {k: v for k, v in facts.items() if k not in ("sha256", "size_bytes")}
+    run.record_output(name, kind, **{**recorded, **details})
     return facts, report
 
 
@@ -269,37 +269,17 @@ def export_onnx_run(
 def export_comparison_onnx(run_path: str | os.PathLike[str]) -> dict[str, Any]:
     """Export the unmerged model and the dual-backbone model of a merge run to ONNX (benchmark baselines).
 
-    The dual backbone is source A and source B side by side, each with the run's head,
-    logits averaged: the cost of an ensemble of two single-source networks.
+    The files are the ones ``mmexport bench`` measures (``bench/unmerged.onnx``,
+    ``bench/dual.onnx``), recorded in the manifest; returns ``{kind: {"path", "size_bytes"}}``.
     """
-    from mmexport.backbones import get_backbone
-    from mmexport.export import DualBackbone, export_dual_onnx, export_unmerged_onnx
-    from mmexport.fileio import atomic_path
+    from mmexport.benchrun import _onnx_artifact, _torch_modules
 
     run = _merge_run(run_path)
-    unmerged_path = run.checked_file(UNMERGED_FILE)
-    merged, info = load_unmerged(unmerged_path)
-    sha = run.manifest["outputs"][UNMERGED_FILE]["sha256"]
+    modules, info = _torch_modules(run, ("unmerged", "dual"))
     results = {}
-    with atomic_path(run.file(COMPARISON_FILES["unmerged"])) as tmp:
-        facts = export_unmerged_onnx(merged, info, tmp, weights_sha256=sha)
-    run.record_output(COMPARISON_FILES["unmerged"], "onnx-comparison", model_kind="unmerged",
-                      **{k: v for k, v in facts.items() if k not in ("sha256", "size_bytes")})
-    results["unmerged"] = facts
-    head = {n: merged.template.state_dict()[n] for n in merged.head_names}
-    members = []
-    for bag in merged.sources:
-        member = get_backbone(info.arch).build(info.num_classes)
-        state = {name: bag.get(name) for name in merged.merge_names}
-        state.update(head)
-        state.update({k: v for k, v in merged.template.state_dict().items() if k in merged.buffer_names})
-        member.load_state_dict(state, strict=True)
-        members.append(member.eval())
-    with atomic_path(run.file(COMPARISON_FILES["dual"])) as tmp:
-        facts = export_dual_onnx(DualBackbone(*members), info, tmp, weights_sha256=sha)
-    run.record_output(COMPARISON_FILES["dual"], "onnx-comparison", model_kind="dual",
-                      **{k: v for k, v in facts.items() if k not in ("sha256", "size_bytes")})
-    results["dual"] = facts
+    for kind, module in modules.items():
+        path = _onnx_artifact(run, kind, module, info, "fp32", calibration=lambda: None)
+        results[kind] = {"path": str(path), "size_bytes": path.stat().st_size}
     return results
 
 

@@ -1,0 +1,104 @@
+"""Run-level ONNX export and verification (`mmexport fold RUN --to onnx`, `verify --backend onnx`)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from mmexport.errors import DataError, RunDirError, VerificationError
+from mmexport.fileio import sha256_file
+from mmexport.train import train
+from mmexport.workflows import ONNX_FILES, export_comparison_onnx, export_onnx_run, verify_onnx_run
+from tests.test_train import config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, resnet18_sources):
+    # lpft-a learns a usable classifier in one epoch, which int8's accuracy policy needs
+    return train(config(resnet18_sources, tmp_path_factory.mktemp("export") / "run", finetune_epochs=1, merge_epochs=2))
+
+
+@pytest.fixture()
+def run_copy(run, tmp_path):
+    return shutil.copytree(run, tmp_path / "run")
+
+
+def test_fp32_and_fp16_exports_are_verified_and_recorded(run_copy):
+    results = export_onnx_run(run_copy, "fp16", samples=8)
+    assert set(results) == {"fp32", "fp16"}  # fp16 is made from the fp32 export, made first
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    for precision in ("fp32", "fp16"):
+        name = ONNX_FILES[precision]
+        entry = manifest["outputs"][name]
+        assert entry["sha256"] == sha256_file(run_copy / name) and entry["precision"] == precision
+        assert results[precision]["report"].passed
+    checks = [v for v in manifest["verification"] if v["artifact"] in ONNX_FILES.values()]
+    assert {c["tolerance"]["name"] for c in checks} == {"fp32", "fp16"}
+    assert any(s["name"].startswith("data:") for c in checks for s in c["input_sets"])
+    metadata = {p.key: p.value for p in onnx.load(run_copy / "model.onnx").metadata_props}
+    assert metadata["weights_sha256"] == manifest["outputs"]["model.safetensors"]["sha256"]
+    assert not list(run_copy.glob(".*.tmp"))
+
+
+def test_int8_export_calibrates_and_is_judged_on_labelled_data(run_copy):
+    try:
+        results = export_onnx_run(run_copy, "int8", samples=8, calib_images=32)
+    except VerificationError as exc:  # an honest failure must still publish nothing
+        assert not (run_copy / "model.int8.onnx").exists()
+        pytest.fail(f"int8 failed its policy on this tiny model: {exc}")
+    report = results["int8"]["report"]
+    assert report.tolerance.name == "int8" and all(s.name.startswith("data:") for s in report.input_sets)
+    ops = {n.op_type for n in onnx.load(run_copy / "model.int8.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_failed_verification_publishes_nothing(run_copy, monkeypatch):
+    import mmexport.export.onnx as onnx_module
+    from mmexport.tolerances import Tolerance
+
+    strict = Tolerance("fp32", "impossible", 0.0, 0.0, 1.0)
+    monkeypatch.setitem(onnx_module.TOLERANCES, "fp32", strict)
+    with pytest.raises(VerificationError, match="nothing published"):
+        export_onnx_run(run_copy, "fp32", samples=4)
+    assert not (run_copy / "model.onnx").exists() and not list(run_copy.glob(".*.tmp"))
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    assert "model.onnx" not in manifest["outputs"] and manifest["verification"][-1]["passed"] is False
+
+
+def test_altered_onnx_is_refused_by_verify(run_copy):
+    export_onnx_run(run_copy, "fp32", samples=4)
+    path = run_copy / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunDirError, match="altered"):
+        verify_onnx_run(run_copy, ["fp32"])
+
+
+def test_calibration_data_with_other_classes_is_refused(run_copy):
+    with pytest.raises(DataError, match="classes"):
+        export_onnx_run(run_copy, "int8", calib_data="synthetic:pigment?n_train=8&n_val=8")
+    assert not (run_copy / "model.int8.onnx").exists()
+
+
+def test_comparison_models_have_two_backbones(run_copy):
+    facts = export_comparison_onnx(run_copy)
+    folded = export_onnx_run(run_copy, "fp32", samples=4)["fp32"]["facts"]
+    assert 1.8 < facts["unmerged"]["size_bytes"] / folded["size_bytes"] < 2.3
+    assert 1.8 < facts["dual"]["size_bytes"] / folded["size_bytes"] < 2.2
+
+
+def test_cli_fold_to_onnx_and_verify(run_copy):
+    env_cmd = [sys.executable, "-m", "mmexport"]
+    result = subprocess.run(env_cmd + ["fold", str(run_copy), "--to", "onnx"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pass" in result.stdout
+    result = subprocess.run(env_cmd + ["verify", str(run_copy), "--backend", "torch", "--backend", "onnx"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "verification passed" in result.stdout
+    result = subprocess.run(env_cmd + ["verify", str(run_copy), "--backend", "trt"], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "TensorRT" in result.stderr
