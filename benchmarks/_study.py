@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,32 @@ def sources(work: Path) -> dict[str, Path]:
     return trained
 
 
+def effective_config(task: str, seed: int, overrides: dict[str, Any]) -> str:
+    """What a run trains, as a canonical string: runs with equal strings give equal results."""
+    config = TrainConfig(arch=ARCH, source_a="A", source_b="B", data=TASKS[task], out="", seed=seed, **overrides)
+    fields = {k: v for k, v in asdict(config).items() if k not in ("out", "force", "resume", "device", "num_workers")}
+    return json.dumps(fields, sort_keys=True)
+
+
 def run_one(work: Path, log: Path, name: str, task: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Train one (config, task, seed) unless the log has it; append the result to the log."""
+    """Train one (config, task, seed) unless an equal run is cached; append the result to the log.
+
+    The cache (``work/cache.jsonl``) is shared by every script using ``work``, so the
+    accuracy table reuses the study's runs whose effective configuration is identical.
+    """
     key = f"{name}|{task}|{seed}"
+    effective = effective_config(task, seed, overrides)
     for line in log.read_text().splitlines() if log.exists() else []:
         record = json.loads(line)
-        if record["key"] == key:
+        if record["key"] == key and record.get("effective", effective) == effective:
+            return record
+    cache = work / "cache.jsonl"
+    for line in cache.read_text().splitlines() if cache.exists() else []:
+        record = json.loads(line)
+        if record["effective"] == effective:
+            record = {**record, "key": key, "config": name, "reused_from": record["key"]}
+            with log.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
             return record
     paths = sources(work)
     (work / "runs").mkdir(parents=True, exist_ok=True)
@@ -55,15 +76,16 @@ def run_one(work: Path, log: Path, name: str, task: str, seed: int, overrides: d
     manifest = json.loads((run / "manifest.json").read_text())
     final = manifest["training"]["final"]
     record = {
-        "key": key, "config": name, "task": task, "seed": seed, "overrides": overrides,
+        "key": key, "effective": effective, "config": name, "task": task, "seed": seed, "overrides": overrides,
         "seconds": time.perf_counter() - start,
         "val_macro_f1": final["val"]["macro_f1"], "val_accuracy": final["val"]["accuracy"],
         "test_macro_f1": final["test"]["macro_f1"], "test_accuracy": final["test"]["accuracy"],
         "stage1_val_macro_f1": next(iter(manifest["training"]["stages"].values()))["best_metrics"].get("macro_f1"),
         "mean_sigma": _mean_sigma(manifest),
     }
-    with log.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    for path in (log, cache):
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
     return record
 
 

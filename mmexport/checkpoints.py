@@ -297,7 +297,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _fit_report(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> list[str]:
+def fit_report(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> list[str]:
+    """Missing, unexpected and wrongly shaped keys of ``state`` against ``expected`` shapes, by name."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
@@ -432,7 +433,7 @@ def load_source(spec: str, arch: str, *, label: str = "source") -> SourceCheckpo
     for key in filled:
         state[key] = torch.tensor(0, dtype=torch.long)
 
-    problems = _fit_report(state, expected)
+    problems = fit_report(state, expected)
     if problems:
         guess = _guess_arch(state)
         hint = f"; these weights fit {guess}" if guess and guess != arch else ""

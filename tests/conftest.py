@@ -13,6 +13,14 @@ from PIL import Image
 from mmexport.backbones import get_backbone
 from mmexport.checkpoints import save_state_dict
 
+def one_line(exc_info) -> str:
+    """The message of a raised error, asserted to be one non-empty line."""
+    message = str(exc_info.value)
+    assert message and message == message.strip(), repr(message)
+    assert "\n" not in message and "\r" not in message, repr(message)
+    return message
+
+
 TINY_TARGET = "synthetic:target?n_train=24&n_val=16&n_test=16"
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from mmexport import synthetic
 from mmexport.data import IMAGENET_MEAN, IMAGENET_STD, load_task
 from mmexport.errors import DataError
-from tests.conftest import write_image_folder
+from tests.conftest import one_line, write_image_folder
 
 TARGET_CLASSES = ["nevus", "melanoma", "seborrheic-keratosis", "blue-nevus", "vascular"]
 SMALL = "synthetic:target?n_train=12&n_val=7&n_test=6&seed=3"
@@ -21,11 +21,6 @@ MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float64)
 STD = np.asarray(IMAGENET_STD, dtype=np.float64)
 
 
-def one_line(exc_info) -> str:
-    message = str(exc_info.value)
-    assert message and message == message.strip(), repr(message)
-    assert "\n" not in message and "\r" not in message, repr(message)
-    return message
 
 
 def normalised(pixels: np.ndarray) -> np.ndarray:

@@ -15,16 +15,12 @@ from PIL import Image
 from mmexport.data import IMAGENET_MEAN, IMAGENET_STD
 from mmexport.errors import DataError
 from mmexport.formats import check_image, load_file_task
+from tests.conftest import one_line
 
 MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float64)
 STD = np.asarray(IMAGENET_STD, dtype=np.float64)
 
 
-def one_line(exc_info) -> str:
-    message = str(exc_info.value)
-    assert message and message == message.strip(), repr(message)
-    assert "\n" not in message and "\r" not in message, repr(message)
-    return message
 
 
 def refused(spec: str, *needles: str, image_size: int | None = 16) -> str:

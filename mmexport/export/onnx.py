@@ -329,23 +329,13 @@ def _check_plain(model: nn.Module, info: ModelInfo, label: str) -> None:
         raise MMExportError(f"{label}: this is the unmerged model; fold it first or use export_unmerged_onnx")
     if not isinstance(model, nn.Module):
         raise MMExportError(f"{label}: expected a torch nn.Module, got {type(model).__name__}")
+    from mmexport.checkpoints import fit_report
+
     with torch.device("meta"):
-        expected = get_backbone(info.arch).build(info.num_classes).state_dict()
-    actual = model.state_dict()
-    missing = sorted(set(expected) - set(actual))
-    unexpected = sorted(set(actual) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(actual) if tuple(expected[k].shape) != tuple(actual[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}")
-        if wrong:
-            parts.append(f"wrong shape {', '.join(wrong[:3])}")
-        raise ArchitectureError(
-            f"{label}: not a {info.arch} with {info.num_classes} classes ({'; '.join(parts)})"
-        )
+        expected = {k: v.shape for k, v in get_backbone(info.arch).build(info.num_classes).state_dict().items()}
+    problems = fit_report(model.state_dict(), expected)
+    if problems:
+        raise ArchitectureError(f"{label}: not a {info.arch} with {info.num_classes} classes ({'; '.join(problems)})")
 
 
 def _trace_to_onnx(module: nn.Module, info: ModelInfo, opset: int, *, keep_blend: bool = False):
