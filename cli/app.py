@@ -261,6 +261,8 @@ def bench(
     rounds: Annotated[int, typer.Option(help="Interleaving rounds: models alternate this many times per batch size.")] = 5,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (ONNX Runtime session / torch).")] = None,
     device: Annotated[str, typer.Option(help="torch engine: auto, cpu, cuda.")] = "auto",
+    device_timing: Annotated[Optional[str], typer.Option(help="GPU: time on the device with CUDA events; compute (copies excluded) or total (copies included).")] = None,
+    cuda_graphs: Annotated[bool, typer.Option(help="GPU, torch engine: capture and replay CUDA graphs.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every number plus machine and versions here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Latency and throughput vs batch size, PNG.")] = None,
 ) -> None:
@@ -273,9 +275,10 @@ def bench(
     except ValueError:
         raise MMExportError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     settings = BenchSettings(batch_sizes=sizes, warmup_s=warmup, rounds=rounds, iterations=iterations,
+                             device_timing=device_timing,
                              duration_s=None if iterations is not None else (duration if duration is not None else 5.0))
     request = BenchRequest(engine=engine, precision=precision, models=tuple(m.strip() for m in models.split(",") if m.strip()),
-                           threads=threads, device=device, settings=settings)
+                           threads=threads, device=device, cuda_graphs=cuda_graphs, settings=settings)
     with console.status("benchmarking") as status:
         report = bench_run(run, request, on_progress=lambda message: status.update(message))
     console.print(bench_table(report))

@@ -35,6 +35,9 @@ class BenchSettings:
     rounds: int = 5  # interleaving rounds per batch size
     distinct_batches: int = 4
     seed: int = 0
+    # GPU: time on the device with CUDA events (runners with ``timed_infer``); "compute"
+    # excludes the host<->device copies, "total" includes them. None: host wall clock.
+    device_timing: str | None = None
 
     def validate(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -45,6 +48,8 @@ class BenchSettings:
             raise MMExportError("--duration must be positive")
         if self.iterations is not None and self.iterations < 1:
             raise MMExportError("--iterations must be at least 1")
+        if self.device_timing not in (None, "compute", "total"):
+            raise MMExportError(f"device timing must be compute or total, got {self.device_timing!r}")
         if self.warmup_s < 0 or self.rounds < 1 or self.distinct_batches < 1:
             raise MMExportError("--warmup must be >= 0; rounds and distinct batches >= 1")
 
@@ -149,15 +154,21 @@ def _gpu_peak(reset: bool = False) -> int | None:
 
 
 def _timed_calls(runner: Runner, batches: list[np.ndarray], start_index: int, seconds: float | None,
-                 count: int | None) -> tuple[list[float], int]:
+                 count: int | None, device_timing: str | None = None) -> tuple[list[float], int]:
     samples: list[float] = []
     index = start_index
     deadline = time.perf_counter() + seconds if seconds is not None else None
+    timed = device_timing is not None and hasattr(runner, "timed_infer")
     while True:
         batch = batches[index % len(batches)]
-        begin = time.perf_counter()
-        runner.infer(batch)
-        samples.append(time.perf_counter() - begin)
+        if timed:
+            _, parts = runner.timed_infer(batch)
+            milliseconds = parts["compute"] if device_timing == "compute" else sum(parts.values())
+            samples.append(milliseconds / 1e3)
+        else:
+            begin = time.perf_counter()
+            runner.infer(batch)
+            samples.append(time.perf_counter() - begin)
         index += 1
         if count is not None and len(samples) >= count:
             break
@@ -204,7 +215,8 @@ def benchmark(
                 notify(f"batch {batch_size}: round {round_index + 1}/{settings.rounds}")
                 for model in models:
                     taken, cursor[model.name] = _timed_calls(
-                        runners[model.name], batches[model.name], cursor[model.name], per_round_s, per_round_n
+                        runners[model.name], batches[model.name], cursor[model.name], per_round_s, per_round_n,
+                        settings.device_timing,
                     )
                     samples[model.name].extend(taken)
         finally:

@@ -40,6 +40,7 @@ class BenchRequest:
     models: tuple[str, ...] = MODEL_KINDS
     threads: int | None = None
     device: str = "auto"
+    cuda_graphs: bool = False
     settings: BenchSettings = field(default_factory=BenchSettings)
 
     def validate(self) -> None:
@@ -55,6 +56,8 @@ class BenchRequest:
             raise MMExportError(f"unknown model {unknown[0] if unknown else '(none)'}; choose from {', '.join(MODEL_KINDS)}")
         if self.precision not in ("fp32", "fp16", "int8"):
             raise MMExportError(f"unknown precision {self.precision!r}; choose fp32, fp16 or int8")
+        if self.settings.device_timing and self.engine != "torch":
+            raise MMExportError("--device-timing uses CUDA events of the torch runner: use --engine torch --device cuda")
         if self.engine == "torch" and self.precision != "fp32":
             raise MMExportError("--engine torch measures fp32 eager; fp16/int8 are ONNX artifacts (--engine onnx)")
         if self.threads is not None and self.threads < 1:
@@ -134,7 +137,8 @@ def build_models(run: RunDir, request: BenchRequest) -> list[ModelUnderTest]:
         if request.threads and device.type == "cpu":
             torch.set_num_threads(request.threads)
         return [
-            ModelUnderTest(kind, (lambda m=module, k=kind: TorchRunner(m, f"{k} (torch)", device)),
+            ModelUnderTest(kind, (lambda m=module, k=kind: TorchRunner(m, f"{k} (torch)", device,
+                                                                      cuda_graphs=request.cuda_graphs)),
                            artifact_bytes=_torch_bytes(run, kind), image_size=info.image_size, engine="torch")
             for kind, module in modules.items()
         ]

@@ -1,4 +1,4 @@
-"""Operations on an existing run directory: fold, verify, inspect."""
+"""Operations on an existing run directory: fold, verify, inspect, ONNX export."""
 
 from __future__ import annotations
 
@@ -70,11 +70,7 @@ def verify_run(
     folded, folded_info = load_model(run.checked_file(FOLDED_FILE))
     if folded_info.classes != info.classes or folded_info.arch != info.arch:
         raise MMExportError(f"{run.path}: {FOLDED_FILE} and {UNMERGED_FILE} describe different models")
-    task = None
-    if data is not None:
-        task = load_task(data, image_size=info.image_size)
-        if task.num_classes != info.num_classes:
-            raise DataError(f"{data}: has {task.num_classes} classes, the model has {info.num_classes}")
+    task = _task_for(data, info, "--data") if data is not None else None
     report = verify_fold(merged, folded, task, info, samples, seed, resolve_device(device))
     run.add_verification({"artifact": FOLDED_FILE, "command": "verify", **report.as_dict()})
     if not report.passed:

@@ -107,3 +107,21 @@ def test_onnx_bench_exports_and_records_comparison_models(tiny_run):
     assert "bench/dual.onnx" in manifest["outputs"]
     sizes = {r.model: r.artifact_bytes for r in report["results"]}
     assert 1.8 < sizes["dual"] / sizes["folded"] < 2.2
+
+
+def test_gpu_only_options_are_refused_on_cpu():
+    from mmexport.runners import TorchRunner
+    import torch
+
+    with pytest.raises(MMExportError, match="CUDA"):
+        TorchRunner(torch.nn.Identity(), cuda_graphs=True)
+    with pytest.raises(MMExportError, match="compute or total"):
+        BenchSettings(device_timing="wall").validate()
+    with pytest.raises(MMExportError, match="engine torch"):
+        BenchRequest(engine="onnx", settings=BenchSettings(device_timing="compute")).validate()
+
+
+def test_device_timing_falls_back_to_wall_clock_for_runners_without_it():
+    settings = BenchSettings(batch_sizes=(1,), warmup_s=0.0, duration_s=None, iterations=3, rounds=1, device_timing="total")
+    result = benchmark([ModelUnderTest("s", lambda: SleepRunner("s", 0.001), image_size=4)], settings)[0]
+    assert result.latency.iterations == 3 and result.latency.min_ms >= 1.0
