@@ -102,9 +102,21 @@ def _print_run_summary(run_dir: Path) -> None:
     from mmexport.workflows import inspect_run
 
     summary = inspect_run(run_dir)
-    final = summary["manifest"].get("training", {}).get("final", {})
+    manifest = summary["manifest"]
+    classes = manifest.get("model", {}).get("classes", [])
+    final = manifest.get("training", {}).get("final", {})
     for split, metrics in final.items():
         console.print(f"  final {split}: accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}")
+    split = "test" if "test" in final else "val"
+    if split in final and classes:
+        per_class = final[split]["per_class"]
+        table = Table(title=f"per class, {split} (confusion matrix in manifest.json)", title_justify="left")
+        for column in ("class", "precision", "recall", "F1", "support"):
+            table.add_column(column, justify="left" if column == "class" else "right")
+        for index, name in enumerate(classes):
+            table.add_row(name, f"{per_class['precision'][index]:.3f}", f"{per_class['recall'][index]:.3f}",
+                          f"{per_class['f1'][index]:.3f}", f"{per_class['support'][index]:.0f}")
+        console.print(table)
     console.print(f"[green]run written to[/green] {run_dir}")
 
 
