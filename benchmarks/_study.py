@@ -42,7 +42,12 @@ def sources(work: Path) -> dict[str, Path]:
 def effective_config(task: str, seed: int, overrides: dict[str, Any]) -> str:
     """What a run trains, as a canonical string: runs with equal strings give equal results."""
     config = TrainConfig(arch=ARCH, source_a="A", source_b="B", data=TASKS[task], out="", seed=seed, **overrides)
-    fields = {k: v for k, v in asdict(config).items() if k not in ("out", "force", "resume", "device", "num_workers")}
+    ignored = {"out", "force", "resume", "device", "num_workers"}
+    if config.method != "medmerge":  # σ is fixed (average) or absent: the logit settings do nothing
+        ignored |= {"lr_logits", "granularity", "initial_logit"}
+    if config.method not in ("medmerge", "average"):  # no blended BatchNorm statistics to initialise
+        ignored |= {"bn_init"}
+    fields = {k: v for k, v in asdict(config).items() if k not in ignored}
     return json.dumps(fields, sort_keys=True)
 
 

@@ -56,7 +56,9 @@ def main() -> None:
     records = [json.loads(line) for line in log.read_text().splitlines()]
     note = (f"{_study.ARCH}; {args.merge_epochs}+{args.finetune_epochs} epochs for every method (finetune-* spend both "
             f"in stage 2); library defaults; mean ± std over seeds {', '.join(map(str, args.seeds))}; selection on val "
-            "macro-F1, test reported. Command: `python benchmarks/accuracy.py`.")
+            "macro-F1, test reported. Command: `python benchmarks/accuracy.py`. A run whose effective configuration "
+            "equals one already trained by `benchmarks/merge_study.py` (same work directory) is reused, not retrained: "
+            "see `reused_from` in `log.jsonl`.")
     (args.out / "README.md").write_text(_study.table(records, args.methods, args.tasks, "Accuracy by method", note))
     print((args.out / "README.md").read_text())
 

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from mmexport import __version__
 from mmexport.errors import MMExportError, VerificationError
+from mmexport.train import TrainConfig
 
 from .console import RichProgress, bench_table, console, error_console, ratio_table_view, verification_table
 
@@ -25,6 +26,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# One source of truth for training defaults: the library's TrainConfig.
+_TRAIN_DEFAULTS = TrainConfig(arch="", source_a="", source_b="", data="", out="")
 RunArg = Annotated[Path, typer.Argument(help="Run directory written by `mmexport train`.")]
 
 
@@ -50,28 +53,28 @@ def train(
     arch: Annotated[str, typer.Option(help="Architecture, e.g. resnet18, resnet50, densenet121.")],
     source_a: Annotated[str, typer.Option("--source-a", help="Source A: .safetensors, .pt/.pth, or torchvision:<Weights>.<MEMBER>.")],
     source_b: Annotated[str, typer.Option("--source-b", help="Source B, same forms as --source-a.")],
-    data: Annotated[str, typer.Option(help="ImageFolder root with train/ and val/ (test/ optional), or synthetic:target.")],
+    data: Annotated[str, typer.Option(help="Dataset: PATH[?opts] (image folder, class tree, .csv, .npz; see README) or synthetic:target.")],
     out: Annotated[Path, typer.Option(help="Run directory to create.")],
-    method: Annotated[str, typer.Option(help="medmerge, average, finetune-a, finetune-b, lpft-a or lpft-b.")] = "medmerge",
-    granularity: Annotated[str, typer.Option(help="Merge coefficient granularity: kernel, filter or layer.")] = "kernel",
-    merge_epochs: Annotated[int, typer.Option(help="Stage 1 epochs (merge logits + head; head only for average/lpft).")] = 10,
-    finetune_epochs: Annotated[int, typer.Option(help="Stage 2 epochs (full fine-tune); 0 skips it.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Batch size (per process under torchrun).")] = 32,
-    lr_logits: Annotated[float, typer.Option(help="Adam learning rate of the merge logits (stage 1).")] = 1e-2,
-    lr_head: Annotated[float, typer.Option(help="Learning rate of a freshly initialised head.")] = 1e-3,
-    lr_backbone: Annotated[float, typer.Option(help="AdamW learning rate of stage 2 (full fine-tune).")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of stage 2.")] = 1e-4,
-    schedule: Annotated[str, typer.Option(help="Learning-rate schedule per stage: cosine or constant.")] = "cosine",
-    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up at the start of each stage, in epochs.")] = 1.0,
-    patience: Annotated[int, typer.Option(help="Stop a stage after this many epochs without val macro-F1 gain; 0 never stops.")] = 0,
-    class_weights: Annotated[str, typer.Option(help="Loss class weights: none or balanced (inverse frequency).")] = "none",
-    sampler: Annotated[str, typer.Option(help="Training sampler: none (shuffle) or balanced (class-balanced).")] = "none",
-    augment: Annotated[bool, typer.Option(help="Training augmentation (flips; resized crop for image folders).")] = True,
-    bn_init: Annotated[str, typer.Option(help="BatchNorm statistics before stage 1: blend (of the sources') or reestimate (on target images).")] = "blend",
+    method: Annotated[str, typer.Option(help="medmerge, average, finetune-a, finetune-b, lpft-a or lpft-b.")] = _TRAIN_DEFAULTS.method,
+    granularity: Annotated[str, typer.Option(help="Merge coefficient granularity: kernel, filter or layer.")] = _TRAIN_DEFAULTS.granularity,
+    merge_epochs: Annotated[int, typer.Option(help="Stage 1 epochs (merge logits + head; head only for average/lpft).")] = _TRAIN_DEFAULTS.merge_epochs,
+    finetune_epochs: Annotated[int, typer.Option(help="Stage 2 epochs (full fine-tune); 0 skips it.")] = _TRAIN_DEFAULTS.finetune_epochs,
+    batch_size: Annotated[int, typer.Option(help="Batch size (per process under torchrun).")] = _TRAIN_DEFAULTS.batch_size,
+    lr_logits: Annotated[float, typer.Option(help="Adam learning rate of the merge logits (stage 1); chosen by benchmarks/merge_study.py.")] = _TRAIN_DEFAULTS.lr_logits,
+    lr_head: Annotated[float, typer.Option(help="Learning rate of a freshly initialised head.")] = _TRAIN_DEFAULTS.lr_head,
+    lr_backbone: Annotated[float, typer.Option(help="AdamW learning rate of stage 2 (full fine-tune).")] = _TRAIN_DEFAULTS.lr_backbone,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of stage 2.")] = _TRAIN_DEFAULTS.weight_decay,
+    schedule: Annotated[str, typer.Option(help="Learning-rate schedule per stage: cosine or constant.")] = _TRAIN_DEFAULTS.schedule,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up at the start of each stage, in epochs.")] = _TRAIN_DEFAULTS.warmup_epochs,
+    patience: Annotated[int, typer.Option(help="Stop a stage after this many epochs without val macro-F1 gain; 0 never stops.")] = _TRAIN_DEFAULTS.patience,
+    class_weights: Annotated[str, typer.Option(help="Loss class weights: none or balanced (inverse frequency).")] = _TRAIN_DEFAULTS.class_weights,
+    sampler: Annotated[str, typer.Option(help="Training sampler: none (shuffle) or balanced (class-balanced).")] = _TRAIN_DEFAULTS.sampler,
+    augment: Annotated[bool, typer.Option(help="Training augmentation (flips; resized crop for image folders).")] = _TRAIN_DEFAULTS.augment,
+    bn_init: Annotated[str, typer.Option(help="BatchNorm statistics before stage 1: blend (of the sources') or reestimate (on target images).")] = _TRAIN_DEFAULTS.bn_init,
     image_size: Annotated[Optional[int], typer.Option(help="Input size (default 224 for folders, 64 for synthetic).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for every random generator.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for every random generator.")] = _TRAIN_DEFAULTS.seed,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
-    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = True,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = _TRAIN_DEFAULTS.amp,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     force: Annotated[bool, typer.Option(help="Replace an existing run directory (or discard an interrupted one).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same config from its last epoch.")] = False,

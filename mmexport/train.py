@@ -90,7 +90,9 @@ class TrainConfig:
     merge_epochs: int = 10
     finetune_epochs: int = 10
     batch_size: int = 32
-    lr_logits: float = 1e-2
+    # Defaults chosen by benchmarks/merge_study.py (see benchmarks/results/merge_study/):
+    # a logit learning rate of 1e-2 barely moves σ away from 0.5 in a short stage 1.
+    lr_logits: float = 3e-1
     lr_head: float = 1e-3
     lr_backbone: float = 1e-4
     weight_decay: float = 1e-4
@@ -101,7 +103,7 @@ class TrainConfig:
     sampler: str = "none"
     augment: bool = True
     initial_logit: float = 0.0
-    bn_init: str = "blend"
+    bn_init: str = "reestimate"
     image_size: int | None = None
     seed: int = 0
     device: str = "auto"

@@ -56,7 +56,7 @@ def test_same_seed_same_weights(resnet18_sources, tmp_path):
 
 
 def test_bn_reestimation_changes_the_starting_statistics(resnet18_sources, tmp_path):
-    blend = train(config(resnet18_sources, tmp_path / "blend", finetune_epochs=0))
+    blend = train(config(resnet18_sources, tmp_path / "blend", finetune_epochs=0, bn_init="blend"))
     reest = train(config(resnet18_sources, tmp_path / "reest", finetune_epochs=0, bn_init="reestimate"))
     a, _ = load_unmerged(blend / "unmerged.safetensors")
     b, _ = load_unmerged(reest / "unmerged.safetensors")
