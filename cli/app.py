@@ -345,7 +345,11 @@ def demo(
             if stats.candidate_macro_f1 is not None:
                 detail += f", macro-F1 {stats.reference_macro_f1:.3f} → {stats.candidate_macro_f1:.3f}"
             table.add_row(f"ONNX {precision} ({name})", detail, "")
-        table.add_row(f"ONNX {precision} file", f"{export['size_bytes'] / 1e6:.1f} MB", "")
+        if "refused" in export:
+            table.add_row(f"ONNX {precision}", f"[red]refused by the {precision} policy, not published[/red]: "
+                          f"{escape(export['refused'].split(': ')[-1])}", "")
+        else:
+            table.add_row(f"ONNX {precision} file", f"{export['size_bytes'] / 1e6:.1f} MB", "")
     if "export" in t:
         table.add_row("export + verify", "", f"{t['export']:.0f} s")
     console.print(table)

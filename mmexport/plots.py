@@ -75,8 +75,10 @@ def plot_latency(results: Sequence[Any], path: str | os.PathLike[str], title: st
         latency_axis.plot(batches, [r.latency.median_ms for r in rows], marker="o", label=model)
         latency_axis.fill_between(batches, [r.latency.p90_ms for r in rows], [r.latency.p99_ms for r in rows], alpha=0.15)
         throughput_axis.plot(batches, [r.latency.throughput_ips for r in rows], marker="o", label=model)
+    sizes = sorted({r.batch_size for r in results})
     for axis, label in ((latency_axis, "latency per batch, median (ms)"), (throughput_axis, "throughput (images/s)")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(sizes, [str(b) for b in sizes])
         axis.set_xlabel("batch size")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
