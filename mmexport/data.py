@@ -8,7 +8,6 @@ normalised float tensors, the ordered class names, and the preprocessing
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl
 

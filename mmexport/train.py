@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -339,10 +339,10 @@ def _model_info(config: TrainConfig, task: TaskData) -> ModelInfo:
 
 
 def _plain_from_source(arch: str, state: dict[str, torch.Tensor], num_classes: int) -> nn.Module:
-    model = get_backbone(arch).build(num_classes)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    head = get_backbone(arch)
-    if unexpected or any(not head.is_head_key(k) for k in missing):
+    backbone = get_backbone(arch)
+    model = backbone.build(num_classes)
+    missing, unexpected = model.load_state_dict(state, strict=False)  # the fresh head is what is missing
+    if unexpected or any(not backbone.is_head_key(k) for k in missing):
         raise MMExportError(f"{arch}: source does not fill the backbone (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
 
@@ -471,10 +471,10 @@ def _run_method(config, task, sources, info, device, ctx, progress, run, save_ch
     stages_done = run.manifest["training"]["stages"] if run is not None else {}
 
     # -- stage 1 ---------------------------------------------------------------------------
-    head = get_backbone(config.arch)
+    backbone = get_backbone(config.arch)
     if resume_stage == "finetune":
         # Stage 1 and the fold are already published; the checkpoint holds the stage-2 network.
-        plain = get_backbone(config.arch).build(task.num_classes).to(device)
+        plain = backbone.build(task.num_classes).to(device)
     else:
         if merging:
             network: nn.Module = MergedModel(
@@ -492,8 +492,8 @@ def _run_method(config, task, sources, info, device, ctx, progress, run, save_ch
                 progress.message(f"re-estimated BatchNorm statistics on {seen} target images")
             if not merging:
                 for name, param in network.named_parameters():
-                    param.requires_grad_(head.is_head_key(name))  # linear probe: backbone frozen
-            head_params = [p for n, p in network.named_parameters() if head.is_head_key(n.removeprefix("template."))]
+                    param.requires_grad_(backbone.is_head_key(name))  # linear probe: backbone frozen
+            head_params = [p for n, p in network.named_parameters() if backbone.is_head_key(n.removeprefix("template."))]
             groups = [{"params": head_params, "lr": config.lr_head}]
             if config.method == "medmerge":
                 groups.insert(0, {"params": list(network.logits.parameters()), "lr": config.lr_logits})
@@ -519,7 +519,7 @@ def _run_method(config, task, sources, info, device, ctx, progress, run, save_ch
         fresh_head = not stage1_epochs
         for param in final.parameters():
             param.requires_grad_(True)
-        head_ids = {id(p) for n, p in final.named_parameters() if head.is_head_key(n)}
+        head_ids = {id(p) for n, p in final.named_parameters() if backbone.is_head_key(n)}
         groups = [
             {"params": [p for p in final.parameters() if id(p) not in head_ids], "lr": config.lr_backbone},
             {"params": [p for p in final.parameters() if id(p) in head_ids],

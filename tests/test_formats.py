@@ -425,7 +425,7 @@ def test_csv_default_image_dir_is_csv_dir(tmp_path):
 @pytest.mark.parametrize("option, column", [("image_col", "file_name"), ("label_col", "diagnosis"), ("split_col", "fold")])
 def test_csv_missing_column(tmp_path, option, column):
     meta, _ = ham(tmp_path, {"nv": 4, "mel": 4})
-    message = refused(f"{meta}?images=images&{option}={column}", str(meta), f"'{column}'", "lesion_id, image_id, dx")
+    refused(f"{meta}?images=images&{option}={column}", str(meta), f"'{column}'", "lesion_id, image_id, dx")
 
 
 def test_csv_label_unknown_to_train(tmp_path):
