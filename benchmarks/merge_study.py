@@ -27,6 +27,10 @@ CONFIGS: dict[str, dict] = {
     "lr1e-1 reestimate filter": {"lr_logits": 1e-1, "bn_init": "reestimate", "granularity": "filter"},
     "lr1e-1 reestimate layer": {"lr_logits": 1e-1, "bn_init": "reestimate", "granularity": "layer"},
     "lr1e-1 reestimate 4+12": {"lr_logits": 1e-1, "bn_init": "reestimate", "merge_epochs": 4, "finetune_epochs": 12},
+    "lr3e-1 reestimate filter": {"lr_logits": 3e-1, "bn_init": "reestimate", "granularity": "filter"},
+    "lr3e-1 reestimate layer": {"lr_logits": 3e-1, "bn_init": "reestimate", "granularity": "layer"},
+    "lr3e-1 reestimate 4+12": {"lr_logits": 3e-1, "bn_init": "reestimate", "merge_epochs": 4, "finetune_epochs": 12},
+    "lr1 reestimate": {"lr_logits": 1.0, "bn_init": "reestimate"},
 }
 BASELINES = ["finetune-a", "finetune-b", "lpft-a", "lpft-b", "average"]
 
