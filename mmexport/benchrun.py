@@ -154,10 +154,12 @@ def build_models(run: RunDir, request: BenchRequest) -> list[ModelUnderTest]:
             cache["images"] = load_task(spec, image_size=info.image_size).arrays("train", limit=64)[0]
         return cache["images"]
 
+    from mmexport.workflows import ONNX_FILES
+
+    deployable = ONNX_FILES[request.precision]  # the verified artifact `fold --to onnx` published, if any
     models = []
     for kind, module in modules.items():
-        path = (run.checked_file(_deployable_onnx(run, request.precision))
-                if kind == "folded" and _deployable_onnx(run, request.precision) in run.manifest["outputs"]
+        path = (run.checked_file(deployable) if kind == "folded" and deployable in run.manifest["outputs"]
                 else _onnx_artifact(run, kind, module, info, request.precision, calibration))
         models.append(ModelUnderTest(
             kind, (lambda p=path, k=kind: OnnxRuntimeRunner(p, name=f"{k} (onnxruntime)", threads=request.threads)),
@@ -165,12 +167,6 @@ def build_models(run: RunDir, request: BenchRequest) -> list[ModelUnderTest]:
             precision=request.precision,
         ))
     return models
-
-
-def _deployable_onnx(run: RunDir, precision: str) -> str:
-    from mmexport.workflows import ONNX_FILES
-
-    return ONNX_FILES[precision]
 
 
 def _torch_bytes(run: RunDir, kind: str) -> int | None:

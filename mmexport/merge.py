@@ -50,6 +50,14 @@ def coefficient_shape(param_shape: Sequence[int], granularity: str) -> tuple[int
     return shape[:1] + (1,) * (len(shape) - 1)
 
 
+def mixing_weights(logit: torch.Tensor, num_sources: int) -> torch.Tensor:
+    """Per-source weights from a logit tensor: σ(λ), 1 − σ(λ) for two sources, softmax over dim 0 for more."""
+    if num_sources == 2:
+        weight_a = torch.sigmoid(logit)
+        return torch.stack([weight_a, 1 - weight_a])
+    return torch.softmax(logit, dim=0)
+
+
 def _slot(name: str) -> str:
     # Module attribute names may not contain dots; torchvision names never contain "__".
     return name.replace(".", "__")
@@ -127,11 +135,7 @@ class MergedModel(nn.Module):
 
     def mixing_weights(self, name: str) -> torch.Tensor:
         """Per-source weights, shape (N, *coefficient_shape), summing to 1 over dim 0."""
-        logit = self.logit(name)
-        if self.num_sources == 2:
-            weight_a = torch.sigmoid(logit)
-            return torch.stack([weight_a, 1 - weight_a])
-        return torch.softmax(logit, dim=0)
+        return mixing_weights(self.logit(name), self.num_sources)
 
     def blend(self, name: str) -> torch.Tensor:
         logit = self.logit(name)
@@ -139,7 +143,7 @@ class MergedModel(nn.Module):
             # σ·A + (1 − σ)·B as one fused kernel (forward and backward): the blend is the
             # only per-step cost stage 1 adds over plain fine-tuning.
             return torch.lerp(self.sources[1].get(name), self.sources[0].get(name), torch.sigmoid(logit))
-        weights = torch.softmax(logit, dim=0)
+        weights = mixing_weights(logit, self.num_sources)
         return sum(weights[i] * bag.get(name) for i, bag in enumerate(self.sources))
 
     def blended_parameters(self) -> dict[str, torch.Tensor]:

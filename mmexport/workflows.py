@@ -85,6 +85,7 @@ def layer_coefficients(run: RunDir) -> list[dict[str, Any]]:
     """
     from mmexport.backbones import get_backbone
     from mmexport.checkpoints import load_safetensors_with_metadata
+    from mmexport.merge import mixing_weights
 
     path = run.checked_file(UNMERGED_FILE)
     tensors, metadata = load_safetensors_with_metadata(path)
@@ -97,7 +98,7 @@ def layer_coefficients(run: RunDir) -> list[dict[str, Any]]:
     for key, logit in tensors.items():
         if key.startswith("logit/"):
             name = key.split("/", 1)[1]
-            weight_a = torch.sigmoid(logit) if num_sources == 2 else torch.softmax(logit, dim=0)[0]
+            weight_a = mixing_weights(logit, num_sources)[0]
             rows.append({"name": name, "layer": kinds.get(name.rpartition(".")[0], "other"), "mean": float(weight_a.mean())})
     order = {name: i for i, (name, _) in enumerate(template.named_parameters())}
     return sorted(rows, key=lambda row: order.get(row["name"], len(order)))
