@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from mmexport.demo import train_synthetic_sources
-from mmexport.train import TrainConfig, train
+from mmexport.config import TrainConfig
+from mmexport.train import train
 
 ARCH = "resnet18"
 SOURCE_EPOCHS = 8

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from mmexport.backbones import get_backbone
-from mmexport.bench import BenchSettings, ModelUnderTest, benchmark, machine_info
+from mmexport.runtime.bench import BenchSettings, ModelUnderTest, benchmark, machine_info
 from mmexport.export import export_onnx, quantize_int8
-from mmexport.modelfile import ModelInfo
-from mmexport.runners.onnxruntime_runner import OnnxRuntimeRunner
-from mmexport.runners.torch_runner import TorchRunner
-from mmexport.verify import random_inputs
+from mmexport.runtime.modelinfo import ModelInfo
+from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
+from mmexport.torch_runner import TorchRunner
+from mmexport.runtime.compare import random_inputs
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

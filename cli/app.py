@@ -12,11 +12,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mmexport import __version__
+from mmexport import __version__, artifacts
+from mmexport.config import TrainConfig
 from mmexport.errors import MMExportError, VerificationError
-from mmexport.train import TrainConfig
 
-from .console import RichProgress, bench_table, console, error_console, ratio_table_view, verification_table
+from .console import (
+    RichProgress, bench_table, console, device_table, error_console, ratio_table_view, verification_table,
+)
 
 app = typer.Typer(
     name="mmexport",
@@ -80,7 +82,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same config from its last epoch.")] = False,
 ) -> None:
     """Train one method into a run directory: stage 1, fold (merge methods), stage 2."""
-    from mmexport.train import TrainConfig, train as run_training
+    from mmexport.train import train as run_training
 
     config = TrainConfig(
         arch=arch, source_a=source_a, source_b=source_b, data=data, out=str(out), method=method,
@@ -102,10 +104,9 @@ def train(
 
 
 def _print_run_summary(run_dir: Path) -> None:
-    from mmexport.workflows import inspect_run
+    from mmexport.manifest import RunDir
 
-    summary = inspect_run(run_dir)
-    manifest = summary["manifest"]
+    manifest = RunDir.open(run_dir).manifest
     classes = manifest.get("model", {}).get("classes", [])
     final = manifest.get("training", {}).get("final", {})
     for split, metrics in final.items():
@@ -117,83 +118,136 @@ def _print_run_summary(run_dir: Path) -> None:
         for column in ("class", "precision", "recall", "F1", "support"):
             table.add_column(column, justify="left" if column == "class" else "right")
         for index, name in enumerate(classes):
-            table.add_row(name, f"{per_class['precision'][index]:.3f}", f"{per_class['recall'][index]:.3f}",
+            table.add_row(escape(name), f"{per_class['precision'][index]:.3f}", f"{per_class['recall'][index]:.3f}",
                           f"{per_class['f1'][index]:.3f}", f"{per_class['support'][index]:.0f}")
         console.print(table)
-    console.print(f"[green]run written to[/green] {run_dir}")
+    console.print(f"[green]run written to[/green] {escape(str(run_dir))}")
 
 
 @app.command("fold")
 def fold_command(
     run: RunArg,
-    to: Annotated[str, typer.Option(help="safetensors, pt (a state dict loadable with weights_only=True) or onnx.")] = "safetensors",
-    precision: Annotated[str, typer.Option(help="With --to onnx: fp32, fp16 (fp32 I/O) or int8 (static QDQ).")] = "fp32",
-    calib_data: Annotated[Optional[str], typer.Option(help="int8 calibration images (train split); default: the run's dataset.")] = None,
+    to: Annotated[str, typer.Option(help=f"What to write: {', '.join(artifacts.FOLD_TARGETS)}. safetensors/pt re-fold the merge; onnx exports the final network; trt builds a TensorRT engine from the verified ONNX.")] = "safetensors",
+    precision: Annotated[str, typer.Option(help="With --to onnx/trt: fp32, fp16 (fp32 I/O) or int8 (static QDQ).")] = "fp32",
+    calib_data: Annotated[Optional[str], typer.Option(help="int8 calibration images (train split; any classes); default: the run's dataset.")] = None,
     calib_images: Annotated[Optional[int], typer.Option(help="Number of calibration images (default 256, all if fewer).")] = None,
     calib_method: Annotated[str, typer.Option(help="int8 calibration: minmax, entropy or percentile.")] = "minmax",
     int8_target: Annotated[str, typer.Option(help="int8 flavour: onnxruntime (U8S8, fast on CPU) or tensorrt (symmetric S8S8).")] = "onnxruntime",
-    data: Annotated[Optional[str], typer.Option(help="Labelled held-out images for the check (default: the run's dataset, test split else val).")] = None,
-    comparisons: Annotated[bool, typer.Option(help="With --to onnx: also export the unmerged and dual-backbone models (benchmark baselines).")] = False,
+    data: Annotated[Optional[str], typer.Option(help="Judge on this dataset's held-out images instead of the stored reference (needs PyTorch).")] = None,
+    comparisons: Annotated[bool, typer.Option(help="With --to onnx: also export and verify the unmerged, dual and stock models (benchmark baselines).")] = False,
+    min_batch: Annotated[int, typer.Option(help="With --to trt: smallest batch of the engine's optimisation profile.")] = 1,
+    opt_batch: Annotated[Optional[int], typer.Option(help="With --to trt: batch TensorRT tunes for (default 8, or max if smaller).")] = None,
+    max_batch: Annotated[int, typer.Option(help="With --to trt: largest batch (a Triton config's max_batch_size must not exceed it).")] = 32,
+    workspace_mib: Annotated[Optional[int], typer.Option(help="With --to trt: builder workspace limit in MiB (default: TensorRT's, the GPU's memory).")] = None,
+    opt_level: Annotated[int, typer.Option(help="With --to trt: builder optimisation level 0-5 (TensorRT's default 3).")] = 3,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="With --to trt: directory of persistent timing caches (one per TensorRT version and GPU).")] = None,
+    hardware_compatibility: Annotated[Optional[str], typer.Option(help="With --to trt: none, ampere-plus or same-cc (engines that run on other GPUs).")] = None,
+    version_compatible: Annotated[bool, typer.Option(help="With --to trt: an engine later TensorRT versions can run (embeds its lean runtime).")] = False,
+    print_trtexec: Annotated[bool, typer.Option(help="With --to trt: only print the equivalent trtexec command (works without TensorRT).")] = False,
+    accuracy_aware: Annotated[bool, typer.Option(help="int8: keep the most sensitive layers in float until the int8 policy holds.")] = True,
+    allow_unverified: Annotated[bool, typer.Option(help="Publish an artifact that FAILED its check, marked unverified in the file and the manifest (loaders refuse it by default).")] = False,
 ) -> None:
     """Write the run's network in a deployable format, verified before it is published."""
-    from mmexport.workflows import export_comparison_onnx, export_onnx_run, fold_run
+    if to not in artifacts.FOLD_TARGETS:
+        raise MMExportError(f"unknown --to {to!r}; choose one of {', '.join(artifacts.FOLD_TARGETS)}")
+    if to in ("safetensors", "pt"):
+        from mmexport.workflows import fold_run
 
-    if to == "onnx":
+        result = fold_run(run, to)
+        console.print(verification_table(result.report))
+        reproduced = {None: "", True: " (bit-identical to the training-time fold)", False: " (differs from the previous fold!)"}
+        console.print(f"[green]wrote[/green] {escape(str(result.path))}  sha256 {result.sha256[:16]}…{reproduced[result.reproduced]}",
+                      soft_wrap=True)
+        return
+    if to == "trt":
+        from mmexport.engines import DEFAULT_TIMING_CACHE, EngineOptions, build_engine_run, trtexec_line
+
+        for name, value in (("--min-batch", min_batch), ("--max-batch", max_batch), ("--opt-batch", opt_batch)):
+            if value is not None and value < 1:
+                raise MMExportError(f"{name} must be at least 1, got {value}")
+        options = EngineOptions(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                                workspace_bytes=None if workspace_mib is None else workspace_mib * 2**20,
+                                optimization_level=opt_level, timing_cache=timing_cache or DEFAULT_TIMING_CACHE,
+                                hardware_compatibility=hardware_compatibility, version_compatible=version_compatible)
+        if print_trtexec:
+            console.print(trtexec_line(run, precision, options), soft_wrap=True, markup=False, highlight=False)
+            return
+        progress = RichProgress()
+        try:
+            result = build_engine_run(run, precision, options, progress=progress)
+        finally:
+            progress.finish()
+        console.print(verification_table(result.report))
+        console.print(f"[green]wrote[/green] {escape(str(result.path))}  {result.size_bytes / 1e6:.1f} MB  sha256 "
+                      f"{result.sha256[:16]}…", soft_wrap=True)
+        return
+    from mmexport.workflows import export_comparison, export_onnx_run
+    from mmexport.manifest import RunDir
+
+    progress = RichProgress()
+    try:
         try:
             results = export_onnx_run(run, precision, calib_data=calib_data, calib_images=calib_images, data=data,
-                                      int8_target=int8_target, calib_method=calib_method,
-                                      progress=lambda message: console.print(f"  {message}", soft_wrap=True))
+                                      int8_target=int8_target, calib_method=calib_method, progress=progress,
+                                      allow_unverified=allow_unverified, accuracy_aware=accuracy_aware)
         except VerificationError as exc:
             if exc.report is not None:
                 console.print(verification_table(exc.report))
             raise
         for result in results.values():
-            console.print(verification_table(result["report"]))
-            facts = result["facts"]
-            console.print(f"[green]wrote[/green] {result['path']}  {facts['size_bytes'] / 1e6:.1f} MB  sha256 {facts['sha256'][:16]}…",
-                          soft_wrap=True)
+            console.print(verification_table(result.report))
+            floats = result.facts.get("float_nodes")
+            if floats:
+                console.print(f"  int8: {len(floats)} layer(s) kept in float to meet the policy: {escape(', '.join(floats))}",
+                              soft_wrap=True)
+            if not result.report.passed:
+                console.print(f"[red]published UNVERIFIED (--allow-unverified)[/red]: {escape(str(result.path))}", soft_wrap=True)
+                continue
+            console.print(f"[green]wrote[/green] {escape(str(result.path))}  {result.size_bytes / 1e6:.1f} MB  sha256 "
+                          f"{result.sha256[:16]}…", soft_wrap=True)
         if comparisons:
-            for kind, facts in export_comparison_onnx(run).items():
-                console.print(f"[green]wrote[/green] {kind} comparison model  {facts['size_bytes'] / 1e6:.1f} MB", soft_wrap=True)
-        return
-    result = fold_run(run, to)
-    console.print(verification_table(result["report"]))
-    reproduced = {None: "", True: " (bit-identical to the training-time fold)", False: " (differs from the previous fold!)"}
-    console.print(f"[green]wrote[/green] {result['path']}  sha256 {result['sha256'][:16]}…{reproduced[result['reproduced']]}",
-                  soft_wrap=True)
+            opened = RunDir.open(run)
+            for kind in artifacts.COMPARISON_KINDS:
+                if kind == "unmerged" and precision != "fp32":
+                    continue
+                made = export_comparison(opened, kind, precision, progress=progress)
+                state = "" if made.report is None else (" (verified)" if made.report.passed else " [red](FAILED its check)[/red]")
+                console.print(f"[green]wrote[/green] {kind} comparison model {made.name}  {made.size_bytes / 1e6:.1f} MB{state}",
+                              soft_wrap=True)
+    finally:
+        progress.finish()
 
 
 @app.command()
 def verify(
     run: RunArg,
-    backend: Annotated[Optional[list[str]], typer.Option(help="torch (unmerged vs folded) and/or onnx (torch fp32 vs each ONNX artifact); repeatable.")] = None,
-    precision: Annotated[Optional[list[str]], typer.Option(help="With --backend onnx: fp32, fp16, int8 (repeatable; default: every artifact the run has).")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Also compare on real labelled images of this dataset.")] = None,
-    samples: Annotated[int, typer.Option(help="Number of random inputs (and at most this many real images for torch).")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    backend: Annotated[Optional[list[str]], typer.Option(help="torch (unmerged vs folded), onnx or trt (each artifact vs the stored reference outputs); repeatable.")] = None,
+    precision: Annotated[Optional[list[str]], typer.Option(help="With --backend onnx/trt: fp32, fp16, int8 (repeatable; default: every artifact the run has).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Also/instead judge on this dataset's labelled images (needs PyTorch).")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Random inputs: torch backend, how many (default 64); onnx/trt, at most this many of the stored ones.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random inputs (torch backend).")] = 0,
     device: Annotated[str, typer.Option(help="Where torch runs: cpu, cuda, auto.")] = "cpu",
 ) -> None:
     """Check artifacts against their reference under the project's tolerance policy; exit 1 on failure."""
-    from mmexport.manifest import RunDir
-    from mmexport.workflows import ONNX_FILES, verify_onnx_run, verify_run
-
     backends = backend or ["torch"]
-    unknown = [b for b in backends if b not in ("torch", "onnx", "trt")]
-    if unknown:
-        raise MMExportError(f"unknown backend {unknown[0]!r}; choose torch, onnx (trt arrives with the TensorRT runner)")
-    if "trt" in backends:
-        raise MMExportError("the TensorRT backend is not available yet: verify with --backend torch or --backend onnx")
+    for name in backends:
+        artifacts.check_engine(name, "backend")
+    if samples is not None and samples < 0:
+        raise MMExportError(f"--samples must be >= 0, got {samples}")
     failed = False
     try:
         if "torch" in backends:
-            report = verify_run(run, data=data, samples=samples, seed=seed, device=device)
+            from mmexport.workflows import verify_run
+
+            report = verify_run(run, data=data, samples=64 if samples is None else samples, seed=seed, device=device)
             console.print(verification_table(report))
-        if "onnx" in backends:
-            outputs = RunDir.open(run).manifest["outputs"]
-            chosen = precision or [p for p, name in ONNX_FILES.items() if name in outputs]
-            if not chosen:
-                raise MMExportError(f"{run}: no ONNX artifact yet; make one with `mmexport fold RUN --to onnx`")
-            for report in verify_onnx_run(run, chosen, data=data, samples=samples, seed=seed):
+        for name in ("onnx", "trt"):
+            if name not in backends:
+                continue
+            from mmexport.checks import verify_artifacts
+
+            for report in verify_artifacts(run, name, list(precision) if precision else None, data=data, samples=samples,
+                                           device=device):
                 console.print(verification_table(report))
                 failed = failed or not report.passed
     except VerificationError as exc:
@@ -212,64 +266,79 @@ def inspect(
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the per-layer mean σ(λ), input to output, to this PNG.")] = None,
 ) -> None:
     """Summarise a run's manifest and the per-layer mean merge coefficient (depth-wise view)."""
-    from mmexport.workflows import inspect_run, plot_run_coefficients
+    from mmexport.checks import inspect_run
 
     if plot is not None:
+        from mmexport.coefficients import plot_run_coefficients
+
         written = plot_run_coefficients(run, plot, all_layers=all_parameters)
-        console.print(f"[green]plot written to[/green] {written}")
+        console.print(f"[green]plot written to[/green] {escape(str(written))}")
 
     summary = inspect_run(run)
-    manifest = summary["manifest"]
+    manifest = summary.manifest
     config = manifest.get("config", {})
-    console.print(f"[bold]{summary['path']}[/bold]  created {manifest.get('created')}  by `{manifest.get('command', '')}`")
+    console.print(f"[bold]{escape(summary.path)}[/bold]  created {manifest.get('created')}  by `{escape(manifest.get('command', ''))}`",
+                  soft_wrap=True)
     model = manifest.get("model", {})
-    console.print(f"arch {model.get('arch')}  classes {', '.join(model.get('classes', []))}  image {model.get('image_size')}px  "
-                  f"granularity {config.get('granularity')}  seed {manifest.get('seed')}")
+    console.print(f"arch {model.get('arch')}  classes {escape(', '.join(model.get('classes', [])))}  image {model.get('image_size')}px  "
+                  f"granularity {config.get('granularity')}  seed {manifest.get('seed')}", soft_wrap=True)
+    if model.get("preprocessing"):
+        from mmexport.runtime.preprocess import Preprocessing
+
+        console.print(f"preprocessing: {escape(Preprocessing.from_dict(model['preprocessing']).describe())}", soft_wrap=True)
     inputs = Table(title="inputs", title_justify="left")
     for column in ("input", "spec", "sha256"):
         inputs.add_column(column)
     for key, value in manifest.get("inputs", {}).items():
-        inputs.add_row(key, str(value.get("spec", value.get("source", ""))), (value.get("sha256") or "—")[:16])
+        inputs.add_row(escape(key), escape(str(value.get("spec", value.get("source", "")))), (value.get("sha256") or "—")[:16])
     console.print(inputs)
     outputs = Table(title="outputs", title_justify="left")
-    for column in ("file", "kind", "size", "sha256", "state"):
+    for column in ("file", "kind", "deployable", "size", "sha256", "state"):
         outputs.add_column(column)
-    for name, entry in summary["outputs"].items():
-        state = "[green]intact[/green]" if entry["state"] == "intact" else f"[red]{entry['state']}[/red]"
-        outputs.add_row(name, entry["kind"], f"{entry['size_bytes'] / 1e6:.1f} MB", entry["sha256"][:16], state)
+    for out in summary.outputs:
+        entry = out.entry
+        state = "[green]intact[/green]" if out.state == "intact" else f"[red]{escape(out.state)}[/red]"
+        if entry.get("verified") is False:
+            state += " [yellow](unverified)[/yellow]"
+        deploy = "yes" if out.registry is not None and out.registry.deployable else ""
+        outputs.add_row(escape(out.name), escape(str(entry.get("kind"))), deploy, f"{entry.get('size_bytes', 0) / 1e6:.1f} MB",
+                        str(entry.get("sha256", ""))[:16], state)
     console.print(outputs)
-    checks = Table(title="verification", title_justify="left")
+    checks = Table(title="verification (latest check of each published artifact)", title_justify="left")
     for column in ("artifact", "policy", "when", "max abs error", "top-1", "result"):
         checks.add_column(column)
-    for entry in manifest.get("verification", []):
-        stats = [o for s in entry["input_sets"] for o in s["outputs"].values()]
+    for entry in summary.verifications:
+        stats = [o for s in entry.get("input_sets", []) for o in s.get("outputs", {}).values()]
         checks.add_row(
-            entry.get("artifact", "?"), entry["tolerance"]["name"], entry.get("created", ""),
+            escape(str(entry.get("artifact", "?"))), entry.get("tolerance", {}).get("name", "?"), entry.get("created", ""),
             f"{max(o['max_abs_error'] for o in stats):.3g}" if stats else "—",
             f"{min(o['top1_agreement'] for o in stats):.1%}" if stats else "—",
-            "[green]pass[/green]" if entry["passed"] else "[red]FAIL[/red]",
+            "[green]pass[/green]" if entry.get("passed") else "[red]FAIL[/red]",
         )
     console.print(checks)
     for split, metrics in manifest.get("training", {}).get("final", {}).items():
         console.print(f"final {split}: accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}")
-    rows = [r for r in summary["coefficients"] if all_parameters or (r["layer"] == "conv" and r["name"].endswith("weight"))]
+    if summary.coefficients is None and manifest.get("outputs", {}).get(artifacts.filename("unmerged")):
+        console.print("merge coefficients: PyTorch is not installed here, so the per-layer profile is not shown")
+    rows = [r for r in (summary.coefficients or []) if all_parameters or (r["layer"] == "conv" and r["name"].endswith("weight"))]
     if rows:
         table = Table(title="mean weight of source A, σ(λ), input → output", title_justify="left")
-        for column in ("#", "parameter", "layer", "σ(λ)", ""):
-            table.add_column(column, justify="right" if column in ("#", "σ(λ)") else "left")
+        for column in ("#", "parameter", "layer", "σ(λ)", "saturated", ""):
+            table.add_column(column, justify="right" if column in ("#", "σ(λ)", "saturated") else "left")
         for index, row in enumerate(rows):
             bar = round(20 * row["mean"])
-            table.add_row(str(index), row["name"], row["layer"], f"{row['mean']:.3f}", "A " + "█" * bar + "·" * (20 - bar) + " B")
+            table.add_row(str(index), row["name"], row["layer"], f"{row['mean']:.3f}", f"{row['saturated']:.0%}",
+                          "A " + "█" * bar + "·" * (20 - bar) + " B")
         console.print(table)
 
 
 @app.command()
 def bench(
     run: RunArg,
-    engine: Annotated[str, typer.Option(help="torch (eager), onnx (ONNX Runtime) or trt (TensorRT, not available yet).")] = "onnx",
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (ONNX only).")] = "fp32",
+    engine: Annotated[str, typer.Option(help="torch (eager), onnx (ONNX Runtime) or trt (TensorRT engines).")] = "onnx",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (ONNX/TensorRT; the folded artifact must be published).")] = "fp32",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
-    models: Annotated[str, typer.Option(help="Comma-separated: folded, unmerged, dual, single (stock torchvision net).")] = "folded,unmerged,dual,single",
+    models: Annotated[str, typer.Option(help="Comma-separated: folded, unmerged (fp32 only), dual, single (stock torchvision net).")] = "folded,unmerged,dual,single",
     warmup: Annotated[float, typer.Option(help="Warm-up per model and batch size, seconds.")] = 1.0,
     duration: Annotated[Optional[float], typer.Option(help="Timed seconds per model and batch size (default 5 unless --iterations).")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="Timed iterations per model and batch size instead of --duration.")] = None,
@@ -277,13 +346,14 @@ def bench(
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (ONNX Runtime session / torch).")] = None,
     device: Annotated[str, typer.Option(help="torch engine: auto, cpu, cuda.")] = "auto",
     device_timing: Annotated[Optional[str], typer.Option(help="GPU: time on the device with CUDA events; compute (copies excluded) or total (copies included).")] = None,
-    cuda_graphs: Annotated[bool, typer.Option(help="GPU, torch engine: capture and replay CUDA graphs.")] = False,
+    cuda_graphs: Annotated[bool, typer.Option(help="GPU (torch, trt): capture and replay CUDA graphs.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every number plus machine and versions here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Latency and throughput vs batch size, PNG.")] = None,
 ) -> None:
     """Latency and throughput of the folded network against the unmerged, dual-backbone and stock models."""
-    from mmexport.bench import BenchSettings
     from mmexport.benchrun import BenchRequest, bench_run, plot as draw, write_json
+    from mmexport.manifest import RunDir
+    from mmexport.runtime.bench import BenchSettings
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
@@ -294,19 +364,51 @@ def bench(
                              duration_s=None if iterations is not None else (duration if duration is not None else 5.0))
     request = BenchRequest(engine=engine, precision=precision, models=tuple(m.strip() for m in models.split(",") if m.strip()),
                            threads=threads, device=device, cuda_graphs=cuda_graphs, settings=settings)
-    with console.status("benchmarking") as status:
-        report = bench_run(run, request, on_progress=lambda message: status.update(message))
+    request.validate()
+    opened = RunDir.open(run)
+    for target in (json_path, plot):
+        if target is not None:
+            opened.refuse_overwrite(target)
+    progress = RichProgress()
+    try:
+        report = bench_run(run, request, progress=progress)
+    finally:
+        progress.finish()
     console.print(bench_table(report))
+    if any(r.device for r in report.results):
+        console.print(device_table(report))
     console.print(ratio_table_view(report))
-    for result in report["results"]:
-        for warning in result.warnings:
-            console.print(f"[yellow]warning[/yellow] {result.model} batch {result.batch_size}: {warning}", soft_wrap=True)
+    for warning in report.warnings():
+        console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
     if json_path is not None:
         write_json(report, json_path)
-        console.print(f"[green]wrote[/green] {json_path}")
+        console.print(f"[green]wrote[/green] {escape(str(json_path))}")
     if plot is not None:
-        draw(report["results"], plot, f"{Path(report['run']).name}: {report['engine']} {report['precision']}")
-        console.print(f"[green]wrote[/green] {plot}")
+        draw(report.results, plot, f"{Path(report.run).name}: {report.engine} {report.precision}")
+        console.print(f"[green]wrote[/green] {escape(str(plot))}")
+
+
+@app.command()
+def doctor(
+    run: Annotated[Optional[Path], typer.Argument(help="Optionally a run: which of its artifacts can run here, and why not.")] = None,
+) -> None:
+    """What this machine can do: torch and CUDA, ONNX Runtime providers, TensorRT, CUDA layer, GPU."""
+    from mmexport.engines import doctor as diagnose
+
+    report = diagnose(run)
+    table = Table(title="this machine", title_justify="left")
+    for column in ("component", "", "detail"):
+        table.add_column(column)
+    for cap in report.capabilities:
+        table.add_row(cap.name, "[green]yes[/green]" if cap.available else "[red]no[/red]", escape(cap.detail))
+    console.print(table)
+    if run is not None:
+        runs = Table(title=f"artifacts of {escape(str(run))}", title_justify="left")
+        for column in ("file", "runs here", "how / why not"):
+            runs.add_column(column)
+        for name, ok, why in report.artifacts:
+            runs.add_row(escape(name), "[green]yes[/green]" if ok else "[red]no[/red]", escape(why))
+        console.print(runs)
 
 
 @app.command()
@@ -329,43 +431,46 @@ def demo(
     table.add_column("step")
     table.add_column("result")
     table.add_column("time", justify="right")
-    t = summary["timings"]
+    t = summary.timings
     for label in ("A", "B"):
-        s = summary[f"source_{label}"]
+        s = summary.sources[label]
         table.add_row(f"source {label} ({s['task']})", f"val acc {s['val_accuracy']:.3f}  macro-F1 {s['val_macro_f1']:.3f}", f"{t[f'source_{label}']:.0f} s")
-    mb = summary["merge_best"]
+    mb = summary.merge_best
     table.add_row("stage 1 merge (best epoch)", f"val acc {mb['val_accuracy']:.3f}  macro-F1 {mb['val_macro_f1']:.3f}", "")
-    table.add_row("MedMerge run", summary["run"], f"{t['train']:.0f} s")
-    for name, stats in summary["verification"].items():
+    table.add_row("MedMerge run", escape(summary.run), f"{t['train']:.0f} s")
+    for name, stats in summary.fold_stats.items():
         table.add_row(f"fold check ({name})", f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}", "")
-    table.add_row("fold + verify", "bit-identical re-fold" if summary["fold"]["reproduced"] else "re-folded", f"{t['fold_verify']:.0f} s")
-    for precision, export in summary["exports"].items():
-        for name, stats in export["stats"].items():
+    table.add_row("fold + verify", "bit-identical re-fold" if summary.fold_reproduced else "re-folded", f"{t['fold_verify']:.0f} s")
+    for export in summary.exports:
+        for name, stats in export.stats.items():
             detail = f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}"
             if stats.candidate_macro_f1 is not None:
                 detail += f", macro-F1 {stats.reference_macro_f1:.3f} → {stats.candidate_macro_f1:.3f}"
-            table.add_row(f"ONNX {precision} ({name})", detail, "")
-        if "refused" in export:
-            table.add_row(f"ONNX {precision}", f"[red]refused by the {precision} policy, not published[/red]: "
-                          f"{escape(export['refused'].split(': ')[-1])}", "")
+            table.add_row(f"ONNX {export.precision} ({name})", detail, "")
+        if export.refused is not None:
+            table.add_row(f"ONNX {export.precision}", f"[red]refused by the {export.precision} policy, not published[/red]: "
+                          f"{escape(export.refused.split(': ')[-1])}", "")
         else:
-            table.add_row(f"ONNX {precision} file", f"{export['size_bytes'] / 1e6:.1f} MB", "")
+            table.add_row(f"ONNX {export.precision} file", f"{export.size_bytes / 1e6:.1f} MB", "")
     if "export" in t:
         table.add_row("export + verify", "", f"{t['export']:.0f} s")
     console.print(table)
     comparison = Table(title="MedMerge vs each source fine-tuned alone (same epochs), synthetic target", title_justify="left")
     for column in ("method", "test macro-F1", "test accuracy", "val macro-F1"):
         comparison.add_column(column, justify="left" if column == "method" else "right")
-    for method, metrics in summary["comparison"].items():
+    labels = {"medmerge": "medmerge (A+B merged)", "finetune-a": "finetune-a (source A alone)",
+              "finetune-b": "finetune-b (source B alone)"}
+    for method, metrics in summary.comparison.items():
         test = metrics.get("test", metrics["val"])
-        comparison.add_row(method, f"{test['macro_f1']:.3f}", f"{test['accuracy']:.3f}", f"{metrics['val']['macro_f1']:.3f}")
+        comparison.add_row(labels.get(method, method), f"{test['macro_f1']:.3f}", f"{test['accuracy']:.3f}",
+                           f"{metrics['val']['macro_f1']:.3f}")
     console.print(comparison)
-    if summary["bench"]:
-        console.print(ratio_table_view(summary["bench"]))
-        for r in summary["bench"]["results"]:
+    if summary.bench is not None:
+        console.print(ratio_table_view(summary.bench))
+        for r in summary.bench.results:
             console.print(f"  {r.model:9s} ONNX Runtime batch 1: median {r.latency.median_ms:.2f} ms, file "
                           f"{(r.artifact_bytes or 0) / 1e6:.1f} MB", soft_wrap=True)
-    console.print(f"total {sum(t.values()):.0f} s; everything is in {summary['out']} (see `mmexport inspect {summary['run']}`)",
+    console.print(f"total {sum(t.values()):.0f} s; everything is in {escape(summary.out)} (see `mmexport inspect {escape(summary.run)}`)",
                   soft_wrap=True)
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
-from mmexport.verify import VerificationReport
+from mmexport.runtime.compare import VerificationReport
 
 # Piped output (CI logs, files) would otherwise be cut at 80 columns, truncating the numbers
 # an auditor reads; an explicit COLUMNS still wins.
@@ -45,14 +46,14 @@ class RichProgress:
             self._progress = None
 
     def epoch(self, record: dict[str, Any]) -> None:
-        console.print(
+        console.print(  # the stage name is the library's own text, not user input
             f"  {record['stage']:<22} epoch {record['epoch']:>2}  loss {record['train_loss']:.4f}  "
             f"val acc {record['val_accuracy']:.3f}  val macro-F1 {record['val_macro_f1']:.3f}",
             soft_wrap=True,
         )
 
     def message(self, text: str) -> None:
-        console.print(f"  {text}", soft_wrap=True)
+        console.print(f"  {escape(text)}", soft_wrap=True)
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
@@ -60,47 +61,78 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 
 
 def verification_table(report: VerificationReport) -> Table:
+    """One column per input set and output, one row per statistic: readable at any terminal width."""
     tol = report.tolerance
-    limits = (
-        f"rtol {tol.rtol:g}, atol {tol.atol:g}, " if tol.rtol is not None else ""
-    ) + f"top-1 ≥ {tol.min_top1_agreement:.1%}" + (
-        f", macro-F1 drop ≤ {100 * tol.max_macro_f1_drop:g} pt" if tol.max_macro_f1_drop is not None else ""
-    )
-    table = Table(title=f"{report.candidate} vs {report.reference}  [{tol.name}: {limits}]", title_justify="left")
-    for column in ("inputs", "output", "N", "max abs", "mean abs", "p99 abs", "max rel", "min cos", "top-1", "NaN/Inf", "result"):
-        table.add_column(column, justify="right" if column not in ("inputs", "output", "result") else "left")
-    for input_set in report.input_sets:
-        for output, stats in input_set.outputs.items():
-            table.add_row(
-                input_set.name, output, str(stats.n_samples), _fmt(stats.max_abs_error), _fmt(stats.mean_abs_error),
-                _fmt(stats.p99_abs_error), _fmt(stats.max_rel_error), _fmt(stats.min_cosine, ".6f"),
-                f"{stats.top1_agreement:.1%}", f"{stats.nan_count}/{stats.inf_count}",
-                "[green]pass[/green]" if stats.passed else "[red]FAIL[/red]",
-            )
+    table = Table(title=escape(f"{report.candidate} vs {report.reference}  [{tol.name}: {tol.describe()}]"),
+                  title_justify="left")
+    table.add_column("statistic", no_wrap=True)
+    cells = [(input_set.name, output, stats) for input_set in report.input_sets for output, stats in input_set.outputs.items()]
+    for name, output, _ in cells:
+        table.add_column(escape(name if output == "logits" else f"{name}/{output}"), justify="right", no_wrap=True)
+    rows = [
+        ("N", lambda st: str(st.n_samples)),
+        ("max abs error", lambda st: _fmt(st.max_abs_error)),
+        ("mean abs error", lambda st: _fmt(st.mean_abs_error)),
+        ("p99 abs error", lambda st: _fmt(st.p99_abs_error)),
+        ("max rel error", lambda st: _fmt(st.max_rel_error)),
+        ("min / mean cosine", lambda st: f"{_fmt(st.min_cosine, '.6f')} / {_fmt(st.mean_cosine, '.6f')}"),
+        ("top-1 agreement", lambda st: f"{st.top1_agreement:.1%}"),
+        ("top-k agreement", lambda st: "—" if not st.topk else f"{st.topk_agreement:.1%} (k={st.topk})"),
+        ("macro-F1 ref → cand", lambda st: "—" if st.reference_macro_f1 is None
+         else f"{st.reference_macro_f1:.3f} → {st.candidate_macro_f1:.3f}"),
+        ("NaN / Inf", lambda st: f"{st.nan_count} / {st.inf_count}"),
+        ("result", lambda st: "[green]pass[/green]" if st.passed else "[red]FAIL[/red]"),
+    ]
+    for label, render in rows:
+        table.add_row(label, *(render(stats) for _, _, stats in cells))
+    if report.notes:
+        table.caption = escape("FAIL: " + "; ".join(report.notes))
     return table
 
 
-def bench_table(report: dict) -> Table:
-    table = Table(title=f"{report['engine']} {report['precision']} — {report['machine'].get('cpu_model', '')}", title_justify="left")
+def bench_table(report) -> Table:
+    table = Table(title=f"{report.engine} {report.precision} — {escape(report.machine.get('cpu_model', ''))}",
+                  title_justify="left")
     for column in ("model", "batch", "median ms", "mean ms", "p90", "p95", "p99", "min", "max", "CV", "images/s",
-                   "load s", "size MB", "+peak RSS MB", "n"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for r in report["results"]:
+                   "load s", "size MB", "+peak RSS MB", "n", "verified"):
+        table.add_column(column, justify="left" if column in ("model", "verified") else "right")
+    for r in report.results:
         lat = r.latency
+        verified = {True: "[green]yes[/green]", False: "[red]NO[/red]", None: "—"}[r.verified]
         table.add_row(
             r.model, str(r.batch_size), f"{lat.median_ms:.2f}", f"{lat.mean_ms:.2f}", f"{lat.p90_ms:.2f}",
             f"{lat.p95_ms:.2f}", f"{lat.p99_ms:.2f}", f"{lat.min_ms:.2f}", f"{lat.max_ms:.2f}",
             ("[yellow]" if lat.cv > 0.1 else "") + f"{lat.cv:.1%}", f"{lat.throughput_ips:.1f}", f"{r.load_s:.2f}",
             "—" if r.artifact_bytes is None else f"{r.artifact_bytes / 1e6:.1f}",
-            "—" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / 1e6:.0f}", str(lat.iterations),
+            "—" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / 1e6:.0f}", str(lat.iterations), verified,
         )
     return table
 
 
-def ratio_table_view(report: dict) -> Table:
+def device_table(report) -> Table:
+    """trtexec's statistics for GPU runners (H2D + compute + D2H, enqueue, CV of compute)."""
+    table = Table(title="GPU timings, trtexec's statistics (ms; latency = H2D + compute + D2H)", title_justify="left")
+    for column in ("model", "batch", "latency median", "p99", "compute median", "p99", "H2D median", "D2H median",
+                   "enqueue median", "compute CV", "CUDA graphs", "images/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in report.results:
+        d = r.device
+        if not d:
+            continue
+        table.add_row(
+            r.model, str(r.batch_size), f"{d['latency']['median']:.3f}", f"{d['latency']['p99']:.3f}",
+            f"{d['compute']['median']:.3f}", f"{d['compute']['p99']:.3f}", f"{d['h2d']['median']:.3f}",
+            f"{d['d2h']['median']:.3f}", f"{d['enqueue']['median']:.3f}",
+            ("[yellow]" if d.get("unstable") else "") + f"{d['compute']['cv_percent']:.1f}%",
+            "on" if d.get("cuda_graphs") else "off", f"{d['images_per_s']:.1f}",
+        )
+    return table
+
+
+def ratio_table_view(report) -> Table:
     table = Table(title="headline: median latency ratios (1.00 = same cost)", title_justify="left")
     for column in ("batch", "ratio", "median", "mean"):
         table.add_column(column, justify="left" if column == "ratio" else "right")
-    for row in report["ratios"]:
+    for row in report.ratios:
         table.add_row(str(row["batch_size"]), row["ratio"], f"{row['median_ratio']:.3f}", f"{row['mean_ratio']:.3f}")
     return table

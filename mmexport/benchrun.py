@@ -4,33 +4,32 @@ The point of folding is cost: the folded network should cost exactly one backbon
 (``single``, the stock torchvision network of the same architecture: the floor),
 the unmerged model carries two backbones and blends them on every call, and a
 dual-backbone ensemble computes two. Every model is measured on the same engine
-and precision, side by side (``mmexport.bench``), and the headline is the ratio
-table folded ÷ each other model.
+and precision, side by side (:mod:`mmexport.runtime.bench`), and the headline is the
+ratio table folded ÷ each other model.
+
+Only verified artifacts are measured as such: the folded model is the deployable
+artifact ``fold --to onnx`` published (made here only for fp32), and each
+comparison model goes through the same export-then-verify path
+(:func:`mmexport.workflows.export_comparison`), reused by hash once made. A
+comparison model that failed its check is measured but its rows say so. With
+``--engine onnx`` and the files already made, nothing here imports PyTorch.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
-import torch
-from torch import nn
-
-from mmexport.backbones import get_backbone
-from mmexport.bench import BenchResult, BenchSettings, ModelUnderTest, benchmark, machine_info, ratio_table
-from mmexport.errors import MissingDependencyError, MMExportError
+from mmexport import artifacts
+from mmexport.artifacts import MODEL_KINDS
+from mmexport.errors import MMExportError
 from mmexport.fileio import atomic_path, write_json_atomic
 from mmexport.manifest import RunDir
-from mmexport.merge import MergedModel
-from mmexport.modelfile import ModelInfo, load_model, load_unmerged
-from mmexport.runners.torch_runner import TorchRunner
-from mmexport.train import MODEL_FILE, UNMERGED_FILE, resolve_device
-
-ENGINES = ("torch", "onnx", "trt")
-MODEL_KINDS = ("folded", "unmerged", "dual", "single")
-BENCH_DIR = "bench"
+from mmexport.progress import ProgressSink, sink
+from mmexport.runtime.bench import BenchResult, BenchSettings, ModelUnderTest, benchmark, machine_info, ratio_table
 
 
 @dataclass
@@ -44,157 +43,160 @@ class BenchRequest:
     settings: BenchSettings = field(default_factory=BenchSettings)
 
     def validate(self) -> None:
-        if self.engine not in ENGINES:
-            raise MMExportError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
-        if self.engine == "trt":
-            raise MissingDependencyError(
-                "--engine trt needs the TensorRT runner, which is not part of this version yet; "
-                "use --engine onnx or --engine torch"
-            )
+        artifacts.check_engine(self.engine)
+        artifacts.check_precision(self.precision)
         unknown = [m for m in self.models if m not in MODEL_KINDS]
         if unknown or not self.models:
             raise MMExportError(f"unknown model {unknown[0] if unknown else '(none)'}; choose from {', '.join(MODEL_KINDS)}")
-        if self.precision not in ("fp32", "fp16", "int8"):
-            raise MMExportError(f"unknown precision {self.precision!r}; choose fp32, fp16 or int8")
-        if self.settings.device_timing and self.engine != "torch":
-            raise MMExportError("--device-timing uses CUDA events of the torch runner: use --engine torch --device cuda")
+        if self.engine == "trt":
+            from mmexport.engines import require_tensorrt
+
+            require_tensorrt("bench --engine trt")
         if self.engine == "torch" and self.precision != "fp32":
             raise MMExportError("--engine torch measures fp32 eager; fp16/int8 are ONNX artifacts (--engine onnx)")
+        if self.engine != "torch":
+            for kind in self.models:
+                if kind != "folded":
+                    artifacts.comparison_artifact(kind, self.precision)  # the unmerged model is fp32 only
+        if self.settings.device_timing and self.engine == "onnx":
+            raise MMExportError("--device-timing needs CUDA events: use --engine torch --device cuda or --engine trt")
         if self.threads is not None and self.threads < 1:
             raise MMExportError("--threads must be at least 1")
         self.settings.validate()
 
 
-def dual_from_merged(merged: MergedModel) -> nn.Module:
-    """Sources A and B side by side, each with the run's head, logits averaged (an ensemble's cost)."""
-    from mmexport.export.onnx import DualBackbone
+@dataclass
+class BenchReport:
+    run: str
+    engine: str
+    precision: str
+    settings: dict[str, Any]
+    machine: dict[str, Any]
+    results: list[BenchResult]
+    ratios: list[dict[str, Any]]
 
-    template_state = merged.template.state_dict()
-    members = []
-    for bag in merged.sources:
-        member = get_backbone(merged.arch).build(merged.num_classes)
-        state = {name: bag.get(name) for name in merged.merge_names}
-        state.update({k: template_state[k] for k in merged.head_names + merged.buffer_names})
-        member.load_state_dict(state, strict=True)
-        members.append(member.eval())
-    return DualBackbone(*members)
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "results": [r.as_dict() for r in self.results]}
 
-
-def _torch_modules(run: RunDir, kinds: tuple[str, ...]) -> tuple[dict[str, nn.Module], ModelInfo]:
-    folded, info = load_model(run.checked_file(MODEL_FILE))
-    modules: dict[str, nn.Module] = {}
-    needs_merge = {"unmerged", "dual"} & set(kinds)
-    merged = None
-    if needs_merge:
-        if UNMERGED_FILE not in run.manifest["outputs"]:
-            raise MMExportError(f"{run.path}: a run without a merge has no unmerged/dual model; use --models folded,single")
-        merged, _ = load_unmerged(run.checked_file(UNMERGED_FILE))
-    for kind in kinds:
-        if kind == "folded":
-            modules[kind] = folded
-        elif kind == "unmerged":
-            modules[kind] = merged.eval()
-        elif kind == "dual":
-            modules[kind] = dual_from_merged(merged).eval()
-        else:
-            torch.manual_seed(0)
-            modules[kind] = get_backbone(info.arch).build(info.num_classes).eval()
-    return modules, info
+    def warnings(self) -> list[str]:
+        """One line per kind of warning, naming the rows it concerns (never one line per row)."""
+        grouped: dict[str, tuple[str, list[str]]] = {}
+        for result in self.results:
+            row = f"{result.model}@{result.batch_size}"
+            found = [(w.split(":")[0], w.split(";")[0]) for w in result.warnings]
+            found += [("gpu " + w.split(",")[0], "GPU: " + w) for w in (result.device or {}).get("warnings", [])]
+            for kind, text in found:
+                grouped.setdefault(kind, (text, []))[1].append(row)
+        lines = [f"{text} — in {len(rows)} of {len(self.results)} rows ({', '.join(rows)})"
+                 for text, rows in grouped.values()]
+        unverified = sorted({r.model for r in self.results if r.verified is False})
+        if unverified:
+            lines.append(f"unverified (failed its check against the reference): {', '.join(unverified)}")
+        return lines
 
 
-def _onnx_artifact(run: RunDir, kind: str, module: nn.Module, info: ModelInfo, precision: str,
-                   calibration: Callable[[], Any]) -> Path:
-    """The ONNX file of ``kind`` at ``precision``, made (and recorded) on first use."""
-    from mmexport.export import convert_fp16, export_dual_onnx, export_onnx, export_unmerged_onnx, quantize_int8
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op threads for the benchmark and restore them after (no process-wide side effect)."""
+    import torch
 
-    suffix = "" if precision == "fp32" else f".{precision}"
-    name = f"{BENCH_DIR}/{kind}{suffix}.onnx"
-    if name in run.manifest["outputs"]:
-        return run.checked_file(name)
-    run.file(BENCH_DIR).mkdir(exist_ok=True)
-    if precision != "fp32":
-        source = _onnx_artifact(run, kind, module, info, "fp32", calibration)
-        with atomic_path(run.file(name)) as tmp:
-            if precision == "fp16":
-                convert_fp16(source, tmp)
-            else:
-                quantize_int8(source, tmp, calibration(), max_images=64)
-    else:
-        sha = run.manifest["outputs"].get(MODEL_FILE, {}).get("sha256", "0" * 64)
-        exporter = {"folded": export_onnx, "single": export_onnx, "unmerged": export_unmerged_onnx,
-                    "dual": export_dual_onnx}[kind]
-        with atomic_path(run.file(name)) as tmp:
-            exporter(module, info, tmp, weights_sha256=sha)
-    run.record_output(name, "bench-model", model_kind=kind, precision=precision,
-                      note="benchmark/comparison artifact, not a deployable model")
-    return run.file(name)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def build_models(run: RunDir, request: BenchRequest) -> list[ModelUnderTest]:
-    modules, info = _torch_modules(run, request.models)
-    if request.engine == "torch":
-        device = resolve_device(request.device)
-        if request.threads and device.type == "cpu":
-            torch.set_num_threads(request.threads)
-        return [
-            ModelUnderTest(kind, (lambda m=module, k=kind: TorchRunner(m, f"{k} (torch)", device,
-                                                                      cuda_graphs=request.cuda_graphs)),
-                           artifact_bytes=_torch_bytes(run, kind), image_size=info.image_size, engine="torch")
-            for kind, module in modules.items()
-        ]
-    from mmexport.runners.onnxruntime_runner import OnnxRuntimeRunner
+def _torch_models(run: RunDir, request: BenchRequest) -> list[ModelUnderTest]:
+    from mmexport.torch_runner import TorchRunner
+    from mmexport.train import resolve_device
+    from mmexport.workflows import comparison_modules
 
-    cache: dict[str, Any] = {}
+    modules, info = comparison_modules(run, request.models)
+    device = resolve_device(request.device)
+    timing = request.settings.device_timing is not None
+    sizes = {"folded": artifacts.filename("model"), "unmerged": artifacts.filename("unmerged")}
+    return [
+        ModelUnderTest(
+            kind, (lambda m=module, k=kind: TorchRunner(m, f"{k} (torch)", device, cuda_graphs=request.cuda_graphs,
+                                                          device_timing=timing, image_size=info.image_size)),
+            artifact_bytes=run.manifest["outputs"].get(sizes.get(kind, ""), {}).get("size_bytes"),
+            image_size=info.image_size, engine="torch", verified=True if kind in ("folded", "unmerged") else None,
+            note="eager fp32")
+        for kind, module in modules.items()
+    ]
 
-    def calibration():
-        if "images" not in cache:
-            from mmexport.data import load_task
 
-            spec = run.manifest.get("config", {}).get("data")
-            cache["images"] = load_task(spec, image_size=info.image_size).arrays("train", limit=64)[0]
-        return cache["images"]
+def _artifact_models(run: RunDir, request: BenchRequest, progress: ProgressSink) -> list[ModelUnderTest]:
 
-    from mmexport.workflows import ONNX_FILES
-
-    deployable = ONNX_FILES[request.precision]  # the verified artifact `fold --to onnx` published, if any
+    image_size = int(run.manifest.get("model", {}).get("image_size", 224))
     models = []
-    for kind, module in modules.items():
-        path = (run.checked_file(deployable) if kind == "folded" and deployable in run.manifest["outputs"]
-                else _onnx_artifact(run, kind, module, info, request.precision, calibration))
-        models.append(ModelUnderTest(
-            kind, (lambda p=path, k=kind: OnnxRuntimeRunner(p, name=f"{k} (onnxruntime)", threads=request.threads)),
-            artifact_bytes=path.stat().st_size, image_size=info.image_size, engine="onnxruntime",
-            precision=request.precision,
-        ))
+    for kind in request.models:
+        if kind == "folded":
+            row = (artifacts.onnx_artifact if request.engine == "onnx" else artifacts.engine_artifact)(request.precision)
+            if not run.has(row.filename):
+                if request.engine == "onnx" and request.precision == "fp32":
+                    from mmexport.workflows import export_onnx_run
+
+                    progress.message(f"the run has no {row.filename} yet: exporting and verifying it first")
+                    export_onnx_run(run.path, "fp32", progress=progress)
+                    run = RunDir.open(run.path)
+                else:
+                    raise MMExportError(f"{run.path}: no verified {row.filename} to benchmark; make it with `{row.made_by}`")
+            path, verified, note = run.checked_file(row.filename), True, "deployable artifact"
+        else:
+            row = artifacts.comparison_artifact(kind, request.precision)
+            if not run.has(row.filename):
+                from mmexport.workflows import export_comparison
+
+                export_comparison(run, kind, request.precision, progress=progress)
+                run = RunDir.open(run.path)
+            path = run.checked_file(row.filename)
+            verified = bool(run.manifest["outputs"][row.filename].get("verified"))
+            note = "comparison model"
+        models.append(_runner_model(kind, row, path, request, image_size, verified, note))
     return models
 
 
-def _torch_bytes(run: RunDir, kind: str) -> int | None:
-    entry = run.manifest["outputs"].get({"folded": MODEL_FILE, "unmerged": UNMERGED_FILE}.get(kind, ""))
-    return entry["size_bytes"] if entry else None
+def _runner_model(kind: str, row: artifacts.Artifact, path: Path, request: BenchRequest, image_size: int,
+                  verified: bool, note: str) -> ModelUnderTest:
+    if row.runner == "onnxruntime":
+        from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
+
+        def make(p=path, k=kind):
+            return OnnxRuntimeRunner(p, name=f"{k} (onnxruntime)", threads=request.threads)
+        engine = "onnxruntime"
+    else:
+        from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
+
+        def make(p=path, k=kind):
+            return TensorRTRunner(EngineFromPath(p), name=f"{k} (tensorrt)", cuda_graphs=request.cuda_graphs)
+        engine = "tensorrt"
+    return ModelUnderTest(kind, make, artifact_bytes=path.stat().st_size, image_size=image_size, engine=engine,
+                          precision=request.precision, verified=verified, note=note)
 
 
 def bench_run(run_path: str | os.PathLike[str], request: BenchRequest,
-              on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure, and return results, ratios and machine info (JSON-serialisable but for BenchResult objects)."""
+              progress: ProgressSink | None = None) -> BenchReport:
+    """Measure the models side by side and return the typed report."""
     request.validate()
+    progress = sink(progress)
     run = RunDir.open(run_path)
-    models = build_models(run, request)
-    results = benchmark(models, request.settings, on_progress)
-    return {
-        "run": str(run.path),
-        "engine": request.engine,
-        "precision": request.precision,
-        "settings": request.settings.__dict__,
-        "machine": machine_info(),
-        "results": results,
-        "ratios": ratio_table(results),
-    }
+    if request.engine == "torch":
+        with _torch_threads(request.threads):
+            models = _torch_models(run, request)
+            results = benchmark(models, request.settings, progress.message)
+    else:
+        models = _artifact_models(run, request, progress)
+        results = benchmark(models, request.settings, progress.message)
+    return BenchReport(str(run.path), request.engine, request.precision, asdict(request.settings), machine_info(),
+                       results, ratio_table(results))
 
 
-def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    payload = {**report, "results": [r.as_dict() for r in report["results"]]}
-    write_json_atomic(path, payload)
+def write_json(report: BenchReport, path: str | os.PathLike[str]) -> None:
+    write_json_atomic(path, report.as_dict())
 
 
 def plot(results: list[BenchResult], path: str | os.PathLike[str], title: str) -> None:
@@ -203,3 +205,6 @@ def plot(results: list[BenchResult], path: str | os.PathLike[str], title: str) -
 
     with atomic_path(Path(path)) as tmp:
         plot_latency(results, tmp, title)
+
+
+__all__ = ["BenchReport", "BenchRequest", "bench_run", "plot", "write_json"]

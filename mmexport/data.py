@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmexport.errors import DataError
+from mmexport.runtime.preprocess import Preprocessing, normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,6 +42,12 @@ class TaskData:
     description: dict[str, Any]
     _factory: Callable[[str, bool], Dataset] = field(repr=False)
     splits: tuple[str, ...] = ("train", "val")
+    # The evaluation pipeline, exactly: recorded in every artifact and applied by the runtime.
+    preprocessing: Preprocessing | None = None
+
+    def __post_init__(self) -> None:
+        if self.preprocessing is None:
+            self.preprocessing = Preprocessing.exact(self.image_size, self.mean, self.std)
 
     @property
     def num_classes(self) -> int:
@@ -81,28 +88,47 @@ class TaskData:
         images, labels = zip(*(dataset[i] for i in indices))
         return torch.stack(images).numpy(), np.asarray(labels, dtype=np.int64)
 
+    def pixels(self, split: str, limit: int | None = None, *, spread: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`arrays`, but the uint8 N x S x S x 3 pixels before scaling and normalisation.
+
+        ``normalize(pixels, self.preprocessing)`` gives exactly what :meth:`arrays` gives.
+        """
+        dataset = self.dataset(split, augment=False)
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        if spread and count < len(dataset):
+            indices = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
+        else:
+            indices = list(range(count))
+        if not indices:
+            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8), np.zeros((0,), np.int64)
+        samples = [dataset.pixels(i) for i in indices]
+        return np.stack([p for p, _ in samples]), np.asarray([label for _, label in samples], dtype=np.int64)
+
 
 class _ArrayImages(Dataset):
-    """uint8 NHWC images in memory -> normalised float CHW tensors, optional flips."""
+    """uint8 NHWC images in memory (already at the model's size) -> normalised float CHW tensors, optional flips."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, augment: bool) -> None:
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    def __init__(self, images: np.ndarray, labels: np.ndarray, preprocessing: Preprocessing, augment: bool) -> None:
+        self.images = images
         self.labels = torch.from_numpy(labels.astype(np.int64))
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+        self.preprocessing = preprocessing
         self.augment = augment
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def pixels(self, index: int) -> tuple[np.ndarray, int]:
+        return np.ascontiguousarray(self.images[index]), int(self.labels[index])
+
     def __getitem__(self, index: int):
-        image = self.images[index].float().div_(255.0)
+        image = self.images[index]
         if self.augment:  # lesions have no preferred orientation
             if torch.rand(()) < 0.5:
-                image = image.flip(-1)
+                image = image[:, ::-1]
             if torch.rand(()) < 0.5:
-                image = image.flip(-2)
-        return (image - self.mean) / self.std, int(self.labels[index])
+                image = image[::-1]
+        # The same function the runtime and the reference set use: evaluation is the recorded pipeline.
+        return torch.from_numpy(normalize(np.ascontiguousarray(image), self.preprocessing)), int(self.labels[index])
 
 
 def load_task(spec: str, *, image_size: int | None = None) -> TaskData:
@@ -144,12 +170,13 @@ def _synthetic_task(spec: str, image_size: int | None) -> TaskData:
     if "train" not in splits or "val" not in splits:
         raise DataError(f"{spec}: n_train and n_val must be positive")
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    preprocessing = Preprocessing.exact(size, IMAGENET_MEAN, IMAGENET_STD)
 
     def factory(split: str, augment: bool) -> Dataset:
         if split not in cache:
             cache[split] = synthetic.generate(task, options[f"n_{split}"], image_size=size, seed=options["seed"], split=split)
         images, labels = cache[split]
-        return _ArrayImages(images, labels, IMAGENET_MEAN, IMAGENET_STD, augment)
+        return _ArrayImages(images, labels, preprocessing, augment)
 
     description = {"source": spec, "kind": "synthetic", "task": task, **options, "image_size": size, "classes": names}
-    return TaskData(names, size, IMAGENET_MEAN, IMAGENET_STD, description, factory, splits)
+    return TaskData(names, size, IMAGENET_MEAN, IMAGENET_STD, description, factory, splits, preprocessing)

@@ -10,21 +10,24 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmexport.backbones import get_backbone
+from mmexport.benchrun import BenchReport, BenchRequest, bench_run
 from mmexport.checkpoints import save_state_dict
+from mmexport.config import TrainConfig
 from mmexport.data import load_task
 from mmexport.errors import RunDirError, VerificationError
 from mmexport.fileio import write_json_atomic
 from mmexport.modelfile import pack_metadata
-from mmexport.train import ProgressSink, SilentProgress, TrainConfig, resolve_device, seed_everything, train, train_plain
-from mmexport.bench import BenchSettings
-from mmexport.benchrun import BenchRequest, bench_run
+from mmexport.progress import ProgressSink, SilentProgress
+from mmexport.runtime.bench import BenchSettings
+from mmexport.runtime.compare import OutputStats
+from mmexport.train import resolve_device, seed_everything, train, train_plain
 from mmexport.workflows import export_onnx_run, fold_run, verify_run
 
 DEMO_MARKER = "demo.json"
@@ -89,21 +92,46 @@ def train_synthetic_sources(
     return paths, summary
 
 
-def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> dict[str, Any]:
+@dataclass
+class ExportOutcome:
+    precision: str
+    stats: dict[str, OutputStats]  # input set -> logits statistics
+    path: str | None = None
+    size_bytes: int | None = None
+    refused: str | None = None  # the policy refused it: nothing was published
+
+
+@dataclass
+class DemoSummary:
+    out: str
+    device: str
+    arch: str
+    sources: dict[str, dict[str, Any]]  # "A"/"B" -> task, path, seconds, val scores
+    run: str = ""
+    merge_best: dict[str, Any] = field(default_factory=dict)
+    comparison: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # method -> split -> metrics
+    fold_reproduced: bool | None = None
+    fold_stats: dict[str, OutputStats] = field(default_factory=dict)
+    exports: list[ExportOutcome] = field(default_factory=list)
+    bench: BenchReport | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> DemoSummary:
     progress = progress or SilentProgress()
     out = Path(config.out).expanduser().absolute()
     _prepare(out, config.force)
     write_json_atomic(out / DEMO_MARKER, {"status": "running", "config": config.__dict__})
     device = resolve_device(config.device)
     timings: dict[str, float] = {}
-    summary: dict[str, Any] = {"out": str(out), "device": str(device), "arch": config.arch}
 
     sources, source_summary = train_synthetic_sources(
         out / "sources", arch=config.arch, epochs=config.source_epochs, batch_size=config.batch_size,
         seed=config.seed, device=device, data_options=config.source_data, progress=progress,
     )
-    summary.update(source_summary)
-    timings.update({f"source_{label}": source_summary[f"source_{label}"]["seconds"] for label in ("A", "B")})
+    summary = DemoSummary(str(out), str(device), config.arch,
+                          {label: source_summary[f"source_{label}"] for label in ("A", "B")}, timings=timings)
+    timings.update({f"source_{label}": summary.sources[label]["seconds"] for label in ("A", "B")})
 
     target = f"synthetic:target{config.target_data}"
 
@@ -122,63 +150,50 @@ def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> dict[s
     start = time.perf_counter()
     run_dir = train_method("medmerge", out / "run")
     timings["train"] = time.perf_counter() - start
+    summary.run = str(run_dir)
 
     start = time.perf_counter()
     folded = fold_run(run_dir, "safetensors")
     report = verify_run(run_dir, data=target)
     timings["fold_verify"] = time.perf_counter() - start
+    summary.fold_reproduced = folded.reproduced
+    summary.fold_stats = report.stats()
 
     # What the merge is for: MedMerge against each source fine-tuned alone, same epoch budget.
-    comparison = {"medmerge": _final_metrics(run_dir)}
+    summary.comparison = {"medmerge": _final_metrics(run_dir)}
     if config.compare:
         start = time.perf_counter()
         (out / "baselines").mkdir(exist_ok=True)
         for method in ("finetune-a", "finetune-b"):
-            comparison[method] = _final_metrics(train_method(method, out / "baselines" / method))
+            summary.comparison[method] = _final_metrics(train_method(method, out / "baselines" / method))
         timings["baselines"] = time.perf_counter() - start
 
-    exports = {}
     if config.export:
         start = time.perf_counter()
         for precision in ("fp32", "int8"):
             try:
-                result = export_onnx_run(run_dir, precision, samples=32)[precision]
+                result = export_onnx_run(run_dir, precision, progress=progress)[precision]
             except VerificationError as exc:
                 # The policy refused the artifact (nothing was published): a result the demo
                 # reports, not a crash of the demo. fp32 must pass, so only int8 is tolerated.
                 if precision != "int8" or exc.report is None:
                     raise
-                exports[precision] = {"refused": str(exc),
-                                      "stats": {s.name: s.outputs["logits"] for s in exc.report.input_sets}}
+                summary.exports.append(ExportOutcome(precision, exc.report.stats(), refused=str(exc)))
                 continue
-            exports[precision] = {"path": result["path"], "size_bytes": result["facts"]["size_bytes"],
-                                  "stats": {s.name: s.outputs["logits"] for s in result["report"].input_sets}}
+            summary.exports.append(ExportOutcome(precision, result.report.stats(), str(result.path), result.size_bytes))
         timings["export"] = time.perf_counter() - start
 
-    speed = []
     if config.bench_seconds > 0:
         start = time.perf_counter()
         settings = BenchSettings(batch_sizes=(1,), warmup_s=0.5, duration_s=config.bench_seconds, rounds=4)
-        speed = bench_run(run_dir, BenchRequest(engine="onnx", models=("folded", "unmerged", "dual"), settings=settings))
+        summary.bench = bench_run(run_dir, BenchRequest(engine="onnx", models=("folded", "unmerged", "dual"),
+                                                        settings=settings), progress)
         timings["bench"] = time.perf_counter() - start
 
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    training = manifest["training"]
-    summary.update(
-        run=str(run_dir),
-        merge_best={
-            "epoch": training["stages"]["merge"]["best_epoch"],
-            "val_accuracy": training["stages"]["merge"]["best_metrics"]["accuracy"],
-            "val_macro_f1": training["stages"]["merge"]["best_metrics"]["macro_f1"],
-        },
-        final=comparison["medmerge"],
-        comparison=comparison,
-        fold={"reproduced": folded["reproduced"], "sha256": folded["sha256"]},
-        verification={s.name: s.outputs["logits"] for s in report.input_sets},
-        exports=exports,
-        bench=speed,
-        timings=timings,
-    )
+    training = json.loads((run_dir / "manifest.json").read_text())["training"]
+    merge = training["stages"]["merge"]
+    summary.merge_best = {"epoch": merge["best_epoch"], "val_accuracy": merge["best_metrics"]["accuracy"],
+                          "val_macro_f1": merge["best_metrics"]["macro_f1"]}
     write_json_atomic(out / DEMO_MARKER, {"status": "complete", "config": config.__dict__,
                                           "timings": timings, "run": str(run_dir)})
     return summary
@@ -189,4 +204,4 @@ def _final_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
     return {split: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for split, m in final.items()}
 
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "DemoSummary", "ExportOutcome", "run_demo", "train_synthetic_sources"]

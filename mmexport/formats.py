@@ -77,6 +77,7 @@ from torch.utils.data import Dataset
 
 from mmexport.data import FOLDER_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, SPLITS, TaskData, _ArrayImages
 from mmexport.errors import DataError
+from mmexport.runtime.preprocess import Preprocessing, normalize, pil_pipeline, read_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
 CSV_DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -244,60 +245,52 @@ def check_image(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode == "I":
-        pixels = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
-        grey = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
-
-
-def read_rgb(path: str | os.PathLike) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        rgb = _to_rgb(image)
-        return rgb.copy() if rgb is image else rgb  # closing the file destroys the opened image's pixels
-
-
 class FileImages(Dataset):
-    """``(path, label)`` samples -> transformed float CHW tensors; ``targets`` lists the labels."""
+    """``(path, label)`` samples -> float CHW tensors; ``targets`` lists the labels.
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable) -> None:
+    Without ``augment`` the transform is the recorded evaluation pipeline
+    (:mod:`mmexport.runtime.preprocess`), run by the same code as the runtime's predictor.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], preprocessing: Preprocessing, train_transform: Callable | None) -> None:
         self.samples = samples
         self.targets = [label for _, label in samples]
-        self.transform = transform
+        self.preprocessing = preprocessing
+        self.train_transform = train_transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def _read(self, index: int):
         path, label = self.samples[index]
         try:
-            image = read_rgb(path)
+            return read_rgb(path), label
         except Exception as exc:  # noqa: BLE001 - changed on disk since the load-time scan
-            raise _error(f"{path}: cannot read image ({type(exc).__name__}: {exc}); it passed the load-time check") from None
-        return self.transform(image), label
+            raise _error(f"{path}: cannot read image ({exc}); it passed the load-time check") from None
+
+    def pixels(self, index: int) -> tuple[np.ndarray, int]:
+        image, label = self._read(index)
+        return np.asarray(pil_pipeline(image, self.preprocessing), dtype=np.uint8), label
+
+    def __getitem__(self, index: int):
+        if self.train_transform is None:
+            pixels, label = self.pixels(index)
+            return torch.from_numpy(normalize(pixels, self.preprocessing)), label
+        image, label = self._read(index)
+        return self.train_transform(image), label
 
 
-def file_transforms(size: int) -> tuple[Callable, Callable]:
-    """(eval, train) transforms: resize+center-crop / random-resized-crop, flips, light colour jitter; ImageNet normalisation."""
+def train_transform(size: int) -> Callable:
+    """Training augmentation for image files: random resized crop, flips, light colour jitter; ImageNet normalisation."""
     from torchvision.transforms import v2
 
-    normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    eval_transform = v2.Compose([v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size), *normalize])
-    train_transform = v2.Compose([
+    return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),  # lesions and slides have no preferred orientation
         v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
-        *normalize,
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    return eval_transform, train_transform
 
 
 def _stable_rank(seed: int, key: str) -> str:
@@ -399,11 +392,12 @@ def _finish_file_task(
         if empty:
             raise _error(f"{path}: {split} split has no readable images of class(es) {', '.join(empty)}")
     size = image_size or FOLDER_IMAGE_SIZE
-    eval_transform, train_transform = file_transforms(size)
+    preprocessing = Preprocessing.center_crop(size, IMAGENET_MEAN, IMAGENET_STD)
+    augmentation = train_transform(size)
     splits = tuple(s for s in SPLITS if s in samples)
 
     def factory(split: str, augment: bool) -> Dataset:
-        return FileImages(samples[split], train_transform if augment else eval_transform)
+        return FileImages(samples[split], preprocessing, augmentation if augment else None)
 
     description = {
         "source": str(path.absolute()),
@@ -417,8 +411,9 @@ def _finish_file_task(
         "max_bad": max_bad,
         "scan": "PIL verify(); JPEG also decoded at 1/8 scale, non-PNG formats fully decoded",
         "options": dict(given),
+        "preprocessing": preprocessing.describe(),
     }
-    return TaskData(list(classes), size, IMAGENET_MEAN, IMAGENET_STD, description, factory, splits)
+    return TaskData(list(classes), size, IMAGENET_MEAN, IMAGENET_STD, description, factory, splits, preprocessing)
 
 
 def _class_folders(split_dir: Path) -> dict[str, tuple[list[Path], int]]:
@@ -696,9 +691,10 @@ def _npz(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
     del raw
     class_counts = {s: dict(zip(classes, np.bincount(labels[s], minlength=len(classes)).tolist())) for s in splits}
 
+    preprocessing = Preprocessing.exact(size, IMAGENET_MEAN, IMAGENET_STD)
+
     def factory(split: str, augment: bool) -> Dataset:
-        # NHWC view of the NCHW tensor: _ArrayImages' permute().contiguous() is then a no-op, not a copy.
-        return _ArrayImages(tensors[split].numpy().transpose(0, 2, 3, 1), labels[split], IMAGENET_MEAN, IMAGENET_STD, augment)
+        return _ArrayImages(tensors[split], labels[split], preprocessing, augment)
 
     description = {
         "source": str(path.absolute()),
@@ -710,11 +706,11 @@ def _npz(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
         "native_size": list(native),
         "channels": {s: "rgb" if channels[s] == 3 else "grey (replicated to 3 channels)" for s in splits},
         "resized": bool(size != native[0] or size != native[1]),
-        "interpolation": "bilinear, antialiased, once at load" if (size, size) != native else None,
+        "interpolation": "Pillow bilinear (antialiased), once at load" if (size, size) != native else None,
         "classes_absent": {s: [c for c, n in class_counts[s].items() if n == 0] for s in splits if s != "train"},
         "options": dict(given),
     }
-    return TaskData(list(classes), size, IMAGENET_MEAN, IMAGENET_STD, description, factory, tuple(splits))
+    return TaskData(list(classes), size, IMAGENET_MEAN, IMAGENET_STD, description, factory, tuple(splits), preprocessing)
 
 
 def _npz_array(archive, path: Path, name: str) -> np.ndarray:
@@ -728,21 +724,20 @@ def _npz_array(archive, path: Path, name: str) -> np.ndarray:
         raise _error(f"{path}: array {name} cannot be read ({type(exc).__name__}: {exc})") from None
 
 
-def _npz_images(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (N,H,W[,C]) -> uint8 (N,3,size,size), grey replicated, resized in chunks (bilinear, antialiased)."""
-    if images.ndim == 3:
-        images = images[..., None]
-    n, height, width, channels = images.shape
-    nhwc = torch.from_numpy(np.ascontiguousarray(images))
+def _npz_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N,H,W[,C]) -> uint8 (N,size,size,3): grey replicated, resized once with the recorded pipeline.
+
+    Resizing goes through :func:`mmexport.runtime.preprocess.pil_pipeline` (Pillow
+    bilinear, antialiased), so an image of the native size given to the runtime's
+    predictor is resized exactly as training and evaluation saw it.
+    """
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    n, height, width = images.shape[:3]
     if (height, width) == (size, size):
-        return nhwc.permute(0, 3, 1, 2).expand(n, 3, size, size).contiguous()
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
-    chunk = max(1, (1 << 25) // (channels * max(height * width, size * size)))
-    for start in range(0, n, chunk):
-        batch = nhwc[start:start + chunk].permute(0, 3, 1, 2).float()
-        resized = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False,
-                                                  antialias=True)
-        out[start:start + chunk] = resized.round_().clamp_(0, 255).to(torch.uint8)  # broadcasts grey to 3 channels
+        return np.ascontiguousarray(np.broadcast_to(images[..., None], (n, size, size, 3)) if images.ndim == 3 else images)
+    prep = Preprocessing.exact(size, IMAGENET_MEAN, IMAGENET_STD)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for index in range(n):
+        out[index] = np.asarray(pil_pipeline(Image.fromarray(images[index]), prep))
     return out
-
-

@@ -16,16 +16,20 @@ import platform
 import shutil
 import sys
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from mmexport import __version__
+from mmexport.artifacts import REGISTRY
 from mmexport.errors import RunDirError
 from mmexport.fileio import atomic_path, sha256_file, write_json_atomic
 
+if TYPE_CHECKING:
+    from mmexport.runtime.compare import VerificationReport
+
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "mmexport-run/1"
-TRANSIENT_SUFFIX = ".resume"  # files needed only to resume an unfinished run; removed on publish
+MANIFEST_FORMAT = "mmexport-run/2"
 _VERSIONED_PACKAGES = ("torch", "torchvision", "numpy", "safetensors", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
@@ -147,8 +151,15 @@ class RunDir:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
             raise RunDirError(f"{manifest_path}: unreadable manifest ({exc})") from None
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise RunDirError(f"{manifest_path}: unknown manifest format {manifest.get('format')!r}")
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        if found != MANIFEST_FORMAT:
+            if isinstance(found, str) and found.startswith("mmexport-run/"):
+                made_by = (manifest.get("environment") or {}).get("mmexport", "an earlier version")
+                raise RunDirError(
+                    f"{run_path}: a run of mmexport {made_by} (manifest format {found}); mmexport {__version__} reads "
+                    f"{MANIFEST_FORMAT}: retrain it with this version, or read it with the version that made it"
+                )
+            raise RunDirError(f"{manifest_path}: unknown manifest format {found!r}")
         return cls(run_path, manifest)
 
     @property
@@ -161,8 +172,9 @@ class RunDir:
             return self.path
         final = self._final_path
         self.manifest["completed"] = _now()
-        for leftover in self.path.glob(f"*{TRANSIENT_SUFFIX}"):
-            leftover.unlink()
+        for row in REGISTRY.values():
+            if row.transient:
+                self.file(row.filename).unlink(missing_ok=True)
         self.save()
         retired = None
         if final.exists():
@@ -222,6 +234,81 @@ class RunDir:
             )
         return target
 
+    def refuse_overwrite(self, target: str | os.PathLike[str]) -> None:
+        """A user-supplied output path may not replace the manifest or any file the run tracks."""
+        resolved = Path(target).expanduser().resolve()
+        protected = {(self.path / MANIFEST_NAME).resolve()} | {(self.path / name).resolve() for name in self.manifest.get("outputs", {})}
+        if resolved in protected:
+            raise RunDirError(f"{target}: is a file of the run {self.path.name} (refusing to overwrite it); choose another path")
+
+    def has(self, relative: str) -> bool:
+        return relative in self.manifest["outputs"]
+
     def add_verification(self, report: dict[str, Any]) -> None:
         self.manifest["verification"].append(report)
         self.save()
+
+    def publish_verified(self, relative: str, write: Callable[[Path], dict], check: Callable[[Path], Any], kind: str,
+                         details: dict[str, Any], command: str, *,
+                         mark_unverified: Callable[[Path, str], None] | None = None) -> tuple[dict, Any]:
+        """Write ``relative`` under a hidden temporary name, verify it there, and only then publish it.
+
+        ``check(tmp)`` returns a verification report (``.passed``, ``.as_dict()``). A failed
+        check removes the temporary file: nothing is published, the previous artifact (if
+        any) stays, the failed report is recorded, and :class:`VerificationError` is raised.
+        Only with ``mark_unverified`` (the user's explicit ``--allow-unverified``) is a failed
+        artifact published: ``mark_unverified(tmp, reason)`` first writes the failure into
+        the file itself, and the manifest records ``verified: false`` with the reason.
+        """
+        from mmexport.errors import VerificationError
+
+        target = self.file(relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            facts = write(tmp)
+            report = check(tmp)
+            self.add_verification({"artifact": relative, "command": command, **report.as_dict()})
+            reason = "; ".join(report.failures())
+            if not report.passed:
+                if mark_unverified is None:
+                    raise VerificationError(f"{relative}: verification failed, nothing published: {reason}", report)
+                mark_unverified(tmp, reason)
+        recorded = {k: v for k, v in (facts or {}).items() if k not in ("sha256", "size_bytes")}
+        status = {"verified": True} if report.passed else {"verified": False, "unverified_reason": reason,
+                                                            "published_unverified_by": command + " --allow-unverified"}
+        self.record_output(relative, kind, **{**recorded, **details, **status})
+        return facts, report
+
+    def reference(self):
+        """The run's stored reference set, hash-checked, and checked to belong to its final network."""
+        from mmexport.artifacts import filename
+        from mmexport.runtime.reference import ReferenceData
+
+        name = filename("reference")
+        if not self.has(name):
+            raise RunDirError(f"{self.path}: no {name} (the stored reference outputs); retrain the run with this version")
+        reference = ReferenceData.load(self.checked_file(name))
+        model_entry = self.manifest["outputs"].get(filename("model"), {})
+        if model_entry.get("sha256") != reference.model_sha256:
+            raise RunDirError(f"{self.path}: {name} was computed from another {filename('model')} than the run's")
+        return reference
+
+
+@dataclass
+class PublishedArtifact:
+    """A file a command wrote into a run: where, its hash, the facts of making it, and its verification."""
+
+    name: str
+    path: Path
+    sha256: str
+    size_bytes: int
+    report: VerificationReport | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    reproduced: bool | None = None  # a re-fold: bit-identical to the file it replaced (None: nothing replaced)
+
+
+def published(run: RunDir, name: str, report: VerificationReport | None, facts: dict | None = None,
+               reproduced: bool | None = None) -> PublishedArtifact:
+    entry = run.manifest["outputs"][name]
+    return PublishedArtifact(name, run.file(name), entry["sha256"], entry["size_bytes"], report, dict(facts or {}),
+                             reproduced)

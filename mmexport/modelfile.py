@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
 
-from mmexport import __version__
 from mmexport.backbones import get_backbone
 from mmexport.checkpoints import load_safetensors_with_metadata, save_state_dict
 from mmexport.errors import CheckpointError
 from mmexport.merge import MergedModel
+from mmexport.runtime.modelinfo import ModelInfo
 
-MODEL_FORMAT = "mmexport-model/1"
+MODEL_FORMAT = "mmexport-model/2"
 METADATA_KEY = "mmexport"
 
 
@@ -45,53 +44,6 @@ def unpack_metadata(metadata: dict[str, str], source: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in fields.items()}
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a deployment needs to know beside the weights."""
-
-    arch: str
-    classes: tuple[str, ...]
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    channel_order: str = "RGB"
-    layout: str = "NCHW"
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def to_metadata(self) -> dict[str, str]:
-        return {
-            "arch": self.arch,
-            "classes": json.dumps(list(self.classes)),
-            "image_size": str(self.image_size),
-            "mean": json.dumps(list(self.mean)),
-            "std": json.dumps(list(self.std)),
-            "channel_order": self.channel_order,
-            "layout": self.layout,
-            "mmexport_version": __version__,
-        }
-
-    @classmethod
-    def from_metadata(cls, metadata: dict[str, str], source: str) -> "ModelInfo":
-        try:
-            return cls(
-                arch=metadata["arch"],
-                classes=tuple(json.loads(metadata["classes"])),
-                image_size=int(metadata["image_size"]),
-                mean=tuple(json.loads(metadata["mean"])),
-                std=tuple(json.loads(metadata["std"])),
-                channel_order=metadata.get("channel_order", "RGB"),
-                layout=metadata.get("layout", "NCHW"),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{source}: missing or malformed model metadata ({exc!r})") from None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def save_model(path: str | os.PathLike[str], model: nn.Module, info: ModelInfo, stage: str) -> None:
     """The plain torchvision network as safetensors, with its :class:`ModelInfo` and stage."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -103,7 +55,11 @@ def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelInfo]:
     tensors, metadata = load_safetensors_with_metadata(path)
     metadata = unpack_metadata(metadata, str(path))
     if metadata.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{path}: not an mmexport model file (format {metadata.get('format')!r})")
+        found = metadata.get("format")
+        if isinstance(found, str) and found.startswith("mmexport-model/"):
+            raise CheckpointError(f"{path}: model file format {found} (mmexport {metadata.get('mmexport_version', '0.1')}) "
+                                  f"is not readable by this version ({MODEL_FORMAT}); retrain the run")
+        raise CheckpointError(f"{path}: not an mmexport model file (format {found!r})")
     info = ModelInfo.from_metadata(metadata, str(path))
     model = get_backbone(info.arch).build(info.num_classes)
     try:

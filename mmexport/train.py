@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmexport import artifacts
 from mmexport.backbones import get_backbone
 from mmexport.checkpoints import check_compatible, load_source
+from mmexport.config import MERGE_METHODS, METHODS, RESUME_FREE, TrainConfig
 from mmexport.data import TaskData, load_task
 from mmexport.distributed import (
     DistContext, average_batchnorm_statistics, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp,
@@ -39,106 +41,22 @@ from mmexport.distributed import (
 from mmexport.errors import MMExportError, RunDirError, VerificationError
 from mmexport.fileio import atomic_path
 from mmexport.fold import fold
-from mmexport.manifest import TRANSIENT_SUFFIX, RunDir
-from mmexport.merge import GRANULARITIES, MergedModel, reestimate_bn_statistics
-from mmexport.metrics import classification_metrics
-from mmexport.modelfile import ModelInfo, save_model, save_unmerged
-from mmexport.runners import TorchRunner
-from mmexport.tolerances import FOLD
-from mmexport.verify import VerificationReport, random_inputs, verify_runners
+from mmexport.manifest import RunDir
+from mmexport.merge import MergedModel, reestimate_bn_statistics
+from mmexport.modelfile import save_model, save_unmerged
+from mmexport.runtime.modelinfo import ModelInfo
+from mmexport.progress import ProgressSink, SilentProgress
+from mmexport.runtime.metrics import classification_metrics
+from mmexport.verification import make_reference, verify_fold
 
-UNMERGED_FILE = "unmerged.safetensors"
-FOLDED_FILE = "folded.safetensors"
-MODEL_FILE = "model.safetensors"
-FIGURE_FILE = "coefficients.png"
-CHECKPOINT_FILE = "checkpoint" + TRANSIENT_SUFFIX
+UNMERGED_FILE = artifacts.filename("unmerged")
+FOLDED_FILE = artifacts.filename("folded")
+MODEL_FILE = artifacts.filename("model")
+FIGURE_FILE = artifacts.filename("figure")
+CHECKPOINT_FILE = artifacts.filename("checkpoint")
+REFERENCE_FILE = artifacts.filename("reference")
 
-METHODS = ("medmerge", "average", "finetune-a", "finetune-b", "lpft-a", "lpft-b")
-MERGE_METHODS = ("medmerge", "average")
-BN_INITS = ("blend", "reestimate")
-SCHEDULES = ("cosine", "constant")
-BALANCING = ("none", "balanced")
-# Options that may differ between an interrupted run and its --resume.
-_RESUME_FREE = ("force", "resume", "device", "num_workers")
-
-
-class ProgressSink(Protocol):
-    def start(self, description: str, total: int) -> None: ...
-    def advance(self, steps: int = 1) -> None: ...
-    def finish(self) -> None: ...
-    def epoch(self, record: dict[str, Any]) -> None: ...
-    def message(self, text: str) -> None: ...
-
-
-class SilentProgress:
-    def start(self, description: str, total: int) -> None: ...
-    def advance(self, steps: int = 1) -> None: ...
-    def finish(self) -> None: ...
-    def epoch(self, record: dict[str, Any]) -> None: ...
-    def message(self, text: str) -> None: ...
-
-
-@dataclass
-class TrainConfig:
-    arch: str
-    source_a: str
-    source_b: str
-    data: str
-    out: str
-    method: str = "medmerge"
-    granularity: str = "kernel"
-    merge_epochs: int = 10
-    finetune_epochs: int = 10
-    batch_size: int = 32
-    # Defaults chosen by benchmarks/merge_study.py (see benchmarks/results/merge_study/):
-    # a logit learning rate of 1e-2 barely moves σ away from 0.5 in a short stage 1.
-    lr_logits: float = 3e-1
-    lr_head: float = 1e-3
-    lr_backbone: float = 1e-4
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    patience: int = 0  # epochs without val macro-F1 improvement before a stage stops; 0 = never
-    class_weights: str = "none"
-    sampler: str = "none"
-    augment: bool = True
-    initial_logit: float = 0.0
-    bn_init: str = "reestimate"
-    image_size: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    verify_samples: int = 64
-    num_workers: int = 0
-    force: bool = False
-    resume: bool = False
-
-    def validate(self) -> None:
-        get_backbone(self.arch)
-        choices = {
-            "method": METHODS, "granularity": GRANULARITIES, "bn_init": BN_INITS, "schedule": SCHEDULES,
-            "class_weights": BALANCING, "sampler": BALANCING,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise MMExportError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        if self.merge_epochs < 0 or self.finetune_epochs < 0 or self.merge_epochs + self.finetune_epochs < 1:
-            raise MMExportError("--merge-epochs and --finetune-epochs must be >= 0 and not both 0")
-        if self.method in MERGE_METHODS and self.merge_epochs < 1:
-            raise MMExportError(f"--merge-epochs must be at least 1 for --method {self.method} (stage 1 is the merge)")
-        if self.batch_size < 1 or self.warmup_epochs < 0 or self.patience < 0:
-            raise MMExportError("--batch-size must be >= 1, --warmup-epochs and --patience >= 0")
-        for name in ("lr_logits", "lr_head", "lr_backbone"):
-            if not getattr(self, name) > 0:
-                raise MMExportError(f"--{name.replace('_', '-')} must be positive")
-        if self.force and self.resume:
-            raise MMExportError("--force and --resume contradict each other: choose one")
-
-    def stage_epochs(self) -> tuple[int, int]:
-        """(stage 1, stage 2) epochs; plain fine-tuning spends the whole budget in stage 2."""
-        if self.method.startswith("finetune-"):
-            return 0, self.merge_epochs + self.finetune_epochs
-        return self.merge_epochs, self.finetune_epochs
+__all__ = ["METHODS", "MERGE_METHODS", "TrainConfig", "train", "train_plain", "verify_fold", "evaluate"]
 
 
 @dataclass
@@ -320,22 +238,9 @@ def run_stage(
     return result
 
 
-def verify_fold(
-    merged: MergedModel, folded: nn.Module, task: TaskData | None, info: ModelInfo, samples: int, seed: int,
-    device: torch.device,
-) -> VerificationReport:
-    """Unmerged vs folded, eval mode, on seeded random inputs and (when given) real val images."""
-    input_sets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {
-        "random": (random_inputs(samples, info.image_size, info.mean, info.std, seed=seed), None)
-    }
-    if task is not None:
-        input_sets["data:val"] = task.arrays("val", limit=max(samples, 1))
-    with TorchRunner(merged, "unmerged (torch fp32)", device) as ref, TorchRunner(folded, "folded (torch fp32)", device) as cand:
-        return verify_runners(ref, cand, input_sets, FOLD)
-
-
 def _model_info(config: TrainConfig, task: TaskData) -> ModelInfo:
-    return ModelInfo(config.arch, tuple(task.classes), task.image_size, tuple(task.mean), tuple(task.std))
+    return ModelInfo(config.arch, tuple(task.classes), task.image_size, tuple(task.mean), tuple(task.std),
+                     preprocessing=task.preprocessing)
 
 
 def _plain_from_source(arch: str, state: dict[str, torch.Tensor], num_classes: int) -> nn.Module:
@@ -352,7 +257,7 @@ def _config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]
     return [
         f"{k} ({saved.get(k)!r} → {current[k]!r})"
         for k in current
-        if k not in _RESUME_FREE and saved.get(k) != current[k]
+        if k not in RESUME_FREE and saved.get(k) != current[k]
     ]
 
 
@@ -534,7 +439,17 @@ def _run_method(config, task, sources, info, device, ctx, progress, run, save_ch
         stage_name = "finetuned" if stage2_epochs else ("folded" if merging else "probed")
         run.write_output(MODEL_FILE, lambda p: save_model(p, final, info, stage_name), "model", stage=stage_name,
                          method=config.method)
+        _publish_reference(run, final, task, info, config, device)
     return final
+
+
+def _publish_reference(run: RunDir, final: nn.Module, task: TaskData, info: ModelInfo, config: TrainConfig,
+                       device: torch.device) -> None:
+    """The stored inputs and torch fp32 outputs every later artifact of the run is judged against."""
+    reference = make_reference(final, task, info, run.manifest["outputs"][MODEL_FILE]["sha256"],
+                               random_count=config.verify_samples, seed=config.seed, device=device)
+    run.write_output(REFERENCE_FILE, reference.save, "reference", sets=reference.counts(),
+                     model_sha256=reference.model_sha256)
 
 
 def _publish_fold(run: RunDir, merged: MergedModel, folded: nn.Module, task, info, config, device) -> None:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from mmexport.backbones import get_backbone
 from mmexport.checkpoints import save_state_dict
+from mmexport.runtime.runners.base import BaseRunner, TensorMetadata
 
 def one_line(exc_info) -> str:
     """The message of a raised error, asserted to be one non-empty line."""
@@ -76,9 +77,51 @@ def _few_threads(monkeypatch):
     yield
 
 
+def _tensorrt_missing() -> str | None:
+    """Why the TensorRT tests cannot run here, or None when they can."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return "needs the tensorrt package (pip install 'mmexport[gpu]') and an NVIDIA GPU"
+    if not torch.cuda.is_available():
+        return "needs an NVIDIA GPU for TensorRT (torch.cuda.is_available() is False)"
+    return None
+
+
 def pytest_runtest_setup(item):
-    """GPU tests skip with a reason when CUDA is absent; MMEXPORT_REQUIRE_GPU=1 makes that a failure."""
+    """GPU and TensorRT tests skip with a reason when the hardware or package is absent.
+
+    MMEXPORT_REQUIRE_GPU=1 (set on GPU machines) turns those skips into failures.
+    """
+    reason = None
     if "gpu" in item.keywords and not torch.cuda.is_available():
+        reason = "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    if reason is None and "tensorrt" in item.keywords:
+        reason = _tensorrt_missing()
+    if reason is not None:
         if os.environ.get("MMEXPORT_REQUIRE_GPU") == "1":
-            pytest.fail("MMEXPORT_REQUIRE_GPU=1 but CUDA is unavailable (torch.cuda.is_available() is False)")
-        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+            pytest.fail(f"MMEXPORT_REQUIRE_GPU=1 but the test cannot run: {reason}")
+        pytest.skip(reason)
+
+
+class FunctionRunner(BaseRunner):
+    """A runner computing ``fn(batch) -> logits`` (tests of verification and benchmarking)."""
+
+    def __init__(self, name, fn, rank: int = 4):
+        super().__init__(name)
+        self.fn = fn
+        self.rank = rank
+        self.seen = []
+
+    def activate_impl(self):
+        pass
+
+    def deactivate_impl(self):
+        pass
+
+    def input_metadata_impl(self):
+        return {"image": TensorMetadata(np.dtype(np.float32), (None,) * self.rank)}
+
+    def infer_impl(self, feed):
+        self.seen.append(feed["image"])
+        return {"logits": np.asarray(self.fn(feed["image"]), dtype=np.float32)}

@@ -3,29 +3,22 @@ import json
 import numpy as np
 import pytest
 
-from mmexport.bench import BenchSettings, LatencyStats, ModelUnderTest, benchmark, ratio_table
+from mmexport.runtime.bench import BenchSettings, LatencyStats, ModelUnderTest, benchmark, ratio_table
 from mmexport.benchrun import BenchRequest, bench_run
+from conftest import FunctionRunner
 from mmexport.errors import MissingDependencyError, MMExportError
 
 
-class SleepRunner:
-    """A runner whose latency is known: it sleeps ``seconds`` per call and counts the batches it saw."""
+def SleepRunner(name, seconds):
+    """A runner whose latency is known: it sleeps ``seconds`` per call and records the batches it saw."""
 
-    def __init__(self, name, seconds):
-        self.name, self.seconds, self.seen = name, seconds, []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    def infer(self, batch):
+    def run(batch):
         import time
 
-        self.seen.append(batch)
-        time.sleep(self.seconds)
+        time.sleep(seconds)
         return np.zeros((len(batch), 2), dtype=np.float32)
+
+    return FunctionRunner(name, run)
 
 
 def test_latency_statistics():
@@ -72,8 +65,9 @@ def test_bad_settings(settings, message):
 
 
 def test_trt_engine_is_one_clear_error():
-    with pytest.raises(MissingDependencyError, match="TensorRT"):
+    with pytest.raises(MissingDependencyError, match="TensorRT") as info:
         BenchRequest(engine="trt").validate()
+    assert "pip install" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(MMExportError, match="unknown model"):
         BenchRequest(models=("folded", "triple")).validate()
 
@@ -89,28 +83,29 @@ def tiny_run(tmp_path_factory, resnet18_sources):
 def test_torch_bench_on_a_run_folded_costs_one_backbone(tiny_run):
     settings = BenchSettings(batch_sizes=(2,), warmup_s=0.0, duration_s=None, iterations=6, rounds=2)
     report = bench_run(tiny_run, BenchRequest(engine="torch", device="cpu", settings=settings))
-    models = {r.model for r in report["results"]}
+    models = {r.model for r in report.results}
     assert models == {"folded", "unmerged", "dual", "single"}
-    ratios = {r["ratio"]: r["median_ratio"] for r in report["ratios"]}
+    ratios = {r["ratio"]: r["median_ratio"] for r in report.ratios}
     # two backbones cost clearly more than one, even on a noisy machine
     assert ratios["folded ÷ dual"] < 0.9
     assert ratios["folded ÷ unmerged"] < 1.0
-    assert report["machine"]["packages"]["torch"]
+    assert report.machine["packages"]["torch"]
 
 
 def test_onnx_bench_exports_and_records_comparison_models(tiny_run):
     pytest.importorskip("onnxruntime", reason="ONNX engine needs onnxruntime")
     settings = BenchSettings(batch_sizes=(1,), warmup_s=0.0, duration_s=None, iterations=4, rounds=2)
     report = bench_run(tiny_run, BenchRequest(engine="onnx", models=("folded", "dual"), settings=settings))
-    assert {r.model for r in report["results"]} == {"folded", "dual"}
+    assert {r.model for r in report.results} == {"folded", "dual"}
+    assert all(r.verified for r in report.results)
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     assert "bench/dual.onnx" in manifest["outputs"]
-    sizes = {r.model: r.artifact_bytes for r in report["results"]}
+    sizes = {r.model: r.artifact_bytes for r in report.results}
     assert 1.8 < sizes["dual"] / sizes["folded"] < 2.2
 
 
 def test_gpu_only_options_are_refused_on_cpu():
-    from mmexport.runners import TorchRunner
+    from mmexport.torch_runner import TorchRunner
     import torch
 
     with pytest.raises(MMExportError, match="CUDA"):
@@ -121,7 +116,36 @@ def test_gpu_only_options_are_refused_on_cpu():
         BenchRequest(engine="onnx", settings=BenchSettings(device_timing="compute")).validate()
 
 
-def test_device_timing_falls_back_to_wall_clock_for_runners_without_it():
+def test_device_timing_needs_a_runner_that_times_on_the_device():
     settings = BenchSettings(batch_sizes=(1,), warmup_s=0.0, duration_s=None, iterations=3, rounds=1, device_timing="total")
-    result = benchmark([ModelUnderTest("s", lambda: SleepRunner("s", 0.001), image_size=4)], settings)[0]
-    assert result.latency.iterations == 3 and result.latency.min_ms >= 1.0
+    with pytest.raises(MMExportError, match="does not time on the device"):
+        benchmark([ModelUnderTest("s", lambda: SleepRunner("s", 0.001), image_size=4)], settings)
+
+
+class _DeviceTimedRunner(FunctionRunner):
+    """A stand-in for a GPU runner: reports fixed device-side timings and enqueue time for every call."""
+
+    def infer_impl(self, feed):
+        out = super().infer_impl(feed)
+        self._last_timings = {"h2d": 0.1, "compute": 1.0 + 0.1 * (len(self.seen) % 2), "d2h": 0.05}
+        self._last_enqueue_ms = 0.2
+        return out
+
+
+def test_gpu_runners_get_trtexec_statistics_and_one_line_per_warning():
+    settings = BenchSettings(batch_sizes=(2,), warmup_s=0.0, duration_s=None, iterations=6, rounds=2)
+    models = [ModelUnderTest("folded", lambda: _DeviceTimedRunner("f", lambda b: np.zeros((len(b), 2))), image_size=4,
+                             engine="tensorrt"),
+              ModelUnderTest("dual", lambda: SleepRunner("d", 0.0), image_size=4, verified=False)]
+    results = benchmark(models, settings)
+    device = {r.model: r.device for r in results}
+    assert device["dual"] is None  # a CPU runner has no device timings
+    gpu = device["folded"]
+    assert gpu["queries"] == 6 and gpu["batch_size"] == 2 and gpu["data_transfers_included"] is True
+    assert gpu["latency"]["min"] == pytest.approx(0.1 + 1.0 + 0.05) and gpu["enqueue"]["median"] == pytest.approx(0.2)
+    assert gpu["unstable"] is True  # compute alternates 1.0 / 1.1 ms: CV ≈ 4.8 % > trtexec's 2.5 %
+    from mmexport.benchrun import BenchReport
+
+    report = BenchReport("run", "trt", "fp32", {}, {}, results, ratio_table(results))
+    lines = report.warnings()
+    assert sum(line.startswith("GPU: ") for line in lines) == 1 and any("unverified" in line and "dual" in line for line in lines)

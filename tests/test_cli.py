@@ -389,7 +389,7 @@ def test_train_prints_summary(trained):
 def test_train_manifest_outputs_match_files(trained):
     out, _ = trained
     manifest = manifest_of(out)
-    assert manifest["format"] == "mmexport-run/1"
+    assert manifest["format"] == "mmexport-run/2"
     assert RUN_FILES <= set(manifest["outputs"])
     # every file the run holds is accounted for in the manifest, and nothing it lists is missing
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,9 @@ from conftest import backbone_state
 from mmexport.backbones import get_backbone
 from mmexport.errors import ArchitectureError, DataError, MMExportError
 from mmexport.merge import MergedModel
-from mmexport.modelfile import ModelInfo
-from mmexport.tolerances import FP32
-from mmexport.verify import verify_runners
+from mmexport.runtime.modelinfo import ModelInfo
+from mmexport.runtime.tolerances import FP32
+from mmexport.runtime.compare import verify_runners
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -35,8 +36,8 @@ from mmexport.export import (  # noqa: E402
     verify_onnx_artifact,
 )
 from mmexport.export import onnx as onnx_export  # noqa: E402
-from mmexport.runners.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
-from mmexport.runners.torch_runner import TorchRunner  # noqa: E402
+from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner  # noqa: E402
+from mmexport.torch_runner import TorchRunner  # noqa: E402
 
 SIZE = 32
 SHA = "5e" * 32
@@ -112,7 +113,7 @@ def test_fp32_dynamic_batch_matches_torch(trained):
     with OnnxRuntimeRunner(trained["path"], threads=1) as runner:
         for batch in (1, 3, 8):
             images = rng.standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
-            logits = runner.infer(images)
+            logits = runner.infer(images)["logits"]
             with torch.no_grad():
                 expected = trained["model"](torch.from_numpy(images)).numpy()
             assert logits.shape == expected.shape == (batch, trained["info"].num_classes)
@@ -121,15 +122,16 @@ def test_fp32_dynamic_batch_matches_torch(trained):
 
 def test_metadata_round_trips(trained):
     info, path = trained["info"], trained["path"]
-    assert onnx_model_info(path) == info
+    assert onnx_model_info(path) == replace(info, weights_sha256=SHA)
     metadata = read_onnx_metadata(path)
     assert metadata["precision"] == "fp32" and metadata["weights_sha256"] == SHA
     assert metadata["model_kind"] == "folded" and metadata["run"] == "test"
     assert json.loads(metadata["classes"]) == list(info.classes)
     preprocessing = json.loads(metadata["preprocessing"])
+    assert preprocessing["format"] == "mmexport-preprocessing/1"
     assert preprocessing["mean"] == list(info.mean) and preprocessing["std"] == list(info.std)
-    assert preprocessing["image_size"] == SIZE
-    assert (preprocessing["channel_order"], preprocessing["layout"]) == ("RGB", "NCHW")
+    assert preprocessing["resize"] == "exact" and preprocessing["resize_size"] == [SIZE, SIZE]
+    assert (preprocessing["layout"], preprocessing["dtype"], preprocessing["scale"]) == ("NCHW", "float32", 255.0)
     assert metadata["exporter"].startswith("torch.onnx") and metadata["mmexport_version"]
 
 
@@ -151,7 +153,7 @@ def test_perturbed_initializer_fails_verification(trained, tmp_path):
     onnx.save(model, str(tampered))
     report = verify_onnx_artifact(trained["model"], tampered, trained["info"], "fp32", samples=16, threads=1)
     assert not report.passed
-    assert any("exceed atol=0.0001" in failure for failure in report.failures()), report.failures()
+    assert any("exceed the bound" in failure for failure in report.failures()), report.failures()
 
 
 def test_export_refuses_what_it_cannot_describe(trained, tmp_path):
@@ -189,9 +191,11 @@ def test_failure_midway_leaves_previous_file_and_no_temp(trained, tmp_path, monk
 
     monkeypatch.undo()
     fresh = tmp_path / "fresh.onnx"
-    monkeypatch.setattr(onnx_export, "_smoke_run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    import mmexport.export.onnxfile as onnxfile
+
+    monkeypatch.setattr(onnxfile, "_smoke_run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        onnx_export.write_onnx_checked(onnx.load(str(trained["path"])), fresh, trained["info"])
+        onnxfile.write_onnx_checked(onnx.load(str(trained["path"])), fresh, trained["info"])
     assert not fresh.exists() and _leftovers(tmp_path) == []
 
 
@@ -222,7 +226,7 @@ def test_unmerged_export_keeps_the_blend_and_matches(tmp_path):
     assert facts["model_kind"] == "unmerged"
     assert facts["op_counts"]["Sigmoid"] == len(merged.merge_names)  # every blend is in the graph
     assert read_onnx_metadata(path)["num_sources"] == "2"
-    from mmexport.verify import random_inputs
+    from mmexport.runtime.compare import random_inputs
 
     images = random_inputs(8, SIZE, info.mean, info.std, seed=1)
     with TorchRunner(merged, "unmerged torch") as ref, OnnxRuntimeRunner(path, threads=1) as cand:
@@ -260,7 +264,7 @@ def test_fp16_passes_policy_with_float32_io(trained, fp16):
     assert conv_weight.data_type == onnx.TensorProto.FLOAT16
     metadata = read_onnx_metadata(path)
     assert metadata["precision"] == "fp16" and metadata["weights_sha256"] == SHA
-    assert onnx_model_info(path) == trained["info"]
+    assert onnx_model_info(path) == replace(trained["info"], precision="fp16", weights_sha256=SHA)
     report = verify_onnx_artifact(trained["model"], path, trained["info"], "fp16", data_arrays=trained["val"], samples=32, threads=1)
     assert report.passed, report.failures()
     with pytest.raises(MMExportError):  # fp16 -> fp16 is refused

@@ -101,13 +101,13 @@ def test_atomic_write_into_unwritable_directory_is_a_clear_error(tmp_path, monke
 def test_interrupted_run_can_be_resumed_or_discarded(tmp_path):
     run = RunDir.create(tmp_path / "run")
     run.write_output("a.bin", lambda p: p.write_bytes(b"1"), "x")
-    (run.path / "state.resume").write_bytes(b"checkpoint")
+    (run.path / "checkpoint.resume").write_bytes(b"checkpoint")
     with pytest.raises(RunDirError, match="--resume"):
         RunDir.create(tmp_path / "run")
     resumed = RunDir.resume(tmp_path / "run")
     assert "a.bin" in resumed.manifest["outputs"] and resumed.manifest["resumed"]
     final = resumed.publish()
-    assert (final / "a.bin").exists() and not (final / "state.resume").exists()
+    assert (final / "a.bin").exists() and not (final / "checkpoint.resume").exists()
     with pytest.raises(RunDirError, match="no interrupted run"):
         RunDir.resume(tmp_path / "run")
     RunDir.create(tmp_path / "other")

@@ -1,6 +1,6 @@
 import numpy as np
 
-from mmexport.metrics import classification_metrics, confusion_matrix
+from mmexport.runtime.metrics import classification_metrics, confusion_matrix
 
 
 def test_confusion_matrix_rows_are_true_classes():

@@ -12,13 +12,13 @@ import torch
 
 from mmexport.backbones import get_backbone
 from mmexport.errors import CheckpointError, DataError, MissingDependencyError, MMExportError
-from mmexport.modelfile import ModelInfo
+from mmexport.runtime.modelinfo import ModelInfo
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from mmexport.export.onnx import export_onnx  # noqa: E402
-from mmexport.runners.onnxruntime_runner import OnnxRuntimeRunner, resolve_providers  # noqa: E402
+from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner, resolve_providers  # noqa: E402
 
 SIZE = 32
 CLASSES = ("a", "b", "c", "d", "e")
@@ -45,12 +45,13 @@ def test_runs_on_cpu_and_matches_torch(model_and_file):
     images = np.random.default_rng(0).standard_normal((3, 3, SIZE, SIZE), dtype=np.float32)
     with OnnxRuntimeRunner(path) as runner:
         assert runner.providers == ["CPUExecutionProvider"]
-        assert runner.input_shape == (None, 3, SIZE, SIZE)
-        assert runner.input_dtype == np.float32
-        assert runner.input_name == "image" and runner.output_names == ["logits"]
+        meta = runner.input_metadata()
+        assert list(meta) == ["image"] and meta["image"].shape == (None, 3, SIZE, SIZE)
+        assert meta["image"].dtype == np.float32 and runner.output_names == ["logits"]
         assert runner.load_seconds > 0
         assert runner.metadata()["arch"] == "resnet18"
-        logits = runner.infer(images)
+        logits = runner.infer(images)["logits"]
+        assert runner.last_inference_time() > 0
     assert runner.session is None  # released on exit
     assert logits.dtype == np.float32 and logits.shape == (3, len(CLASSES))
     with torch.no_grad():
@@ -94,7 +95,7 @@ def test_unavailable_gpu_provider_names_the_extra(model_and_file, provider):
     with pytest.raises(MissingDependencyError) as info:
         OnnxRuntimeRunner(path, providers=provider)
     message = _one_line(info.value)
-    assert wanted in message and "onnxruntime-gpu" in message and "mmexport[gpu]" in message
+    assert wanted in message and "pip install onnxruntime-gpu" in message and "uninstall" in message
 
 
 def test_provider_shorthands():
@@ -162,8 +163,8 @@ def test_float32_in_and_out_whatever_the_graph_type(tmp_path):
     onnx.save(model, str(path))
     images = np.random.default_rng(1).standard_normal((2, 3, 4, 4)).astype(np.float32)
     with OnnxRuntimeRunner(path) as runner:
-        assert runner.input_dtype == np.float16
-        out = runner.infer(images)
+        assert runner.input_metadata()["image"].dtype == np.float16
+        out = runner.infer(images)["logits"]
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, images.mean(axis=(2, 3)), atol=2e-3)
 
@@ -178,7 +179,7 @@ def test_missing_onnxruntime_is_a_one_line_error(model_and_file, monkeypatch):
 
 def test_onnxruntime_is_imported_lazily():
     code = (
-        "import sys, mmexport.runners, mmexport.runners.onnxruntime_runner, mmexport.export; "
+        "import sys, mmexport.runtime, mmexport.runtime.runners.onnxruntime, mmexport.export; "
         "bad = [m for m in ('onnxruntime', 'onnx') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -196,7 +197,7 @@ def test_cuda_provider_when_present(model_and_file):
     images = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE), dtype=np.float32)
     with OnnxRuntimeRunner(path, providers="cuda") as runner:
         assert runner.providers[0] == "CUDAExecutionProvider"
-        logits = runner.infer(images)
+        logits = runner.infer(images)["logits"]
     with torch.no_grad():
         expected = model(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-3)

@@ -6,7 +6,8 @@ import torch
 from mmexport.errors import MMExportError, VerificationError
 from mmexport.fileio import sha256_file
 from mmexport.modelfile import load_model, load_unmerged
-from mmexport.train import TrainConfig, train
+from mmexport.config import TrainConfig
+from mmexport.train import train
 from tests.conftest import TINY_TARGET
 
 
@@ -22,7 +23,8 @@ def config(sources, out, **overrides):
 def test_train_writes_a_complete_traceable_run(resnet18_sources, tmp_path):
     run = train(config(resnet18_sources, tmp_path / "run"))
     manifest = json.loads((run / "manifest.json").read_text())
-    assert set(manifest["outputs"]) == {"unmerged.safetensors", "folded.safetensors", "model.safetensors", "coefficients.png"}
+    assert set(manifest["outputs"]) == {"unmerged.safetensors", "folded.safetensors", "model.safetensors", "reference.npz",
+                                        "coefficients.png"}
     for name, entry in manifest["outputs"].items():
         assert entry["sha256"] == sha256_file(run / name)
     assert manifest["inputs"]["source_a"]["sha256"] == sha256_file(resnet18_sources[0])

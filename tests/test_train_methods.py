@@ -13,7 +13,8 @@ import torch
 from mmexport.errors import MMExportError, RunDirError
 from mmexport.fileio import sha256_file
 from mmexport.modelfile import load_model
-from mmexport.train import DistContext, TrainConfig, _epoch_indices, _lr_lambda, train
+from mmexport.config import TrainConfig
+from mmexport.train import DistContext, _epoch_indices, _lr_lambda, train
 from tests.test_train import config
 
 

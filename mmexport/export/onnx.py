@@ -59,46 +59,35 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import os
 import time
 import warnings
-from collections import Counter
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from mmexport import __version__
 from mmexport.backbones import get_backbone
-from mmexport.errors import ArchitectureError, CheckpointError, DataError, MMExportError
-from mmexport.fileio import atomic_path, sha256_file
+from mmexport.errors import ArchitectureError, MMExportError
+from mmexport.export.onnxfile import (
+    INPUT_NAME, ONNX_FORMAT, OUTPUT_NAME, get_metadata, graph_facts, load_onnx, onnx_model_info, read_onnx_metadata,
+    set_metadata, write_onnx_checked,
+)
 from mmexport.merge import MergedModel
-from mmexport.modelfile import ModelInfo
-from mmexport.tolerances import TOLERANCES
-from mmexport.verify import VerificationReport, random_inputs, verify_runners
+from mmexport.runtime.modelinfo import ModelInfo
 
-ONNX_FORMAT = "mmexport-onnx/1"
 DEFAULT_OPSET = 18
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
 EXPORTER = "torch.onnx.export(dynamo=True)"
 EXPORT_BATCH = 2  # traced with batch >= 2 so that batch 1 is never baked into the graph
-SMOKE_BATCHES = (1, 3)  # every written file is run in ONNX Runtime at these batch sizes first
-MAX_PROTO_BYTES = 2**31 - 1  # protobuf's single-message limit; larger models would need external data
-PRECISIONS = ("fp32", "fp16", "int8")
-ModelKind = Literal["folded", "unmerged", "dual"]
+ModelKind = Literal["folded", "unmerged", "dual", "single"]
 
 # Keys this module writes; ``extra_metadata`` may not override them.
 RESERVED_KEYS = frozenset(
-    {
-        "format", "model_kind", "arch", "classes", "image_size", "mean", "std", "channel_order", "layout",
-        "preprocessing", "mmexport_version", "precision", "weights_sha256", "exporter", "torch_version",
-        "onnx_opset", "input_name", "output_name", "granularity", "num_sources",
-    }
+    set(ModelInfo("resnet18", ("a", "b"), 16, (0, 0, 0), (1, 1, 1), weights_sha256="x").to_metadata())
+    | {"format", "model_kind", "exporter", "torch_version", "onnx_opset", "input_name", "output_name", "granularity",
+       "num_sources"}
 )
 
 
@@ -121,29 +110,12 @@ class DualBackbone(nn.Module):
 # -- metadata -------------------------------------------------------------------------------
 
 
-def preprocessing_metadata(info: ModelInfo) -> str:
-    """What an inference server must do to an RGB image before feeding ``image``, as JSON."""
-    return json.dumps(
-        {
-            "image_size": info.image_size,
-            "mean": list(info.mean),
-            "std": list(info.std),
-            "channel_order": info.channel_order,
-            "layout": info.layout,
-            "scale": "pixel values divided by 255 before normalising",
-        },
-        sort_keys=True,
-    )
-
-
 def _base_metadata(info: ModelInfo, kind: str, weights_sha256: str, opset: int) -> dict[str, str]:
     return {
-        **info.to_metadata(),
+        **info.with_precision("fp32").to_metadata(),
+        "weights_sha256": weights_sha256,
         "format": ONNX_FORMAT,
         "model_kind": kind,
-        "preprocessing": preprocessing_metadata(info),
-        "precision": "fp32",
-        "weights_sha256": weights_sha256,
         "exporter": EXPORTER,
         "torch_version": torch.__version__,
         "onnx_opset": str(opset),
@@ -164,150 +136,16 @@ def _merge_extra(metadata: dict[str, str], extra: dict[str, str] | None) -> dict
     return {**metadata, **extra}
 
 
-def set_metadata(model: Any, fields: dict[str, str]) -> None:
-    """Replace ``model.metadata_props`` with ``fields`` (sorted: reproducible bytes)."""
-    del model.metadata_props[:]
-    for key in sorted(fields):
-        entry = model.metadata_props.add()
-        entry.key = key
-        entry.value = str(fields[key])
-
-
-def get_metadata(model: Any) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
 def _doc_string(info: ModelInfo, kind: str, precision: str) -> str:
     size = info.image_size
-    what = {"folded": "MedMerge folded", "unmerged": "MedMerge unmerged (blend in the graph)", "dual": "dual-backbone"}[kind]
+    what = {"folded": "MedMerge folded", "unmerged": "MedMerge unmerged (blend in the graph)", "dual": "dual-backbone",
+            "single": "stock (untrained) torchvision"}[kind]
     return (
         f"{what} {info.arch}, {precision}, {info.num_classes} classes ({', '.join(info.classes)}). "
-        f"Input '{INPUT_NAME}': float32 N x 3 x {size} x {size}, {info.channel_order}, {info.layout}, "
-        f"pixels/255 normalised with mean {list(info.mean)} and std {list(info.std)}. "
+        f"Input '{INPUT_NAME}': float32 N x 3 x {size} x {size}. Preprocessing (metadata key 'preprocessing'): "
+        f"{info.preprocessing.describe()}. "
         f"Output '{OUTPUT_NAME}': float32 N x {info.num_classes} logits. Made by mmexport {__version__}."
     )
-
-
-# -- loading ---------------------------------------------------------------------------------
-
-
-def load_onnx(path: str | os.PathLike[str]):
-    """``onnx.load`` with one-line errors for a missing or unreadable file."""
-    import onnx
-
-    target = Path(path)
-    if not target.is_file():
-        raise CheckpointError(f"{target}: no such ONNX file")
-    try:
-        return onnx.load(str(target), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{target}: not a readable ONNX model ({detail})") from None
-
-
-def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The file's ``metadata_props`` as a dict."""
-    return get_metadata(load_onnx(path))
-
-
-def onnx_model_info(path: str | os.PathLike[str]) -> ModelInfo:
-    """Rebuild the :class:`ModelInfo` an mmexport ONNX file carries in its metadata."""
-    return ModelInfo.from_metadata(read_onnx_metadata(path), str(path))
-
-
-def _tensor_shape(value_info: Any) -> list[int | str | None]:
-    dims = []
-    for dim in value_info.type.tensor_type.shape.dim:
-        if dim.HasField("dim_value"):
-            dims.append(int(dim.dim_value))
-        elif dim.HasField("dim_param"):
-            dims.append(dim.dim_param)
-        else:
-            dims.append(None)
-    return dims
-
-
-def graph_facts(model: Any) -> dict[str, Any]:
-    """Opset, node counts and the input/output signature of an ONNX model."""
-    import onnx
-
-    def signature(values):
-        return [
-            {
-                "name": v.name,
-                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                "shape": _tensor_shape(v),
-            }
-            for v in values
-        ]
-
-    ops = Counter(node.op_type for node in model.graph.node)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {
-        "opset": opset,
-        "nodes": len(model.graph.node),
-        "op_counts": dict(sorted(ops.items())),
-        "initializers": len(model.graph.initializer),
-        "inputs": signature(model.graph.input),
-        "outputs": signature(model.graph.output),
-    }
-
-
-# -- writing ----------------------------------------------------------------------------------
-
-
-def _smoke_run(path: Path, num_classes: int, image_size: int) -> None:
-    """Run the file in ONNX Runtime (CPU) at each of ``SMOKE_BATCHES``; any problem is an error."""
-    from mmexport.runners.onnxruntime_runner import OnnxRuntimeRunner
-
-    rng = np.random.default_rng(0)
-    with OnnxRuntimeRunner(path, name="export check", threads=1) as runner:
-        for batch in SMOKE_BATCHES:
-            images = rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
-            logits = runner.infer(images)
-            if not isinstance(logits, np.ndarray) or logits.shape != (batch, num_classes):
-                shape = logits.shape if isinstance(logits, np.ndarray) else "several outputs"
-                raise MMExportError(
-                    f"exported model gives output {shape} for batch {batch}, expected ({batch}, {num_classes})"
-                )
-            if not np.isfinite(logits).all():
-                raise MMExportError(f"exported model gives NaN/Inf logits for batch {batch}")
-
-
-def write_onnx_checked(model: Any, path: str | os.PathLike[str], info: ModelInfo) -> dict[str, Any]:
-    """Serialise ``model`` to a temporary file beside ``path``, check it, then move it into place.
-
-    The checks (``onnx.checker.check_model(full_check=True)`` and an ONNX Runtime run at
-    batch sizes 1 and 3) run on the temporary file, so a model that fails them is never
-    published; an interruption anywhere leaves the previous ``path`` or nothing.
-    """
-    import onnx
-
-    size = model.ByteSize()
-    if size > MAX_PROTO_BYTES:
-        raise MMExportError(
-            f"{Path(path).name}: model is {size / 2**30:.1f} GiB, over ONNX's 2 GiB single-file limit"
-        )
-    data = model.SerializeToString()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise MMExportError(f"{Path(path).name}: exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
-        _smoke_run(tmp, info.num_classes, info.image_size)
-    # No "path" among the facts: callers often write through a temporary name (RunDir,
-    # atomic_path), and a manifest must not record that name.
-    target = Path(path)
-    return {
-        "size_bytes": target.stat().st_size,
-        "sha256": sha256_file(target),
-        "dynamic_batch_checked": list(SMOKE_BATCHES),
-        **graph_facts(model),
-    }
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -421,6 +259,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     weights_sha256: str,
     extra_metadata: dict[str, str] | None = None,
+    kind: ModelKind = "folded",
 ) -> dict[str, Any]:
     """Export the plain (folded or fine-tuned) torchvision network to one self-contained fp32 ONNX file.
 
@@ -433,7 +272,7 @@ def export_onnx(
     input/output names, dtypes and shapes.
     """
     _check_plain(model, info, "export_onnx")
-    return _export(model, info, path, kind="folded", opset=opset, weights_sha256=weights_sha256,
+    return _export(model, info, path, kind=kind, opset=opset, weights_sha256=weights_sha256,
                    extra_metadata=extra_metadata)
 
 
@@ -489,91 +328,8 @@ def export_dual_onnx(
                    extra_metadata=extra_metadata)
 
 
-# -- verification -----------------------------------------------------------------------------
-
-
-def _check_data(data_arrays: Any, info: ModelInfo) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        images, labels = data_arrays
-    except (TypeError, ValueError):
-        raise DataError("data_arrays must be a pair (images, labels)") from None
-    images = np.asarray(images)
-    expected = (3, info.image_size, info.image_size)
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected or len(images) == 0:
-        raise DataError(f"verification images must be N x {' x '.join(map(str, expected))} with N >= 1, got shape {images.shape}")
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (len(images),):
-            raise DataError(f"verification labels must have shape ({len(images)},), got {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
-            raise DataError(f"verification labels must lie in 0..{info.num_classes - 1}")
-    return images.astype(np.float32, copy=False), labels
-
-
-def _no_labelled_data_failure(report: VerificationReport) -> VerificationReport:
-    """int8 without labelled held-out data cannot pass: say so in the report itself."""
-    message = (
-        "no labelled held-out target data: the int8 policy (top-1 agreement and macro-F1 drop) "
-        "can only be judged on it"
-    )
-    for input_set in report.input_sets:
-        for stats in input_set.outputs.values():
-            stats.failures.append(message)
-    return report
-
-
-def verify_onnx_artifact(
-    torch_model: nn.Module,
-    onnx_path: str | os.PathLike[str],
-    info: ModelInfo,
-    precision: str,
-    *,
-    data_arrays: tuple[np.ndarray, np.ndarray] | None = None,
-    samples: int = 64,
-    seed: int = 0,
-    batch_size: int = 16,
-    threads: int | None = None,
-    data_name: str = "data",
-    torch_device: str = "cpu",
-) -> VerificationReport:
-    """Compare the ONNX artifact in ONNX Runtime (CPU) with the fp32 torch model under ``TOLERANCES[precision]``.
-
-    fp32/fp16: seeded random inputs in the normalised range (``samples`` of them) and,
-    when given, the real images of ``data_arrays`` (``(images, labels)``, already
-    normalised; reported as the input set ``data_name``, e.g. ``"data:val"``), all
-    judged element-wise and on top-1 agreement. ``threads``: ONNX Runtime's intra-op
-    threads (None: its default). ``torch_device``: where the fp32 reference runs (the
-    model is moved there).
-
-    int8: the policy is defined on held-out target data (top-1 agreement >= 99 % and a
-    macro-F1 drop <= 1 pt), so only ``data_arrays`` is judged; random inputs lie outside
-    the calibrated ranges and would measure clipping, not the artifact. Without labelled
-    data the report still carries the random-input statistics but is marked failed, with
-    the reason as its failure message.
-    """
-    if precision not in PRECISIONS:
-        raise MMExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    tolerance = TOLERANCES[precision]
-    stated = read_onnx_metadata(onnx_path).get("precision")
-    if stated is not None and stated != precision:
-        raise MMExportError(f"{onnx_path}: the file is {stated}, not {precision}")
-    if samples < 1:
-        raise MMExportError(f"samples must be at least 1, got {samples}")
-    data = _check_data(data_arrays, info) if data_arrays is not None else None
-
-    from mmexport.runners.onnxruntime_runner import OnnxRuntimeRunner
-    from mmexport.runners.torch_runner import TorchRunner
-
-    input_sets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    labelled = data is not None and data[1] is not None
-    if precision != "int8" or not labelled:
-        input_sets["random"] = (random_inputs(samples, info.image_size, info.mean, info.std, seed=seed), None)
-    if data is not None and (precision != "int8" or labelled):
-        input_sets[data_name] = data
-    reference = TorchRunner(torch_model, "torch fp32 (reference)", torch_device)
-    candidate = OnnxRuntimeRunner(onnx_path, name=f"onnxruntime {precision} ({Path(onnx_path).name})", threads=threads)
-    with reference as ref, candidate as cand:
-        report = verify_runners(ref, cand, input_sets, tolerance, batch_size=batch_size)
-    if precision == "int8" and not labelled:
-        report = _no_labelled_data_failure(report)
-    return report
+__all__ = [
+    "DEFAULT_OPSET", "DualBackbone", "EXPORTER", "INPUT_NAME", "ONNX_FORMAT", "OUTPUT_NAME", "export_dual_onnx",
+    "export_onnx", "export_unmerged_onnx", "get_metadata", "graph_facts", "load_onnx", "onnx_model_info",
+    "read_onnx_metadata", "set_metadata", "write_onnx_checked",
+]

@@ -41,27 +41,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from mmexport.errors import DataError, MissingDependencyError, MMExportError
-from mmexport.export.onnx import (
-    INPUT_NAME,
-    get_metadata,
-    load_onnx,
-    set_metadata,
-    write_onnx_checked,
-)
+from mmexport.export.onnxfile import INPUT_NAME, get_metadata, load_onnx, set_metadata, write_onnx_checked
 from mmexport.fileio import sha256_file
-from mmexport.modelfile import ModelInfo
+from mmexport.progress import ProgressSink, sink
+from mmexport.runtime.modelinfo import ModelInfo
 
 DEFAULT_CALIBRATION_IMAGES = 256  # enough for stable min/max and histograms on a CNN; all images if fewer
 CALIBRATION_BATCH = 8  # images per calibration run
@@ -69,6 +66,7 @@ CALIBRATION_CHUNK = 32  # images whose intermediate tensors are held at once (ON
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INT8_TARGETS = ("onnxruntime", "tensorrt")
 CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
+logger = logging.getLogger(__name__)
 Int8Target = Literal["onnxruntime", "tensorrt"]
 
 
@@ -76,10 +74,9 @@ def _source(src_path: str | os.PathLike[str]):
     """The fp32 source model, its metadata and :class:`ModelInfo`."""
     model = load_onnx(src_path)
     metadata = get_metadata(model)
-    precision = metadata.get("precision", "fp32")
-    if precision != "fp32":
-        raise MMExportError(f"{src_path}: is already {precision}; convert from the fp32 export")
     info = ModelInfo.from_metadata(metadata, str(src_path))
+    if info.precision != "fp32":
+        raise MMExportError(f"{src_path}: is already {info.precision}; convert from the fp32 export")
     return model, metadata, info
 
 
@@ -196,7 +193,7 @@ def _largest_divisor_at_most(total: int, bound: int) -> int:
     return max(d for d in range(1, max(1, min(total, bound)) + 1) if total % d == 0)
 
 
-def _calibration_reader(images: np.ndarray, batch_size: int, progress: Callable[[int, int], None] | None):
+def _calibration_reader(images: np.ndarray, batch_size: int, progress: ProgressSink):
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -219,29 +216,45 @@ def _calibration_reader(images: np.ndarray, batch_size: int, progress: Callable[
             batch = self.batches[self.position]
             self.position += 1
             self.done += len(batch)
-            if progress is not None:
-                progress(self.done, len(images))
+            progress.advance(len(batch))
             return {INPUT_NAME: batch}
 
     return Reader()
 
 
+class _FromQuantizer(logging.Filter):
+    """Diverts the records ONNX Runtime's quantizer logs on the *root* logger to this module's logger (DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "onnxruntime" in record.pathname and "quantization" in record.pathname:
+            logger.debug("onnxruntime.quantization: %s", record.getMessage())
+            return False
+        return True
+
+
 @contextlib.contextmanager
 def _quiet():
-    """Silence ONNX Runtime's quantizer: it prints progress and logs advice on the root logger."""
+    """Keep ONNX Runtime's quantizer out of the user's output without touching anyone else's logging.
+
+    The quantizer prints progress on stdout and logs advice through ``logging.info``/
+    ``logging.warning`` on the root logger. Its records are filtered (by origin) and
+    re-logged at DEBUG under ``mmexport.export.precision``; the root logger's level
+    and handlers stay as they are. One guard: ``logging.warning()`` on a root logger
+    without handlers would install a stderr handler for good, so a ``NullHandler``
+    sits there for the duration when (and only when) the root has none.
+    """
     root = logging.getLogger()
-    level = root.level
-    # logging.warning() on a handler-less root logger would install a stderr handler for good.
+    diverter = _FromQuantizer()
     guard = logging.NullHandler() if not root.handlers else None
     if guard is not None:
         root.addHandler(guard)
-    root.setLevel(logging.ERROR)
+    root.addFilter(diverter)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        root.setLevel(level)
+        root.removeFilter(diverter)
         if guard is not None:
             root.removeHandler(guard)
 
@@ -258,6 +271,109 @@ def _quantizer_settings(target: str, per_channel: bool):
     return activation, QuantType.QInt8, extra
 
 
+class _Quantizer:
+    """ONNX Runtime's static QDQ quantizer, calibrated once and re-run with different float nodes.
+
+    With ONNX Runtime's calibration cache (``calibration_cache_path``, ONNX Runtime
+    >= 1.24) the tensor ranges are computed once and every later quantization only
+    rewrites the graph; older versions re-calibrate each time (same result, slower).
+    """
+
+    def __init__(self, model: Any, images: np.ndarray, *, method: str, target: str, per_channel: bool,
+                 workdir: Path, progress: ProgressSink) -> None:
+        import inspect
+
+        from onnxruntime.quantization import CalibrationMethod, quantize_static
+
+        self.model = model
+        self.images = images
+        self.method = method
+        self.per_channel = per_channel
+        self.progress = progress
+        self.workdir = workdir
+        self.calibrate_method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[method]
+        self.activation_type, self.weight_type, extra = _quantizer_settings(target, per_channel)
+        if method == "minmax":
+            # ONNX Runtime's calibrators keep every intermediate tensor of every image they
+            # are given (~20 MB per 224 px image for resnet18); its strided min/max mode
+            # (a window that divides the batch count) bounds that to CALIBRATION_CHUNK images.
+            batches = -(-len(images) // CALIBRATION_BATCH)
+            extra = {**extra, "CalibStridedMinMax": _largest_divisor_at_most(batches, max(1, CALIBRATION_CHUNK // CALIBRATION_BATCH))}
+        self.extra = extra
+        self.cache = workdir / "calibration.json" if "calibration_cache_path" in inspect.signature(quantize_static).parameters else None
+        self.runs = 0
+
+    def quantize(self, out_path: Path, *, exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> Any:
+        """Quantize into ``out_path`` (keeping ``exclude`` in float, or quantizing ``only``); returns the ModelProto."""
+        import onnx
+        from onnxruntime.quantization import QuantFormat, quantize_static
+
+        calibrated = self.cache is not None and self.cache.is_file()
+        reader = None
+        if not calibrated:
+            reader = _calibration_reader(self.images, CALIBRATION_BATCH, self.progress)
+            self.progress.start(f"calibrating int8 ({self.method}) on {len(self.images)} images", len(self.images))
+        options: dict[str, Any] = {}
+        if self.cache is not None:
+            options["calibration_cache_path"] = str(self.cache)
+        try:
+            with _quiet():
+                quantize_static(
+                    self.model, str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=self.per_channel,
+                    reduce_range=False, activation_type=self.activation_type, weight_type=self.weight_type,
+                    nodes_to_exclude=list(exclude) or None, nodes_to_quantize=list(only) if only is not None else None,
+                    calibrate_method=self.calibrate_method, calibration_providers=["CPUExecutionProvider"],
+                    extra_options=self.extra, **options,
+                )
+        except MMExportError:
+            raise
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MMExportError(f"int8 quantization failed: {detail}") from exc
+        finally:
+            if reader is not None:
+                self.progress.finish()
+        self.runs += 1
+        return onnx.load(str(out_path))
+
+
+def quantizable_nodes(model: Any) -> list[str]:
+    """The weight-bearing nodes (Conv, Gemm, MatMul), input to output: where int8 error comes from."""
+    return [node.name for node in model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul") and node.name]
+
+
+def _outputs(path: Path, images: np.ndarray) -> np.ndarray:
+    from mmexport.runtime.compare import run_batched
+    from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
+
+    with OnnxRuntimeRunner(path, name="int8 sensitivity") as runner:
+        return next(iter(run_batched(runner, images, 16).values()))
+
+
+def _relative_error(candidate: np.ndarray, reference: np.ndarray) -> float:
+    """Mean absolute logit error relative to the mean logit range (scale-free, as the fp16 policy row)."""
+    spread = float(np.mean(reference.max(axis=1) - reference.min(axis=1))) or 1.0
+    return float(np.mean(np.abs(candidate - reference))) / spread
+
+
+@dataclass
+class Int8Search:
+    """How an accuracy-aware int8 artifact was found: the float nodes and what each attempt measured."""
+
+    float_nodes: list[str] = field(default_factory=list)
+    sensitivity: list[tuple[str, float]] = field(default_factory=list)  # node, relative error when only it is int8
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # float node count -> passed, top-1, F1 drop
+    passed: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"float_nodes": self.float_nodes, "sensitivity": [[n, round(e, 6)] for n, e in self.sensitivity],
+                "attempts": self.attempts, "passed": self.passed}
+
+
 def quantize_int8(
     src_path: str | os.PathLike[str],
     dst_path: str | os.PathLike[str],
@@ -267,17 +383,28 @@ def quantize_int8(
     method: CalibrationMethodName = "minmax",
     target: Int8Target = "onnxruntime",
     max_images: int = DEFAULT_CALIBRATION_IMAGES,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressSink | None = None,
+    judge: Callable[[Path], Any] | None = None,
+    max_float_fraction: float = 0.5,
 ) -> dict[str, Any]:
-    """Static int8 QDQ quantization of the fp32 export, calibrated on target images.
+    """Static int8 QDQ quantization of the fp32 export, calibrated on target images; accuracy-aware with ``judge``.
 
     ``calibration_images``: float32 N x 3 x S x S, normalised like the model's input
-    (e.g. ``TaskData.arrays("train")[0]``); at most ``max_images`` (default 256) are
-    used, evenly spaced over the set, all of them if fewer. ``method``: ``minmax``,
-    ``entropy`` or ``percentile`` (ONNX Runtime's calibrators). ``target``: see the
-    module docstring (``onnxruntime``: U8S8, fast on the CPU; ``tensorrt``: symmetric
-    S8S8 with zero points 0). Weights are int8 symmetric, per output channel unless
-    ``per_channel=False``. ``progress(done, total)`` is called as calibration advances.
+    (labels are not needed: any images of the model's size and preprocessing); at most
+    ``max_images`` (default 256) are used, evenly spaced over the set. ``method``:
+    ``minmax``, ``entropy`` or ``percentile`` (ONNX Runtime's calibrators). ``target``:
+    see the module docstring (``onnxruntime``: U8S8, fast on the CPU; ``tensorrt``:
+    symmetric S8S8 with zero points 0). Weights are int8 symmetric, per output channel
+    unless ``per_channel=False``. Calibration reports its images through ``progress``.
+
+    ``judge(path) -> report`` (``.passed``, ``.stats()``): the int8 policy on labelled
+    held-out data. When the fully quantized graph fails it, the weight-bearing nodes are
+    ranked by *sensitivity* -- the logit error (relative to the logit range) on the
+    calibration images when only that node is int8 -- and the most sensitive are kept in
+    float, 1, 2, 4, ... of them and then bisected, until the policy holds or
+    ``max_float_fraction`` of the nodes are float. The nodes kept, the ranking and every
+    attempt go into the file's metadata (``int8_recipe``) and the returned facts. With
+    no passing candidate the last one is written and the caller's check refuses it.
 
     Bad calibration data raises :class:`DataError` before anything is written.
     """
@@ -287,69 +414,42 @@ def quantize_int8(
         raise MMExportError(f"unknown int8 target {target!r}; choose one of {', '.join(INT8_TARGETS)}")
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
         raise MMExportError(f"max_images must be a positive integer, got {max_images!r}")
+    if not 0.0 <= max_float_fraction <= 1.0:
+        raise MMExportError(f"max_float_fraction must be in [0, 1], got {max_float_fraction}")
     model, metadata, info = _source(src_path)
     check_calibration_images(calibration_images, info, _static_input_dims(model))
     images = select_calibration(calibration_images, max_images)  # only what is used is converted and hashed
-
     try:
-        import onnx
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+        import onnx  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
     except ImportError:
         raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from None
 
-    calibrate_method = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }[method]
-    activation_type, weight_type, extra = _quantizer_settings(target, per_channel)
-    batches = -(-len(images) // CALIBRATION_BATCH)
-    # ONNX Runtime's calibrators keep every intermediate tensor of every image they are
-    # given in memory (~20 MB per 224 px image for resnet18); feeding them a window at a
-    # time (their "strided" mode, which needs a window size dividing the batch count)
-    # bounds that to CALIBRATION_CHUNK images.
-    stride = _largest_divisor_at_most(batches, max(1, CALIBRATION_CHUNK // CALIBRATION_BATCH))
-    extra = {**extra, "CalibStridedMinMax": stride}
-    reader = _calibration_reader(images, CALIBRATION_BATCH, progress)
-
+    progress = sink(progress)
     start = time.perf_counter()
+    search = Int8Search()
     with tempfile.TemporaryDirectory(prefix="mmexport-quant-") as workdir:
-        quantized_path = Path(workdir) / "quantized.onnx"
-        try:
-            with _quiet():
-                quantize_static(
-                    model,
-                    str(quantized_path),
-                    reader,
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel,
-                    reduce_range=False,
-                    activation_type=activation_type,
-                    weight_type=weight_type,
-                    calibrate_method=calibrate_method,
-                    calibration_providers=["CPUExecutionProvider"],
-                    extra_options=extra,
-                )
-        except MMExportError:
-            raise
-        except Exception as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MMExportError(f"int8 quantization of {src_path} failed: {detail}") from exc
-        quantized = onnx.load(str(quantized_path))
+        work = Path(workdir)
+        quantizer = _Quantizer(model, images, method=method, target=target, per_channel=per_channel, workdir=work,
+                               progress=progress)
+        candidate = work / "int8.onnx"
+        quantized = quantizer.quantize(candidate)
+        if judge is not None:
+            quantized = _search_float_nodes(quantizer, work, candidate, quantized, judge, search, max_float_fraction,
+                                            src_path, progress)
     ops = {node.op_type for node in quantized.graph.node}
     if not {"QuantizeLinear", "DequantizeLinear"} <= ops:
         raise MMExportError(f"int8 quantization of {src_path} inserted no QuantizeLinear/DequantizeLinear nodes")
     _check_float_io(quantized, str(dst_path))
 
-    calibration = {
-        "count": len(images),
-        "method": method,
-        "sha256": calibration_sha256(images),
-    }
+    calibration = {"count": len(images), "method": method, "sha256": calibration_sha256(images)}
     quantized.producer_name = model.producer_name
     quantized.producer_version = model.producer_version
     quantized.doc_string = model.doc_string
     _doc(quantized, "int8")
+    recipe = {"tool": f"onnxruntime.quantization.quantize_static {_ort_version()}", "format": "QDQ", "target": target,
+              "calibration": method, "per_channel": per_channel, "accuracy_aware": judge is not None,
+              "float_nodes": search.float_nodes, "quantizations": quantizer.runs}
     set_metadata(
         quantized,
         {
@@ -363,6 +463,7 @@ def quantize_int8(
             "calibration_count": str(calibration["count"]),
             "calibration_method": method,
             "calibration_sha256": calibration["sha256"],
+            "int8_recipe": json.dumps(recipe, sort_keys=True),
         },
     )
     facts = write_onnx_checked(quantized, dst_path, info)
@@ -372,6 +473,84 @@ def quantize_int8(
         "int8_target": target,
         "per_channel": per_channel,
         "calibration": calibration,
+        "float_nodes": list(search.float_nodes),
+        "int8_search": search.as_dict() if judge is not None else None,
         "quantize_seconds": round(time.perf_counter() - start, 3),
         **facts,
     }
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _search_float_nodes(quantizer: _Quantizer, work: Path, candidate: Path, quantized: Any, judge: Callable[[Path], Any],
+                        search: Int8Search, max_float_fraction: float, src_path: Any, progress: ProgressSink) -> Any:
+    """Keep the most sensitive nodes in float until ``judge`` passes (see :func:`quantize_int8`)."""
+    import shutil
+
+    def attempt(floats: list[str]) -> tuple[bool, Path, Any]:
+        path = work / f"int8-{len(floats)}.onnx"
+        proto = quantizer.quantize(path, exclude=floats) if floats else quantized
+        if not floats:
+            shutil.copyfile(candidate, path)
+        report = judge(path)
+        stats = next(iter(report.stats().values()), None)
+        search.attempts.append({
+            "float_nodes": len(floats), "passed": bool(report.passed),
+            "top1_agreement": None if stats is None else round(stats.top1_agreement, 6),
+            "macro_f1_drop": None if stats is None or stats.macro_f1_drop is None else round(stats.macro_f1_drop, 6),
+        })
+        return bool(report.passed), path, proto
+
+    ok, path, proto = attempt([])
+    if ok:
+        search.passed = True
+        return proto
+    nodes = quantizable_nodes(quantizer.model)
+    budget = int(len(nodes) * max_float_fraction)
+    if budget < 1:
+        return proto
+    progress.message(f"int8 fails the policy fully quantized: ranking {len(nodes)} layers by sensitivity")
+    sample = quantizer.images[: min(64, len(quantizer.images))]
+    fp32_path = work / "fp32.onnx"
+    import onnx
+
+    onnx.save(quantizer.model, str(fp32_path))
+    reference = _outputs(fp32_path, sample)
+    progress.start("measuring per-layer int8 sensitivity", len(nodes))
+    try:
+        for node in nodes:
+            only = work / "only.onnx"
+            quantizer.quantize(only, only=[node])
+            search.sensitivity.append((node, _relative_error(_outputs(only, sample), reference)))
+            progress.advance()
+    finally:
+        progress.finish()
+    ranked = [name for name, _ in sorted(search.sensitivity, key=lambda item: -item[1])]
+    best: tuple[list[str], Path, Any] | None = None
+    low, count = 0, 1
+    last = (path, proto)
+    while count <= budget:  # 1, 2, 4, ... float nodes until the policy holds
+        progress.message(f"int8 with the {count} most sensitive layer(s) in float")
+        ok, path, proto = attempt(ranked[:count])
+        last = (path, proto)
+        if ok:
+            best = (ranked[:count], path, proto)
+            break
+        low = count
+        count = count * 2 if count * 2 <= budget or count == budget else budget
+    if best is None:
+        return last[1]
+    high = len(best[0])
+    while high - low > 1:  # bisect between the last failing and the first passing count
+        middle = (low + high) // 2
+        ok, path, proto = attempt(ranked[:middle])
+        if ok:
+            high, best = middle, (ranked[:middle], path, proto)
+        else:
+            low = middle
+    search.float_nodes, search.passed = list(best[0]), True
+    return best[2]

@@ -1,7 +1,7 @@
-"""ONNX Runtime backend: one ``InferenceSession`` per ``with`` block.
+"""ONNX Runtime backend: a session loader and a runner (kept apart, as in Polygraphy's ``backend/onnxrt``).
 
-``onnxruntime`` is imported here, lazily, so ``import mmexport.runners`` and the
-CLI's help work without it. The same class serves the CPU package
+``onnxruntime`` is imported lazily, on first use, so ``import mmexport.runtime`` and
+the CLI's help work without it. The same class serves the CPU package
 (``onnxruntime``) and the GPU one (``onnxruntime-gpu``, which provides the CUDA
 and TensorRT execution providers under the same module name; the two packages
 must never be installed together).
@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from mmexport.errors import CheckpointError, DataError, MissingDependencyError, MMExportError
+from mmexport.errors import CheckpointError, MissingDependencyError, MMExportError
+from mmexport.runtime.runners.base import BaseRunner, TensorMetadata
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -36,8 +37,8 @@ PROVIDER_SHORTHANDS: dict[str, tuple[str, ...]] = {
     "trt": (TENSORRT, CUDA, CPU),
 }
 _GPU_HINT = (
-    "pip install 'mmexport[gpu]' (it brings onnxruntime-gpu; uninstall onnxruntime first: "
-    "the two packages must not be installed together)"
+    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu "
+    "(the two packages provide the same module and must not be installed together)"
 )
 GRAPH_OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disable")
 
@@ -55,7 +56,7 @@ def _import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime (or 'mmexport[gpu]' for GPUs)") from None
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu on GPU hosts)") from None
     return onnxruntime
 
 
@@ -91,30 +92,28 @@ def resolve_providers(providers: str | Sequence[str] | None, available: Sequence
     return [name for name in expanded if name in available]
 
 
-class OnnxRuntimeRunner:
-    """Runs an ONNX file in ONNX Runtime; the session lives between ``__enter__`` and ``__exit__``.
+class SessionFromOnnx:
+    """Loader: a callable that builds an ``InferenceSession`` for an ONNX file (or serialized bytes).
 
     ``threads`` is ONNX Runtime's intra-op thread count (None: its default, one per
     physical core); ``inter_op_threads`` matters only with ``sequential=False``.
     ``graph_optimization_level`` is one of ``all`` (default), ``extended``, ``basic``,
-    ``disable``. After ``__enter__``: ``session``, ``input_name``, ``input_shape``
-    (dynamic dimensions are ``None``), ``input_dtype``, ``output_names``,
-    ``providers`` (as the session reports them) and ``load_seconds``.
+    ``disable``. A requested execution provider that is missing is one error line
+    naming what to install; a provider that fails to start (onnxruntime-gpu without
+    its CUDA libraries) is an error, never a silent fall-back to the CPU.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        model: str | os.PathLike[str] | bytes,
         *,
-        name: str | None = None,
         providers: str | Sequence[str] | None = None,
         threads: int | None = None,
         inter_op_threads: int | None = None,
         graph_optimization_level: str = "all",
         sequential: bool = True,
     ) -> None:
-        self.path = Path(path)
-        self.name = name or f"onnxruntime ({self.path.name})"
+        self.model = model if isinstance(model, bytes) else Path(model)
         if graph_optimization_level not in GRAPH_OPTIMIZATION_LEVELS:
             raise MMExportError(
                 f"unknown graph optimisation level {graph_optimization_level!r}; "
@@ -128,16 +127,12 @@ class OnnxRuntimeRunner:
         self.graph_optimization_level = graph_optimization_level
         self.sequential = sequential
         ort = _import_onnxruntime()
-        self.requested_providers = resolve_providers(providers, ort.get_available_providers())
-        self.session: Any = None
-        self.input_name: str = ""
-        self.input_shape: tuple[int | None, ...] = ()
-        self.input_dtype: np.dtype = np.dtype(np.float32)
-        self.output_names: list[str] = []
-        self.providers: list[str] = []
-        self.load_seconds: float = float("nan")
+        self.providers = resolve_providers(providers, ort.get_available_providers())
 
-    # -- session lifetime -------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return "ONNX bytes" if isinstance(self.model, bytes) else str(self.model)
+
     def _session_options(self, ort):
         options = ort.SessionOptions()
         options.graph_optimization_level = {
@@ -156,71 +151,67 @@ class OnnxRuntimeRunner:
         options.log_severity_level = 3
         return options
 
-    def __enter__(self) -> "OnnxRuntimeRunner":
+    def __call__(self):
         ort = _import_onnxruntime()
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: no such ONNX file")
-        options = self._session_options(ort)
-        start = time.perf_counter()
+        if isinstance(self.model, Path) and not self.model.is_file():
+            raise CheckpointError(f"{self.model}: no such ONNX file")
+        source = self.model if isinstance(self.model, bytes) else str(self.model)
         try:
-            session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.requested_providers)
+            session = ort.InferenceSession(source, sess_options=self._session_options(ort), providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own (pybind) exception types
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{self.path}: ONNX Runtime cannot load this model ({detail})") from None
-        self.load_seconds = time.perf_counter() - start
+            raise CheckpointError(f"{self.label}: ONNX Runtime cannot load this model ({detail})") from None
         active = session.get_providers()
-        first = self.requested_providers[0]
-        if first not in active:  # e.g. onnxruntime-gpu without the CUDA/cuDNN libraries it needs
+        if self.providers[0] not in active:  # e.g. onnxruntime-gpu without the CUDA/cuDNN libraries it needs
             raise MissingDependencyError(
-                f"ONNX Runtime could not start {first} (running on {', '.join(active)}); "
+                f"ONNX Runtime could not start {self.providers[0]} (running on {', '.join(active)}); "
                 "check the CUDA/cuDNN/TensorRT libraries that onnxruntime-gpu needs"
             )
-        inputs = session.get_inputs()
-        if len(inputs) != 1:
-            raise CheckpointError(f"{self.path}: expected one image input, the model has {len(inputs)}")
-        graph_input = inputs[0]
-        if graph_input.type not in _ORT_TYPES:
-            raise CheckpointError(f"{self.path}: unsupported input type {graph_input.type}")
+        return session
+
+
+class OnnxRuntimeRunner(BaseRunner):
+    """Runs an ONNX model in ONNX Runtime; the session lives while the runner is active.
+
+    ``model`` is a :class:`SessionFromOnnx` loader, or a path (then the keyword
+    arguments build the loader). Whatever precision the graph computes in (fp32, fp16
+    with fp32 I/O, int8 QDQ), outputs come back as float32. After activation:
+    ``session``, ``providers`` (as the session reports them), ``load_seconds``.
+    """
+
+    def __init__(self, model: SessionFromOnnx | str | os.PathLike[str], *, name: str | None = None, **loader_options) -> None:
+        self.loader = model if isinstance(model, SessionFromOnnx) else SessionFromOnnx(model, **loader_options)
+        super().__init__(name or f"onnxruntime ({Path(self.loader.label).name})")
+        self.session: Any = None
+        self.providers: list[str] = []
+        self.load_seconds: float = float("nan")
+        self.output_names: list[str] = []
+
+    def activate_impl(self) -> None:
+        start = time.perf_counter()
+        session = self.loader()
+        self.load_seconds = time.perf_counter() - start
+        for graph_input in session.get_inputs():
+            if graph_input.type not in _ORT_TYPES:
+                raise CheckpointError(f"{self.loader.label}: unsupported input type {graph_input.type} of {graph_input.name}")
         self.session = session
-        self.providers = list(active)
-        self.input_name = graph_input.name
-        self.input_shape = tuple(d if isinstance(d, int) else None for d in graph_input.shape)
-        self.input_dtype = np.dtype(_ORT_TYPES[graph_input.type])
+        self.providers = list(session.get_providers())
         self.output_names = [o.name for o in session.get_outputs()]
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def deactivate_impl(self) -> None:
         self.session = None
-        return None
 
-    # -- inference --------------------------------------------------------------------------
-    def _check_batch(self, batch: np.ndarray) -> None:
-        if batch.ndim != len(self.input_shape):
-            raise DataError(
-                f"{self.name}: input must have {len(self.input_shape)} dimensions {self._shape_text()}, got shape {batch.shape}"
-            )
-        for axis, (expected, actual) in enumerate(zip(self.input_shape, batch.shape)):
-            if expected is not None and expected != actual:
-                raise DataError(f"{self.name}: input shape {batch.shape} does not fit the model's {self._shape_text()}")
+    def input_metadata_impl(self) -> dict[str, TensorMetadata]:
+        return {
+            i.name: TensorMetadata(np.dtype(_ORT_TYPES[i.type]), tuple(d if isinstance(d, int) else None for d in i.shape))
+            for i in self.session.get_inputs()
+        }
 
-    def _shape_text(self) -> str:
-        return "(" + ", ".join("N" if d is None else str(d) for d in self.input_shape) + ")"
-
-    def infer(self, batch: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
-        """float32 logits for a float32 NCHW batch (a dict if the graph has several outputs)."""
-        if self.session is None:
-            raise MMExportError(f"{self.name}: use the runner inside a 'with' block")
-        array = np.asarray(batch)
-        self._check_batch(array)
-        feed = {self.input_name: np.ascontiguousarray(array, dtype=self.input_dtype)}
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(None, feed)
-        results = [np.asarray(o, dtype=np.float32) for o in outputs]
-        if len(results) == 1:
-            return results[0]
-        return dict(zip(self.output_names, results))
+        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs)}
 
     def metadata(self) -> dict[str, str]:
         """The model's ``metadata_props`` as ONNX Runtime reads them."""
-        if self.session is None:
-            raise MMExportError(f"{self.name}: use the runner inside a 'with' block")
+        self._require_active()
         return dict(self.session.get_modelmeta().custom_metadata_map)

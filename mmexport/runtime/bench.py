@@ -10,6 +10,7 @@ and the ratios between them stay trustworthy.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -21,9 +22,9 @@ from typing import Callable
 import numpy as np
 
 from mmexport.errors import MMExportError
-from mmexport.runners.base import Runner
+from mmexport.runtime.runners.base import BaseRunner
 
-UNSTABLE_CV = 0.10  # trtexec warns when the coefficient of variation exceeds 10 %
+UNSTABLE_CV = 0.10  # host wall clock on a shared CPU; TensorRT runs use trtexec's own 2.5 % of GPU compute (trt_stats)
 
 
 @dataclass
@@ -35,8 +36,9 @@ class BenchSettings:
     rounds: int = 5  # interleaving rounds per batch size
     distinct_batches: int = 4
     seed: int = 0
-    # GPU: time on the device with CUDA events (runners with ``timed_infer``); "compute"
-    # excludes the host<->device copies, "total" includes them. None: host wall clock.
+    # GPU: time on the device with CUDA events (runners whose ``last_inference_timings()``
+    # reports them); "compute" excludes the host<->device copies, "total" includes them.
+    # None: host wall clock.
     device_timing: str | None = None
 
     def validate(self) -> None:
@@ -44,12 +46,14 @@ class BenchSettings:
             raise MMExportError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
         if (self.duration_s is None) == (self.iterations is None):
             raise MMExportError("give exactly one of --duration and --iterations")
-        if self.duration_s is not None and self.duration_s <= 0:
-            raise MMExportError("--duration must be positive")
+        if self.duration_s is not None and not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise MMExportError(f"--duration must be a positive number of seconds, got {self.duration_s}")
         if self.iterations is not None and self.iterations < 1:
             raise MMExportError("--iterations must be at least 1")
         if self.device_timing not in (None, "compute", "total"):
             raise MMExportError(f"device timing must be compute or total, got {self.device_timing!r}")
+        if not math.isfinite(self.warmup_s):
+            raise MMExportError(f"--warmup must be a finite number of seconds, got {self.warmup_s}")
         if self.warmup_s < 0 or self.rounds < 1 or self.distinct_batches < 1:
             raise MMExportError("--warmup must be >= 0; rounds and distinct batches >= 1")
 
@@ -93,6 +97,9 @@ class BenchResult:
     peak_rss_bytes: int | None  # process RSS high-water mark during load + warm-up, minus RSS before the load
     gpu_peak_bytes: int | None = None
     warnings: list[str] = field(default_factory=list)
+    verified: bool | None = None  # whether the artifact measured passed its verification (None: not applicable)
+    note: str = ""  # what the row measures, where it is not obvious
+    device: dict | None = None  # GPU runners: trtexec's statistics of H2D / compute / D2H / enqueue (trt_stats)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -103,11 +110,13 @@ class ModelUnderTest:
     """A named model and how to make its runner (a fresh one per batch size)."""
 
     name: str
-    make_runner: Callable[[], Runner]
+    make_runner: Callable[[], BaseRunner]
     artifact_bytes: int | None = None
     image_size: int = 224
     engine: str = "torch"
     precision: str = "fp32"
+    verified: bool | None = None
+    note: str = ""
 
 
 def _reset_peak_rss() -> bool:
@@ -154,28 +163,64 @@ def _gpu_peak(reset: bool = False) -> int | None:
     return int(torch.cuda.max_memory_allocated())
 
 
-def _timed_calls(runner: Runner, batches: list[np.ndarray], start_index: int, seconds: float | None,
-                 count: int | None, device_timing: str | None = None) -> tuple[list[float], int]:
+@dataclass
+class _DeviceSamples:
+    h2d: list[float] = field(default_factory=list)
+    compute: list[float] = field(default_factory=list)
+    d2h: list[float] = field(default_factory=list)
+    enqueue: list[float] = field(default_factory=list)
+
+    def add(self, runner: BaseRunner) -> None:
+        parts = runner.last_inference_timings()
+        if parts is None:
+            return
+        self.h2d.append(parts["h2d"])
+        self.compute.append(parts["compute"])
+        self.d2h.append(parts["d2h"])
+        enqueue = runner.last_enqueue_time()
+        self.enqueue.append(enqueue if enqueue is not None else float("nan"))
+
+
+def _timed_calls(runner: BaseRunner, batches: list[np.ndarray], start_index: int, seconds: float | None,
+                 count: int | None, device_timing: str | None = None,
+                 device: _DeviceSamples | None = None) -> tuple[list[float], int]:
     samples: list[float] = []
     index = start_index
     deadline = time.perf_counter() + seconds if seconds is not None else None
-    timed = device_timing is not None and hasattr(runner, "timed_infer")
     while True:
         batch = batches[index % len(batches)]
-        if timed:
-            _, parts = runner.timed_infer(batch)
+        if device_timing is not None:
+            runner.infer(batch, check_inputs=False)
+            parts = runner.last_inference_timings()
+            if parts is None:
+                raise MMExportError(f"{runner.name}: this runner does not time on the device; drop --device-timing")
             milliseconds = parts["compute"] if device_timing == "compute" else sum(parts.values())
             samples.append(milliseconds / 1e3)
         else:
             begin = time.perf_counter()
-            runner.infer(batch)
+            runner.infer(batch, check_inputs=False)
             samples.append(time.perf_counter() - begin)
+        if device is not None:
+            device.add(runner)
         index += 1
         if count is not None and len(samples) >= count:
             break
         if deadline is not None and time.perf_counter() >= deadline:
             break
     return samples, index
+
+
+def _device_summary(device: _DeviceSamples, batch_size: int, seconds: list[float], cuda_graphs: bool) -> dict | None:
+    """trtexec's statistics when every timed call reported device timings (GPU runners), else None."""
+    n = len(seconds)
+    if not n or len(device.compute) < n:
+        return None
+    from mmexport.runtime.trt_stats import trtexec_summary
+
+    enqueue = device.enqueue[:n] if all(v == v for v in device.enqueue[:n]) else device.compute[:n]
+    summary = trtexec_summary(device.h2d[:n], device.compute[:n], device.d2h[:n], enqueue, batch_size=batch_size,
+                              cuda_graphs=cuda_graphs, data_transfers_included=True, walltime_s=sum(seconds))
+    return summary.as_dict()
 
 
 def benchmark(
@@ -207,6 +252,7 @@ def benchmark(
                 peaks[model.name] = peak - rss_before if peak is not None and rss_before is not None else peak
                 gpu_peaks[model.name] = _gpu_peak()
             samples = {m.name: [] for m in models}
+            device = {m.name: _DeviceSamples() for m in models}
             cursor = {m.name: 0 for m in models}
             per_round_s = settings.duration_s / settings.rounds if settings.duration_s is not None else None
             per_round_n = None
@@ -217,7 +263,7 @@ def benchmark(
                 for model in models:
                     taken, cursor[model.name] = _timed_calls(
                         runners[model.name], batches[model.name], cursor[model.name], per_round_s, per_round_n,
-                        settings.device_timing,
+                        settings.device_timing, device[model.name],
                     )
                     samples[model.name].extend(taken)
         finally:
@@ -236,10 +282,12 @@ def benchmark(
                 )
             if stats.iterations < 10:
                 warnings.append(f"only {stats.iterations} timed iterations: increase --duration or --iterations")
+            graphs = bool(getattr(runners.get(model.name), "cuda_graphs", False))
             results.append(BenchResult(
                 model=model.name, engine=model.engine, precision=model.precision, batch_size=batch_size, latency=stats,
                 load_s=load_times[model.name], artifact_bytes=model.artifact_bytes, peak_rss_bytes=peaks[model.name],
-                gpu_peak_bytes=gpu_peaks[model.name], warnings=warnings,
+                gpu_peak_bytes=gpu_peaks[model.name], warnings=warnings, verified=model.verified, note=model.note,
+                device=_device_summary(device[model.name], batch_size, taken, graphs),
             ))
     return results
 

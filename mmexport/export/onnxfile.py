@@ -1,0 +1,158 @@
+"""ONNX files without PyTorch: reading, metadata, graph facts, and the checked atomic write.
+
+Shared by the exporter (torch side) and the precision transforms (fp16, int8), which
+need only ``onnx`` and ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmexport.errors import CheckpointError, MMExportError
+from mmexport.fileio import atomic_path, sha256_file
+from mmexport.runtime.modelinfo import ModelInfo
+
+ONNX_FORMAT = "mmexport-onnx/2"
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+SMOKE_BATCHES = (1, 3)  # every written file is run in ONNX Runtime at these batch sizes first
+MAX_PROTO_BYTES = 2**31 - 1  # protobuf's single-message limit; larger models would need external data
+
+
+def load_onnx(path: str | os.PathLike[str]):
+    """``onnx.load`` (no external data) with one-line errors for a missing or unreadable file."""
+    import onnx
+
+    target = Path(path)
+    if not target.is_file():
+        raise CheckpointError(f"{target}: no such ONNX file")
+    try:
+        return onnx.load(str(target), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{target}: not a readable ONNX model ({detail})") from None
+
+
+def set_metadata(model: Any, fields: dict[str, str]) -> None:
+    """Replace ``model.metadata_props`` with ``fields`` (sorted: reproducible bytes)."""
+    del model.metadata_props[:]
+    for key in sorted(fields):
+        entry = model.metadata_props.add()
+        entry.key = key
+        entry.value = str(fields[key])
+
+
+def get_metadata(model: Any) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The file's ``metadata_props`` as a dict."""
+    return get_metadata(load_onnx(path))
+
+
+def onnx_model_info(path: str | os.PathLike[str]) -> ModelInfo:
+    """The :class:`ModelInfo` an mmexport ONNX file carries in its metadata."""
+    return ModelInfo.from_metadata(read_onnx_metadata(path), str(path))
+
+
+def _tensor_shape(value_info: Any) -> list[int | str | None]:
+    dims: list[int | str | None] = []
+    for dim in value_info.type.tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def graph_facts(model: Any) -> dict[str, Any]:
+    """Opset, node counts and the input/output signature of an ONNX model."""
+    import onnx
+
+    def signature(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": _tensor_shape(v),
+            }
+            for v in values
+        ]
+
+    ops = Counter(node.op_type for node in model.graph.node)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "opset": opset,
+        "nodes": len(model.graph.node),
+        "op_counts": dict(sorted(ops.items())),
+        "initializers": len(model.graph.initializer),
+        "inputs": signature(model.graph.input),
+        "outputs": signature(model.graph.output),
+    }
+
+
+def _smoke_run(path: Path, num_classes: int, image_size: int) -> None:
+    """Run the file in ONNX Runtime (CPU) at each of ``SMOKE_BATCHES``; any problem is an error."""
+    from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
+
+    rng = np.random.default_rng(0)
+    with OnnxRuntimeRunner(path, name="export check", threads=1) as runner:
+        for batch in SMOKE_BATCHES:
+            images = rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
+            outputs = runner.infer(images)
+            logits = outputs.get(OUTPUT_NAME)
+            if len(outputs) != 1 or logits is None or logits.shape != (batch, num_classes):
+                shape = logits.shape if logits is not None else sorted(outputs)
+                raise MMExportError(
+                    f"exported model gives output {shape} for batch {batch}, expected {OUTPUT_NAME} ({batch}, {num_classes})"
+                )
+            if not np.isfinite(logits).all():
+                raise MMExportError(f"exported model gives NaN/Inf logits for batch {batch}")
+
+
+def write_onnx_checked(model: Any, path: str | os.PathLike[str], info: ModelInfo) -> dict[str, Any]:
+    """Serialise ``model`` to a temporary file beside ``path``, check it, then move it into place.
+
+    The checks (``onnx.checker.check_model(full_check=True)`` and an ONNX Runtime run at
+    batch sizes 1 and 3) run on the temporary file, so a model that fails them is never
+    published; an interruption anywhere leaves the previous ``path`` or nothing.
+    """
+    import onnx
+
+    size = model.ByteSize()
+    if size > MAX_PROTO_BYTES:
+        raise MMExportError(f"{Path(path).name}: model is {size / 2**30:.1f} GiB, over ONNX's 2 GiB single-file limit")
+    data = model.SerializeToString()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise MMExportError(f"{Path(path).name}: exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        _smoke_run(tmp, info.num_classes, info.image_size)
+    # No "path" among the facts: callers often write through a temporary name (RunDir,
+    # atomic_path), and a manifest must not record that name.
+    target = Path(path)
+    return {
+        "size_bytes": target.stat().st_size,
+        "sha256": sha256_file(target),
+        "dynamic_batch_checked": list(SMOKE_BATCHES),
+        **graph_facts(model),
+    }
+
+
+__all__ = [
+    "INPUT_NAME", "MAX_PROTO_BYTES", "ONNX_FORMAT", "OUTPUT_NAME", "SMOKE_BATCHES", "get_metadata", "graph_facts",
+    "load_onnx", "onnx_model_info", "read_onnx_metadata", "set_metadata", "write_onnx_checked",
+]

@@ -1,0 +1,1 @@
+"""Runners: one contract (``base``), one module per backend, each imported on first use."""

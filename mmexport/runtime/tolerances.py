@@ -1,0 +1,95 @@
+"""The equivalence policy, stated once and printed in every report.
+
+One row per comparison. An element passes its row if
+
+    |candidate − reference| ≤ atol + rtol·|reference| + range_rtol·range(sample)
+
+where ``range(sample)`` is the spread ``max − min`` of that sample's reference
+logits. Besides the element bound a row may require a minimum cosine similarity per
+sample, a minimum top-1 agreement, and (on labelled data) a maximum macro-F1 drop.
+
+Why each row is what it is:
+
+* ``fold`` is a fixed, tight element bound: the unmerged and the folded network
+  run the same torch kernels on the same weights.
+* ``fp32`` adds 1e-5 of the sample's logit range to the fixed 1e-4 bound: another
+  library sums in another order, and float32 rounding then scales with the size of
+  the summands, not of the result -- a logit near zero in a sample whose logits
+  reach ±800 (untrained or out-of-distribution networks) is off by ~6e-4 with
+  nothing wrong (measured: a dual-backbone ONNX export, max relative error 7e-7 of
+  the logit scale). For trained networks (logit ranges of 10–20) the extra term is
+  1–2e-4, the size of the fixed bound.
+* ``fp16`` is *scale-aware*. float16 has an 11-bit significand, so every
+  operation carries a relative error of about 5e-4 and a deep network's logits
+  carry about 1e-3 of their own magnitude: logits of 10–20 are off by 0.01–0.02
+  in a perfectly good model, and a fixed 5e-3 bound refused such models (top-1
+  100 %, cosine 0.999996). The bound is therefore 1 % of each sample's logit
+  range plus 1e-3, together with a per-sample cosine ≥ 0.999 and top-1 ≥ 99.5 %.
+  A real fault still fails it: a saturated/overflowing layer gives Inf/NaN or a
+  collapsed output (cosine, range), and a wrong constant moves logits by a
+  visible fraction of their range (tests/test_precision_policy.py plants both).
+* ``int8`` is judged as a classifier, not element-wise: quantisation moves logits
+  by several percent by design. It needs top-1 agreement ≥ 99 % and a macro-F1
+  drop ≤ 1 point, and only on labelled held-out target images: random inputs
+  lie outside the calibrated ranges and would measure clipping, not the artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    name: str
+    description: str
+    rtol: float | None  # None: no element-wise bound (int8)
+    atol: float | None
+    min_top1_agreement: float  # fraction of samples whose argmax matches the reference
+    max_macro_f1_drop: float | None = None  # absolute drop (0.01 = 1 point), judged on labelled data
+    range_rtol: float = 0.0  # element bound grows with each sample's logit range (max − min)
+    min_cosine: float | None = None  # per-sample cosine similarity of the logit vectors
+    labelled_data_only: bool = False  # judged only on labelled held-out images (int8)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def elementwise(self) -> bool:
+        return self.rtol is not None and self.atol is not None
+
+    def describe(self) -> str:
+        """The row as one line, for every printed report."""
+        parts = []
+        if self.elementwise:
+            bound = f"|a−e| ≤ {self.atol:g} + {self.rtol:g}·|e|"
+            if self.range_rtol:
+                bound += f" + {self.range_rtol:g}·range(sample)"
+            parts.append(bound)
+        if self.min_cosine is not None:
+            parts.append(f"cosine ≥ {self.min_cosine:g}")
+        parts.append(f"top-1 ≥ {self.min_top1_agreement:.1%}")
+        if self.max_macro_f1_drop is not None:
+            parts.append(f"macro-F1 drop ≤ {100 * self.max_macro_f1_drop:g} pt")
+        if self.labelled_data_only:
+            parts.append("labelled held-out images only")
+        return ", ".join(parts)
+
+
+FOLD = Tolerance("fold", "unmerged vs folded, torch fp32", 1e-5, 1e-5, 1.0)
+FP32 = Tolerance("fp32", "torch fp32 vs ONNX/TensorRT fp32", 1e-4, 1e-4, 1.0, range_rtol=1e-5)
+FP16 = Tolerance("fp16", "fp16 artifact vs fp32 reference (scale-aware)", 0.0, 1e-3, 0.995, range_rtol=1e-2,
+                 min_cosine=0.999)
+INT8 = Tolerance("int8", "int8 artifact vs fp32 reference", None, None, 0.99, max_macro_f1_drop=0.01,
+                 labelled_data_only=True)
+
+TOLERANCES: dict[str, Tolerance] = {t.name: t for t in (FOLD, FP32, FP16, INT8)}
+
+
+def for_precision(precision: str) -> Tolerance:
+    """The row that judges an artifact of ``precision`` against the fp32 reference."""
+    from mmexport.errors import MMExportError
+
+    if precision not in ("fp32", "fp16", "int8"):
+        raise MMExportError(f"unknown precision {precision!r}; choose one of fp32, fp16, int8")
+    return TOLERANCES[precision]
