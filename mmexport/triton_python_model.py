@@ -1,0 +1,118 @@
+"""Triton Python-backend model: an mmexport artifact served through :mod:`mmexport.runtime`.
+
+``mmexport fold RUN --to triton --backend python`` (:func:`mmexport.triton.export_repository`)
+copies this file into a model repository as ``<name>/<version>/model.py``, beside the
+artifact it serves (``model.onnx``, or ``model.plan`` with its sidecar) and the version's
+``mmexport.json``, which names that artifact. It imports nothing but
+:mod:`mmexport.runtime`, numpy and Triton's ``triton_python_backend_utils`` (plus the
+standard library), so the server's Python needs ``mmexport`` installed but not PyTorch.
+
+Inputs (see the model's ``config.pbtxt``):
+
+* ``image``: FP32, ``[-1, 3, S, S]``, already normalised with the model's recorded
+  preprocessing (what ``mmexport.runtime.Predictor.preprocess`` produces);
+* ``image_bytes`` (repositories exported with ``preprocess=True``): BYTES, ``[-1, 1]``,
+  one encoded image (PNG, JPEG, ...) per row. The server decodes and preprocesses it
+  with the model's own recorded preprocessing block
+  (:func:`mmexport.runtime.preprocess.preprocess_image`), exactly as evaluation did.
+
+Both inputs are optional in such a repository; a request carries exactly one of them.
+
+Output: ``logits``, FP32 ``[-1, K]``. The config wires it to ``labels.txt``, so Triton's
+classification extension (``class_count`` / ``"parameters": {"classification": k}``)
+returns ``"score:index:label"`` strings.
+
+Every request of a dynamic batch is validated and decoded on its own (a bad request
+gets its own error response and does not fail its neighbours); the valid ones then run
+as one batch through the predictor, which splits it by the artifact's batch limit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from mmexport import runtime
+
+RECORD_NAME = "mmexport.json"
+IMAGE_INPUT = "image"
+BYTES_INPUT = "image_bytes"
+OUTPUT = "logits"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class TritonPythonModel:
+    """The Python backend's model class (``initialize`` / ``execute`` / ``finalize``)."""
+
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        here = Path(__file__).resolve().parent if "__file__" in globals() else None
+        if here is None or not (here / RECORD_NAME).is_file():
+            here = Path(args["model_repository"]) / str(args["model_version"])
+        record = json.loads((here / RECORD_NAME).read_text(encoding="utf-8"))
+        artifact = here / record["served_artifact"]
+        device = "cpu"
+        if str(args.get("model_instance_kind", "CPU")).upper() == "GPU":
+            device = f"cuda:{int(args.get('model_instance_device_id', 0))}"
+        parameters = {key: value.get("string_value", "") for key, value in (config.get("parameters") or {}).items()}
+        threads = int(parameters["threads"]) if parameters.get("threads") else None
+        max_batch = int(config.get("max_batch_size", 0)) or None
+        self.predictor = runtime.load(artifact, device=device, threads=threads, batch_size=max_batch)
+        self.names = {item["name"] for item in config.get("input", [])}
+        self.accepts_bytes = BYTES_INPUT in self.names
+        size = self.predictor.info.image_size
+        self.expected = (
+            f"send exactly one of {IMAGE_INPUT} (FP32, N x 3 x {size} x {size}, normalised)"
+            + (f" or {BYTES_INPUT} (BYTES, N x 1 encoded PNG/JPEG images)" if self.accepts_bytes else "")
+        )
+
+    def _batch(self, request) -> np.ndarray:
+        """One request's float32 N x 3 x S x S batch, or an exception naming what is wrong."""
+        image = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
+        encoded = pb_utils.get_input_tensor_by_name(request, BYTES_INPUT) if self.accepts_bytes else None
+        if (image is None) == (encoded is None):
+            raise ValueError(self.expected)
+        if image is not None:
+            array = image.as_numpy()
+            if array.dtype != np.float32:
+                raise ValueError(f"{IMAGE_INPUT} must be FP32, got {array.dtype}")
+            return self.predictor.preprocess(array)  # checks the shape and that every value is finite
+        items = [bytes(item) for item in encoded.as_numpy().reshape(-1)]
+        if not items:
+            raise ValueError(f"{BYTES_INPUT} holds no image")
+        return self.predictor.preprocess(items)  # decode + the recorded preprocessing, per image
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        accepted = []
+        for index, request in enumerate(requests):
+            try:
+                accepted.append((index, self._batch(request)))
+            except Exception as exc:  # the user's input: an error response for this request only
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(_one_line(exc)))
+        if accepted:
+            try:
+                logits = self.predictor.logits(np.concatenate([batch for _, batch in accepted]))
+            except Exception as exc:
+                for index, _ in accepted:
+                    responses[index] = pb_utils.InferenceResponse(
+                        output_tensors=[], error=pb_utils.TritonError(f"inference failed: {_one_line(exc)}"))
+            else:
+                start = 0
+                for index, batch in accepted:
+                    part = np.ascontiguousarray(logits[start : start + len(batch)], dtype=np.float32)
+                    start += len(batch)
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, part)])
+        return responses
+
+    def finalize(self):
+        predictor = getattr(self, "predictor", None)
+        if predictor is not None:
+            predictor.close()
