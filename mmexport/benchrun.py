@@ -189,7 +189,10 @@ def bench_run(run_path: str | os.PathLike[str], request: BenchRequest,
             models = _torch_models(run, request)
             results = benchmark(models, request.settings, progress.message)
     else:
-        models = _artifact_models(run, request, progress)
+        from mmexport.runlock import writing
+
+        with writing(run.path, "bench"):  # only while comparison models may be made; measuring needs no lock
+            models = _artifact_models(RunDir.open(run.path), request, progress)
         results = benchmark(models, request.settings, progress.message)
     return BenchReport(str(run.path), request.engine, request.precision, asdict(request.settings), machine_info(),
                        results, ratio_table(results))

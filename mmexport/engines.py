@@ -22,11 +22,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mmexport import artifacts
 from mmexport.errors import MissingDependencyError, MMExportError, VerificationError
 from mmexport.manifest import PublishedArtifact, RunDir, published
+from mmexport.runlock import writes_run
 from mmexport.progress import ProgressSink, sink
 
 INSTALL_HINT = "pip install 'mmexport[gpu]' on a machine with an NVIDIA GPU and driver"
@@ -113,6 +113,7 @@ def trtexec_line(run_path: str | os.PathLike[str], precision: str, options: Engi
     return shlex.join(command)
 
 
+@writes_run("fold --to trt")
 def build_engine_run(
     run_path: str | os.PathLike[str], precision: str = "fp32", options: EngineOptions | None = None, *,
     samples: int | None = None, progress: ProgressSink | None = None,

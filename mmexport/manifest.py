@@ -8,6 +8,7 @@ an interrupted run leaves the previous run or nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
@@ -18,7 +19,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from mmexport import __version__
 from mmexport.artifacts import REGISTRY
@@ -60,19 +61,70 @@ def environment_info() -> dict[str, Any]:
     }
 
 
+SCHEMA_FILE = Path(__file__).with_name("schemas") / "run-manifest.schema.json"
+
+
+def manifest_schema() -> dict[str, Any]:
+    """The published JSON Schema of ``manifest.json`` (``mmexport/schemas/run-manifest.schema.json``)."""
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+_VALIDATOR = None
+
+
+def validate_manifest(manifest: Any, where: str | os.PathLike[str] = MANIFEST_NAME) -> None:
+    """Refuse (one line) a manifest that does not follow the schema, before anything trusts it."""
+    global _VALIDATOR
+    import jsonschema
+
+    if _VALIDATOR is None:
+        schema = manifest_schema()
+        _VALIDATOR = jsonschema.Draft202012Validator(schema)
+    try:
+        error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(manifest))
+    except RecursionError:
+        raise RunDirError(f"{where}: malformed manifest (nested too deeply)") from None
+    if error is not None:
+        location = "/".join(str(part) for part in error.absolute_path) or "(top level)"
+        message = error.message if len(error.message) < 200 else error.message[:200] + "…"
+        raise RunDirError(f"{where}: malformed manifest at {location}: {message}".replace("\n", " "))
+
+
 def staging_path(final: Path) -> Path:
     """Where a run is built before it is published (one per destination, so it can be resumed)."""
     return final.parent / f".{final.name}.partial"
 
 
-def _is_run_dir(path: Path) -> bool:
-    manifest = path / MANIFEST_NAME
-    if not manifest.is_file():
-        return False
+def check_replaceable(path: Path) -> None:
+    """``--force`` may replace a directory only if it is a valid run holding nothing but what its manifest lists.
+
+    A manifest that does not validate is not trusted (a hand-written ``manifest.json`` must
+    not license deleting a directory), and a file the run did not make (a user's notes) or
+    one altered since is kept: the replacement is refused with one line naming it.
+    """
+    if not (path / MANIFEST_NAME).is_file():
+        raise RunDirError(f"{path}: not an mmexport run directory (no {MANIFEST_NAME}); refusing to replace it")
     try:
-        return json.loads(manifest.read_text()).get("format") == MANIFEST_FORMAT
-    except (OSError, ValueError):
-        return False
+        run = RunDir.open(path)
+    except RunDirError as exc:
+        raise RunDirError(f"{path}: its manifest is not a valid mmexport run ({exc}); refusing to replace it") from None
+    listed = run.manifest["outputs"]
+    foreign, altered = [], []
+    for item in sorted(path.rglob("*")):
+        if item.is_dir() and not item.is_symlink():
+            continue
+        relative = item.relative_to(path).as_posix()
+        if relative == MANIFEST_NAME:
+            continue
+        if relative not in listed:
+            foreign.append(relative)
+        elif not item.is_file() or sha256_file(item) != listed[relative]["sha256"]:
+            altered.append(relative)
+    if foreign or altered:
+        shown = ", ".join((foreign + altered)[:3])
+        what = "files the run did not make" if foreign else "files altered since the run made them"
+        raise RunDirError(f"{path}: holds {what} ({shown}); --force replaces only a run's own files: "
+                          "move them or choose another --out")
 
 
 class RunDir:
@@ -98,11 +150,12 @@ class RunDir:
             if any(final.iterdir()):
                 if not force:
                     raise RunDirError(f"{final}: run directory exists and is not empty (use --force to replace it)")
-                if not _is_run_dir(final):
-                    raise RunDirError(f"{final}: not an mmexport run directory (no {MANIFEST_NAME}); refusing to replace it")
+                check_replaceable(final)
         parent = final.parent
-        if not parent.is_dir():
-            raise RunDirError(f"{parent}: parent directory does not exist")
+        try:  # `--out runs/x` in a fresh checkout: make runs/ (and any missing parents)
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"{parent}: cannot create the parent directory ({exc.strerror or exc})") from None
         if not os.access(parent, os.W_OK):
             raise RunDirError(f"{parent}: directory is not writable")
         staging = staging_path(final)
@@ -115,6 +168,7 @@ class RunDir:
         staging.mkdir()
         manifest = {
             "format": MANIFEST_FORMAT,
+            "run_id": uuid.uuid4().hex,  # a replaced run gets a new id: writers opened on the old one are refused
             "created": _now(),
             "command": command,
             "environment": environment_info(),
@@ -149,8 +203,9 @@ class RunDir:
             raise RunDirError(f"{run_path}: not an mmexport run directory (no {MANIFEST_NAME})")
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise RunDirError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        except (OSError, ValueError, RecursionError) as exc:
+            detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
+            raise RunDirError(f"{manifest_path}: unreadable manifest ({detail})") from None
         found = manifest.get("format") if isinstance(manifest, dict) else None
         if found != MANIFEST_FORMAT:
             if isinstance(found, str) and found.startswith("mmexport-run/"):
@@ -160,6 +215,7 @@ class RunDir:
                     f"{MANIFEST_FORMAT}: retrain it with this version, or read it with the version that made it"
                 )
             raise RunDirError(f"{manifest_path}: unknown manifest format {found!r}")
+        validate_manifest(manifest, manifest_path)
         return cls(run_path, manifest)
 
     @property
@@ -176,11 +232,16 @@ class RunDir:
             if row.transient:
                 self.file(row.filename).unlink(missing_ok=True)
         self.save()
+        from mmexport.runlock import writing
+
         retired = None
-        if final.exists():
-            retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, retired)
-        os.replace(self.path, final)
+        with writing(final, "train (publishing the run)"):
+            if final.exists() and any(final.iterdir()):
+                check_replaceable(final)  # again: files may have appeared while the new run trained
+            if final.exists():
+                retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(final, retired)
+            os.replace(self.path, final)
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
         self.path, self._final_path = final, None
@@ -195,8 +256,26 @@ class RunDir:
     def file(self, relative: str) -> Path:
         return self.path / relative
 
+    @classmethod
+    @contextlib.contextmanager
+    def writer(cls, path: str | os.PathLike[str], command: str, wait: float | None = None) -> Iterator["RunDir"]:
+        """Open a published run for writing: the run's lock is held for the block, the manifest read under it."""
+        from mmexport.runlock import writing
+
+        with writing(path, command, wait):
+            yield cls.open(path)
+
     def save(self) -> None:
-        write_json_atomic(self.path / MANIFEST_NAME, self.manifest)
+        manifest_path = self.path / MANIFEST_NAME
+        if self._final_path is None and manifest_path.is_file():
+            # A run replaced (train --force) while this command ran must not receive this run's manifest.
+            try:
+                on_disk = json.loads(manifest_path.read_text()).get("run_id")
+            except (OSError, ValueError, AttributeError):
+                on_disk = None
+            if on_disk != self.manifest.get("run_id"):
+                raise RunDirError(f"{self.path}: the run was replaced while this command ran; nothing was recorded")
+        write_json_atomic(manifest_path, self.manifest)
 
     def write_output(self, relative: str, writer: Callable[[Path], None], kind: str, **details: Any) -> Path:
         """Write ``relative`` atomically with ``writer(tmp_path)``, then hash it into the manifest."""
@@ -271,7 +350,8 @@ class RunDir:
             reason = "; ".join(report.failures())
             if not report.passed:
                 if mark_unverified is None:
-                    raise VerificationError(f"{relative}: verification failed, nothing published: {reason}", report)
+                    hint = f"; {facts['hint']}" if isinstance(facts, dict) and facts.get("hint") else ""
+                    raise VerificationError(f"{relative}: verification failed, nothing published: {reason}{hint}", report)
                 mark_unverified(tmp, reason)
         recorded = {k: v for k, v in (facts or {}).items() if k not in ("sha256", "size_bytes")}
         status = {"verified": True} if report.passed else {"verified": False, "unverified_reason": reason,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,13 +24,11 @@ from mmexport.fold import fold
 from mmexport.manifest import PublishedArtifact, RunDir, published
 from mmexport.merge import MergedModel
 from mmexport.modelfile import load_model, load_unmerged, save_model
+from mmexport.runlock import writes_run
 from mmexport.progress import ProgressSink, sink
-from mmexport.runtime.check import check_runner
 from mmexport.runtime.compare import VerificationReport
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.reference import ReferenceData
-from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
-from mmexport.runtime.tolerances import for_precision
 from mmexport.train import resolve_device
 from mmexport.verification import make_reference, verify_fold, with_outputs
 
@@ -56,6 +53,7 @@ def merge_run(run_path: str | os.PathLike[str]) -> RunDir:
     return run
 
 
+@writes_run("fold")
 def fold_run(run_path: str | os.PathLike[str], to: str = "safetensors", samples: int = 32) -> PublishedArtifact:
     """Re-fold the run's unmerged checkpoint, verify it, and write ``folded.<to>`` into the run."""
     if to not in FOLD_FORMATS:
@@ -82,11 +80,15 @@ def fold_run(run_path: str | os.PathLike[str], to: str = "safetensors", samples:
     return published(run, name, report, reproduced=None if previous is None else previous == entry["sha256"])
 
 
+@writes_run("verify")
 def verify_run(
     run_path: str | os.PathLike[str], data: str | None = None, samples: int = 64, seed: int = 0, device: str = "cpu"
 ) -> VerificationReport:
     """Unmerged vs folded of a run, on random inputs and optionally real images; recorded in the manifest."""
+    from mmexport.checks import check_deployables_intact
+
     run = merge_run(run_path)
+    check_deployables_intact(run)  # every verify hash-checks every deployable artifact, whatever it compares
     unmerged_name, folded_name = artifacts.filename("unmerged"), artifacts.filename("folded")
     merged, info = load_unmerged(run.checked_file(unmerged_name))
     folded, folded_info = load_model(run.checked_file(folded_name))
@@ -120,18 +122,20 @@ def _reference_for(run: RunDir, model: nn.Module, info: ModelInfo, data: str | N
 
 
 def _check_onnx(path: Path, reference: ReferenceData, precision: str, label: str, samples: int | None) -> VerificationReport:
-    with OnnxRuntimeRunner(path, name=f"onnxruntime {precision} ({label})") as runner:
-        return check_runner(runner, reference, for_precision(precision), random_limit=samples)
+    from mmexport.checks import check_onnx_file
+
+    return check_onnx_file(path, reference, precision, label, samples)
 
 
 # -- ONNX export ---------------------------------------------------------------------------------------------
 
 
+@writes_run("export")
 def export_onnx_run(
     run_path: str | os.PathLike[str], precision: str = "fp32", *, calib_data: str | None = None,
     calib_images: int | None = None, data: str | None = None, int8_target: str = "onnxruntime",
     calib_method: str = "minmax", samples: int | None = None, progress: ProgressSink | None = None,
-    allow_unverified: bool = False, accuracy_aware: bool = True,
+    allow_unverified: bool = False, accuracy_aware: bool = True, int8_max_float: float = 0.5,
 ) -> dict[str, PublishedArtifact]:
     """Export the run's final network to ONNX at ``precision``, verify it against the stored reference, publish it.
 
@@ -191,7 +195,8 @@ def export_onnx_run(
         facts, report = run.publish_verified(
             target.filename,
             lambda tmp: quantize_int8(fp32_path, tmp, calibration, target=int8_target, method=calib_method,
-                                      max_images=limit, progress=progress, judge=judge if accuracy_aware else None),
+                                      max_images=limit, progress=progress, judge=judge if accuracy_aware else None,
+                                      max_float_fraction=int8_max_float),
             lambda tmp: _check_onnx(tmp, reference, "int8", target.filename, samples),
             "onnx", {"precision": "int8", "source": fp32.filename, "calibration_data": calib_spec}, command="export",
             mark_unverified=mark)
@@ -255,6 +260,7 @@ def comparison_modules(run: RunDir, kinds: tuple[str, ...]) -> tuple[dict[str, n
     return modules, info
 
 
+@writes_run("export comparisons")
 def export_comparison(run: RunDir, kind: str, precision: str, *, progress: ProgressSink | None = None) -> PublishedArtifact:
     """Make (or reuse, by hash) the ONNX comparison model ``kind`` at ``precision``, verified like every artifact.
 

@@ -8,7 +8,7 @@ import sys
 import onnx
 import pytest
 
-from mmexport.errors import DataError, RunDirError, VerificationError
+from mmexport.errors import RunDirError, VerificationError
 from mmexport.fileio import sha256_file
 from mmexport.train import train
 from mmexport import artifacts
@@ -40,6 +40,8 @@ def test_fp32_and_fp16_exports_are_verified_and_recorded(run_copy):
         entry = manifest["outputs"][name]
         assert entry["sha256"] == sha256_file(run_copy / name) and entry["precision"] == precision
         assert results[precision].report.passed
+    names = [s.name for s in results["fp16"].report.input_sets]
+    assert "random (fp16 arithmetic emulated)" in names  # the CPU provider alone never computes in fp16
     checks = [v for v in manifest["verification"] if v["artifact"] in ONNX_FILES.values()]
     assert {c["tolerance"]["name"] for c in checks} == {"fp32", "fp16"}
     assert any(s["name"].startswith("data:") for c in checks for s in c["input_sets"])
@@ -118,3 +120,28 @@ def test_cli_fold_to_onnx_and_verify(run_copy):
     assert "verification passed" in result.stdout
     result = subprocess.run(env_cmd + ["verify", str(run_copy), "--backend", "trt"], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "trt" in result.stderr
+
+
+def test_allow_unverified_publishes_marked_and_loaders_refuse_it(run_copy, monkeypatch, tmp_path):
+    import mmexport.runtime.tolerances as policy
+    from mmexport import runtime
+    from mmexport.errors import CheckpointError, MMExportError
+    from mmexport.runtime.tolerances import Tolerance
+
+    monkeypatch.setitem(policy.TOLERANCES, "fp32", Tolerance("fp32", "impossible", 0.0, 0.0, 1.0))
+    result = export_onnx_run(run_copy, "fp32", samples=4, allow_unverified=True)["fp32"]
+    assert not result.report.passed and result.path.exists()
+    entry = json.loads((run_copy / "manifest.json").read_text())["outputs"]["model.onnx"]
+    assert entry["verified"] is False and "exceed" in entry["unverified_reason"]
+    assert entry["published_unverified_by"].endswith("--allow-unverified")
+    metadata = {p.key: p.value for p in onnx.load(result.path).metadata_props}
+    assert "exceed" in metadata["mmexport_unverified"]
+    assert entry["sha256"] == sha256_file(result.path)  # the hash is of the marked file
+    with pytest.raises(CheckpointError, match="without passing its verification"):
+        runtime.load(result.path)
+    with runtime.load(result.path, allow_unverified=True) as predictor:
+        assert predictor.info.arch == "resnet18"
+    from mmexport.triton import export_repository
+
+    with pytest.raises(MMExportError, match="verified"):
+        export_repository(run_copy, tmp_path / "repo", backend="onnxruntime")

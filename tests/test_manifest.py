@@ -16,7 +16,8 @@ def test_run_is_staged_then_published(tmp_path):
     entry = manifest["outputs"]["weights.bin"]
     assert entry["sha256"] == sha256_file(final / "weights.bin") and entry["size_bytes"] == 3 and entry["stage"] == "x"
     assert manifest["environment"]["packages"]["torch"] and manifest["command"] == "test"
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    # the run, and the lock file beside it that serialises writers (kept: removing a lock file races its waiters)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.lock", "run"]
 
 
 def test_abandoned_run_leaves_nothing(tmp_path):
@@ -112,4 +113,4 @@ def test_interrupted_run_can_be_resumed_or_discarded(tmp_path):
         RunDir.resume(tmp_path / "run")
     RunDir.create(tmp_path / "other")
     RunDir.create(tmp_path / "other", force=True).publish()  # --force discards the interrupted one
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["other", "run"]

@@ -115,3 +115,26 @@ def test_torch_runner_is_a_runner_and_runs_eval_mode():
         first, second = runner.infer(batch)["logits"], runner.infer(batch)["logits"]
     assert first.shape == (5, 2) and first.dtype == np.float32
     assert np.array_equal(first, second)  # dropout off: eval mode
+
+
+def test_fp16_row_is_scale_aware():
+    """Logits of magnitude 10-20 carry ~1e-3 of their range in fp16 error: the row accepts that, a fixed bound did not."""
+    from mmexport.runtime.tolerances import Tolerance
+
+    rng = np.random.default_rng(5)
+    ref = rng.normal(0, 8, size=(200, 5)).astype(np.float32)
+    ref[:, 0] = 0.002  # near-zero logits: a relative bound gives them no room
+    spread = ref.max(1, keepdims=True) - ref.min(1, keepdims=True)
+    cand = ref + (rng.uniform(-1, 1, ref.shape) * 1.5e-3 * spread).astype(np.float32)
+    fixed = Tolerance("fp16-fixed", "the 0.1 row", 5e-3, 5e-3, 0.995)
+    assert not compare_outputs(ref, cand, fixed).passed
+    stats = compare_outputs(ref, cand, FP16)
+    assert stats.passed, stats.failures
+    worse = ref + (rng.uniform(-1, 1, ref.shape) * 0.03 * spread).astype(np.float32)  # 3 % of the range: a fault
+    assert not compare_outputs(ref, worse, FP16).passed
+
+
+def test_zero_samples_never_pass():
+    empty = np.zeros((0, 5), np.float32)
+    stats = compare_outputs(empty, empty, FOLD)
+    assert not stats.passed and "zero samples" in stats.failures[0]
