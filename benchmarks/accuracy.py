@@ -1,10 +1,12 @@
 """Accuracy table: every method on a dataset, several seeds, mean ± std of macro F1 and accuracy.
 
-On the embedded synthetic target (the default) it first trains the two synthetic
-sources; on your own data give both sources and the dataset:
+By default it runs on the study's regimes (``benchmarks/_study.py``: synthetic lesions
+at 64 px, scikit-learn digits at 32 px with 10 and 60 labels per class, synthetic
+lesions at 32 px with one unrelated source), building their sources first; on your own
+data give both sources and the dataset:
 
-    python benchmarks/accuracy.py                                   # synthetic target, 3 seeds
-    python benchmarks/accuracy.py --data /data/ham10000 --arch resnet50 \\
+    python benchmarks/accuracy.py                                   # the regimes, 2 seeds
+    python benchmarks/accuracy.py --tasks /data/ham10000 --arch resnet50 \\
         --source-a torchvision:ResNet50_Weights.IMAGENET1K_V2 --source-b isic.pth --seeds 0 1 2
 
 Every method gets the same total epoch budget (stage 1 + stage 2) and the library's
@@ -28,8 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/mmexport-study"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--tasks", nargs="+", default=["target-300"], help="synthetic task names, or dataset specs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--tasks", nargs="+", default=list(_study.REGIMES),
+                        help="regime names (benchmarks/_study.py), target-300, or dataset specs")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--merge-epochs", type=int, default=DEFAULT_EPOCHS[0])
     parser.add_argument("--finetune-epochs", type=int, default=DEFAULT_EPOCHS[1])

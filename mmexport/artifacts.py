@@ -19,7 +19,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 ENGINES: tuple[str, ...] = ("torch", "onnx", "trt")  # bench --engine / verify --backend names
 MODEL_KINDS: tuple[str, ...] = ("folded", "unmerged", "dual", "single")
 COMPARISON_KINDS: tuple[str, ...] = ("unmerged", "dual", "single")
-FOLD_TARGETS: tuple[str, ...] = ("safetensors", "pt", "onnx", "trt")
+FOLD_TARGETS: tuple[str, ...] = ("safetensors", "pt", "onnx", "trt", "triton")
 BENCH_DIR = "bench"
 RUNNER_OF_ENGINE = {"torch": "torch", "onnx": "onnxruntime", "trt": "tensorrt"}
 
@@ -28,7 +28,7 @@ RUNNER_OF_ENGINE = {"torch": "torch", "onnx": "onnxruntime", "trt": "tensorrt"}
 class Artifact:
     key: str
     filename: str  # relative to the run directory
-    format: str  # safetensors, pt, onnx, plan, npz, png, checkpoint
+    format: str  # safetensors, pt, onnx, plan, npz, png, json, checkpoint
     description: str
     made_from: tuple[str, ...]  # registry keys
     made_by: str  # the command that writes it
@@ -65,6 +65,9 @@ def _rows() -> list[Artifact]:
                  "reference inputs (random and held-out images) and the final network's torch fp32 outputs",
                  ("model",), train),
         Artifact("figure", "coefficients.png", "png", "per-layer mean merge coefficient, input to output", ("unmerged",), train),
+        Artifact("comparison", "comparison.json", "json",
+                 "did the merge pay: every --compare method's val/test scores over seeds, the gap to the best single source",
+                 ("model",), f"{train} --compare"),
         Artifact("checkpoint", "checkpoint.resume", "checkpoint", "per-epoch state for --resume", (), train, transient=True),
     ]
     for precision in PRECISIONS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 from mmexport.errors import ArchitectureError, MMExportError
@@ -13,12 +14,112 @@ ARCHITECTURES: tuple[str, ...] = (
 )
 METHODS = ("medmerge", "average", "finetune-a", "finetune-b", "lpft-a", "lpft-b")
 MERGE_METHODS = ("medmerge", "average")
+# Which sources each method reads.
+METHOD_SOURCES = {"medmerge": "AB", "average": "AB", "finetune-a": "A", "lpft-a": "A", "finetune-b": "B", "lpft-b": "B"}
+# Training augmentation presets (built in mmexport.data). None of the defaults may change
+# what an image means: flips and rotations are wrong wherever orientation or laterality is
+# part of the label (chest X-rays, fundus left/right eye, text and digits).
+AUGMENTATIONS: dict[str, str] = {
+    "none": "no augmentation: the evaluation transform",
+    "light": "random resized crop of 80-100 % of the area (aspect 0.9-1.1) and brightness/contrast/saturation "
+             "jitter of 10 %; no flips or rotations, so it never changes what an image means",
+    "orientation-free": "random resized crop of 60-100 %, horizontal and vertical flips, rotations by 90°, colour "
+                        "jitter: for images with no preferred orientation (dermoscopy, histology)",
+    "legacy": "the default of mmexport 0.1: random resized crop of 60-100 %, horizontal and vertical flips and colour "
+              "jitter for image files, flips only for arrays; wrong for orientation-sensitive images",
+}
+DEFAULT_AUGMENTATION = "light"
+# The source spec that asks for a randomly initialised backbone (``scratch`` or ``scratch:SEED``).
+SCRATCH = "scratch"
+MAX_SEED = 2**32 - 1  # NumPy's seed range
+MAX_BATCH_SIZE = 65536
+MIN_IMAGE_SIZE = 16  # below this the torchvision backbones' downsampling runs out of pixels
+# Training keeps every layer's activations for the backward pass: for these backbones that is
+# over 100 times the float32 input per image (ResNet-18: ~115x). Counting only 32x gives a
+# lower bound, so a size refused by it cannot train here whatever the architecture.
+ACTIVATION_FACTOR = 32
 GRANULARITIES: tuple[str, ...] = ("kernel", "filter", "layer")
 BN_INITS = ("blend", "reestimate")
 SCHEDULES = ("cosine", "constant")
 BALANCING = ("none", "balanced")
 # Options that may differ between an interrupted run and its --resume.
 RESUME_FREE = ("force", "resume", "device", "num_workers")
+
+
+def max_workers() -> int:
+    """The largest --workers accepted: 4 per CPU core, at least 64."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    """``"0.03,0.1,0.3"`` -> (0.03, 0.1, 0.3); an empty string -> (); one-line errors."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise MMExportError(f"{option}: {part!r} is not a number (give comma-separated numbers, e.g. 0.03,0.1,0.3)") from None
+        values.append(value)
+    return tuple(values)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> (0, 1, 2), each in [0, 2**32 - 1], no repeats."""
+    seeds = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            seed = int(part)
+        except ValueError:
+            raise MMExportError(f"--seeds: {part!r} is not an integer (give comma-separated seeds, e.g. 0,1,2)") from None
+        check_seed(seed, "--seeds")
+        if seed in seeds:
+            raise MMExportError(f"--seeds: seed {seed} given twice")
+        seeds.append(seed)
+    if not seeds:
+        raise MMExportError("--seeds: give at least one seed, e.g. 0,1,2")
+    return tuple(seeds)
+
+
+def check_seed(seed: object, option: str = "--seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise MMExportError(f"{option} must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {seed!r}")
+    return seed
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def check_image_size(image_size: object, batch_size: int, option: str = "--image-size") -> None:
+    """An explicit input size: an integer >= MIN_IMAGE_SIZE whose training memory fits this machine.
+
+    The estimate is a lower bound (``batch x 3 x S x S`` float32 input x ACTIVATION_FACTOR), so a
+    refused size could not train here; it is checked before any image or network is allocated.
+    """
+    if image_size is None:
+        return
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise MMExportError(f"{option} must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+    need = batch_size * 3 * image_size * image_size * 4 * ACTIVATION_FACTOR
+    have = physical_memory()
+    if have is not None and need > have:
+        raise MMExportError(
+            f"{option} {image_size} needs at least {_gib(need)} of memory to train a batch of {batch_size} "
+            f"({batch_size} x 3 x {image_size}x{image_size} float32 x {ACTIVATION_FACTOR} for the activations); "
+            f"this machine has {_gib(have)}: use a smaller --image-size or --batch-size"
+        )
 
 
 def check_arch(name: str) -> str:
@@ -46,9 +147,14 @@ class TrainConfig:
     merge_epochs: int = 10
     finetune_epochs: int = 10
     batch_size: int = 32
-    # Defaults chosen by benchmarks/merge_study.py (see benchmarks/results/merge_study/):
-    # a logit learning rate of 1e-2 barely moves σ away from 0.5 in a short stage 1.
-    lr_logits: float = 3e-1
+    # Defaults chosen by benchmarks/merge_study.py (see benchmarks/results/merge_study/).
+    lr_logits: float = 1e-1
+    # Candidate logit learning rates tried for ``lr_probe_epochs`` epochs each at the start of
+    # stage 1; the best on val macro-F1 continues (empty: use ``lr_logits``).
+    lr_logits_probe: tuple[float, ...] = ()
+    lr_probe_epochs: int = 2
+    # Keep σ inside [bound, 1 - bound] by clamping the logits after each step (0: unbounded).
+    sigma_bound: float = 0.0
     lr_head: float = 1e-3
     lr_backbone: float = 1e-4
     weight_decay: float = 1e-4
@@ -57,7 +163,7 @@ class TrainConfig:
     patience: int = 0  # epochs without val macro-F1 improvement before a stage stops; 0 = never
     class_weights: str = "none"
     sampler: str = "none"
-    augment: bool = True
+    augmentation: str = DEFAULT_AUGMENTATION
     initial_logit: float = 0.0
     bn_init: str = "reestimate"
     image_size: int | None = None
@@ -69,12 +175,17 @@ class TrainConfig:
     force: bool = False
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        self.lr_logits_probe = tuple(self.lr_logits_probe)
+
     def validate(self) -> None:
         check_arch(self.arch)
         check_finite({f.name: getattr(self, f.name) for f in fields(self)})
+        for value in self.lr_logits_probe:
+            check_finite({"lr_logits_probe": value})
         choices = {
             "method": METHODS, "granularity": GRANULARITIES, "bn_init": BN_INITS, "schedule": SCHEDULES,
-            "class_weights": BALANCING, "sampler": BALANCING,
+            "class_weights": BALANCING, "sampler": BALANCING, "augmentation": tuple(AUGMENTATIONS),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -83,13 +194,33 @@ class TrainConfig:
             raise MMExportError("--merge-epochs and --finetune-epochs must be >= 0 and not both 0")
         if self.method in MERGE_METHODS and self.merge_epochs < 1:
             raise MMExportError(f"--merge-epochs must be at least 1 for --method {self.method} (stage 1 is the merge)")
-        if self.batch_size < 1 or self.warmup_epochs < 0 or self.patience < 0:
-            raise MMExportError("--batch-size must be >= 1, --warmup-epochs and --patience >= 0")
+        check_seed(self.seed)
+        for name, low, high in (("batch_size", 1, MAX_BATCH_SIZE), ("num_workers", 0, max_workers())):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                option = "--workers" if name == "num_workers" else "--batch-size"
+                raise MMExportError(f"{option} must be an integer from {low} to {high}, got {value!r}")
+        check_image_size(self.image_size, self.batch_size)
+        if self.warmup_epochs < 0 or self.patience < 0:
+            raise MMExportError("--warmup-epochs and --patience must be >= 0")
         for name in ("lr_logits", "lr_head", "lr_backbone"):
             if not getattr(self, name) > 0:
                 raise MMExportError(f"--{name.replace('_', '-')} must be positive")
+        if any(not v > 0 for v in self.lr_logits_probe) or len(set(self.lr_logits_probe)) != len(self.lr_logits_probe):
+            raise MMExportError(f"--lr-logits-probe: candidates must be distinct positive numbers, got {list(self.lr_logits_probe)}")
+        if self.lr_logits_probe and not 1 <= self.lr_probe_epochs <= self.merge_epochs:
+            raise MMExportError(f"--lr-probe-epochs must be from 1 to --merge-epochs ({self.merge_epochs}), got {self.lr_probe_epochs}")
+        if not 0.0 <= self.sigma_bound < 0.5:
+            raise MMExportError(f"--sigma-bound must be in [0, 0.5) (0 = unbounded), got {self.sigma_bound}")
+        for label, spec in (("a", self.source_a), ("b", self.source_b)):
+            if label.upper() in METHOD_SOURCES.get(self.method, "") and not str(spec).strip():
+                raise MMExportError(f"--source-{label} is required for --method {self.method}")
         if self.force and self.resume:
             raise MMExportError("--force and --resume contradict each other: choose one")
+
+    def sources_needed(self) -> str:
+        """"AB", "A" or "B": the sources this method reads."""
+        return METHOD_SOURCES[self.method]
 
     def stage_epochs(self) -> tuple[int, int]:
         """(stage 1, stage 2) epochs; plain fine-tuning spends the whole budget in stage 2."""

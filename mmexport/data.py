@@ -7,6 +7,7 @@ normalised float tensors, the ordered class names, and the preprocessing
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import parse_qsl
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmexport.config import AUGMENTATIONS, DEFAULT_AUGMENTATION, MIN_IMAGE_SIZE
 from mmexport.errors import DataError
 from mmexport.runtime.preprocess import Preprocessing, normalize
 
@@ -29,7 +31,6 @@ SYNTHETIC_DEFAULTS = {
     "target": {"n_train": 300, "n_val": 300, "n_test": 300},
 }
 SYNTHETIC_IMAGE_SIZE = 64
-MIN_IMAGE_SIZE = 16  # below this the torchvision backbones' downsampling runs out of pixels
 FOLDER_IMAGE_SIZE = 224
 
 
@@ -40,7 +41,7 @@ class TaskData:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     description: dict[str, Any]
-    _factory: Callable[[str, bool], Dataset] = field(repr=False)
+    _factory: Callable[[str, "AugmentationPreset | None"], Dataset] = field(repr=False)
     splits: tuple[str, ...] = ("train", "val")
     # The evaluation pipeline, exactly: recorded in every artifact and applied by the runtime.
     preprocessing: Preprocessing | None = None
@@ -53,12 +54,17 @@ class TaskData:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def dataset(self, split: str, *, augment: bool = False) -> Dataset:
+    def dataset(self, split: str, *, augment: bool | str | None = False) -> Dataset:
+        """``split``'s images; ``augment`` names a training augmentation preset (see :data:`PRESETS`).
+
+        ``False``/``None``/``"none"`` give the evaluation transform; ``True`` the default preset.
+        """
         if split not in self.splits:
             raise DataError(f"{self.description.get('source', 'dataset')}: has no {split!r} split (has {', '.join(self.splits)})")
-        return self._factory(split, augment)
+        preset = augmentation_preset(augment)
+        return self._factory(split, preset if preset.name != "none" else None)
 
-    def loader(self, split: str, batch_size: int, *, shuffle: bool = False, augment: bool = False,
+    def loader(self, split: str, batch_size: int, *, shuffle: bool = False, augment: bool | str | None = False,
                seed: int = 0, sampler=None, num_workers: int = 0) -> DataLoader:
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(
@@ -105,14 +111,116 @@ class TaskData:
         return np.stack([p for p, _ in samples]), np.asarray([label for _, label in samples], dtype=np.int64)
 
 
-class _ArrayImages(Dataset):
-    """uint8 NHWC images in memory (already at the model's size) -> normalised float CHW tensors, optional flips."""
+@dataclass(frozen=True)
+class AugmentationPreset:
+    """One named training augmentation. Geometry first, then colour; normalisation is the recorded one.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, preprocessing: Preprocessing, augment: bool) -> None:
+    ``crop_scale``: random resized crop to the model's size from this fraction of the image's
+    area (aspect ratio within ``crop_ratio``); ``None`` keeps the evaluation geometry.
+    ``jitter``: (brightness, contrast, saturation, hue) of torchvision's ColorJitter.
+    """
+
+    name: str
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = False
+    vflip: bool = False
+    rot90: bool = False
+    jitter: tuple[float, float, float, float] | None = None
+    legacy_arrays: bool = False  # arrays: the old flips-only path, draw for draw
+
+    @property
+    def description(self) -> str:
+        return AUGMENTATIONS[self.name]
+
+    @property
+    def changes_orientation(self) -> bool:
+        return self.hflip or self.vflip or self.rot90
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "crop_scale": list(self.crop_scale) if self.crop_scale else None,
+                "crop_ratio": list(self.crop_ratio) if self.crop_scale else None, "hflip": self.hflip,
+                "vflip": self.vflip, "rot90": self.rot90, "jitter": list(self.jitter) if self.jitter else None}
+
+    def pil_transform(self, size: int, *, crop: bool) -> Callable | None:
+        """The transform of a PIL image at the model's size (torchvision v2 on PIL: Pillow does the pixel work).
+
+        ``crop=False`` leaves the geometry to the caller (image files crop from the original).
+        Pillow, not tensor kernels: per-image tensor ops on small images are dominated by
+        thread start-up and were 20-50x slower on a busy 2-core machine. Random draws come
+        from torch's generator, so each epoch's seed fixes them.
+        """
+        from torchvision.transforms import v2
+
+        steps: list[Any] = []
+        if crop and self.crop_scale is not None:
+            steps.append(v2.RandomResizedCrop(size, scale=self.crop_scale, ratio=self.crop_ratio, antialias=True))
+        if self.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if self.vflip:
+            steps.append(v2.RandomVerticalFlip())
+        if self.rot90:
+            steps.append(_RandomRot90())
+        if self.jitter is not None:
+            brightness, contrast, saturation, hue = self.jitter
+            steps.append(v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue))
+        return v2.Compose(steps) if steps else None
+
+
+class _RandomRot90:
+    """Rotate a square PIL image by 0, 90, 180 or 270 degrees, uniformly."""
+
+    _TURNS = (None, "ROTATE_90", "ROTATE_180", "ROTATE_270")
+
+    def __call__(self, image):
+        from PIL import Image
+
+        turn = self._TURNS[int(torch.randint(4, ()))]
+        return image.transpose(getattr(Image.Transpose, turn)) if turn else image
+
+
+_JITTER = (0.1, 0.1, 0.1, 0.0)
+PRESETS: dict[str, AugmentationPreset] = {
+    "none": AugmentationPreset("none"),
+    "light": AugmentationPreset("light", crop_scale=(0.8, 1.0), crop_ratio=(0.9, 1 / 0.9), jitter=_JITTER),
+    "orientation-free": AugmentationPreset("orientation-free", crop_scale=(0.6, 1.0), hflip=True, vflip=True,
+                                           rot90=True, jitter=(0.1, 0.1, 0.1, 0.02)),
+    "legacy": AugmentationPreset("legacy", crop_scale=(0.6, 1.0), hflip=True, vflip=True,
+                                 jitter=(0.1, 0.1, 0.1, 0.02), legacy_arrays=True),
+}
+assert set(PRESETS) == set(AUGMENTATIONS) and DEFAULT_AUGMENTATION in PRESETS
+
+
+def augmentation_preset(augment: bool | str | None | AugmentationPreset) -> AugmentationPreset:
+    """A preset by name; ``True`` is the default preset, ``False``/``None`` none."""
+    if isinstance(augment, AugmentationPreset):
+        return augment
+    if augment is None or augment is False:
+        return PRESETS["none"]
+    if augment is True:
+        return PRESETS[DEFAULT_AUGMENTATION]
+    try:
+        return PRESETS[augment]
+    except (KeyError, TypeError):
+        raise DataError(f"unknown augmentation {augment!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+class _ArrayImages(Dataset):
+    """uint8 NHWC images in memory (already at the model's size) -> normalised float CHW tensors.
+
+    With an augmentation preset, the preset's transform runs on the uint8 pixels and the
+    recorded normalisation follows, so augmented and evaluation images differ only by it.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, preprocessing: Preprocessing,
+                 augment: bool | str | None | AugmentationPreset) -> None:
         self.images = images
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.preprocessing = preprocessing
-        self.augment = augment
+        self.preset = augmentation_preset(augment)
+        self.augment = self.preset.name != "none"
+        size = int(images.shape[1]) if images.ndim == 4 else 0
+        self.transform = None if self.preset.legacy_arrays else self.preset.pil_transform(size, crop=True)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -122,11 +230,15 @@ class _ArrayImages(Dataset):
 
     def __getitem__(self, index: int):
         image = self.images[index]
-        if self.augment:  # lesions have no preferred orientation
+        if self.augment and self.preset.legacy_arrays:  # the pre-preset behaviour, draw for draw
             if torch.rand(()) < 0.5:
                 image = image[:, ::-1]
             if torch.rand(()) < 0.5:
                 image = image[::-1]
+        elif self.transform is not None:
+            from PIL import Image
+
+            image = np.asarray(self.transform(Image.fromarray(np.ascontiguousarray(image))), dtype=np.uint8)
         # The same function the runtime and the reference set use: evaluation is the recorded pipeline.
         return torch.from_numpy(normalize(np.ascontiguousarray(image), self.preprocessing)), int(self.labels[index])
 
@@ -143,6 +255,59 @@ def load_task(spec: str, *, image_size: int | None = None) -> TaskData:
     from mmexport.formats import load_file_task  # lazy: formats imports this module
 
     return load_file_task(spec, image_size)
+
+
+def _spec_path(spec: str) -> str:
+    return spec if spec.startswith("synthetic:") else spec.partition("?")[0]
+
+
+def recorded_spec(spec: str, recorded: dict[str, Any] | None) -> str:
+    """The run's dataset ``spec`` with its path replaced by the absolute one recorded at training.
+
+    A relative ``--data`` re-read from another directory would name another dataset; the
+    recorded absolute path does not. Synthetic specs and records without a path are unchanged.
+    """
+    if not recorded or spec.startswith("synthetic:") or not recorded.get("path"):
+        return spec
+    _, mark, query = spec.partition("?")
+    return str(recorded["path"]) + (mark + query if mark else "")
+
+
+def check_recorded_data(spec: str, task: TaskData, recorded: dict[str, Any] | None, *,
+                        run_spec: str | None = None, what: str = "--data") -> None:
+    """Refuse ``task`` (loaded from ``spec``) where it claims to be the run's dataset but is not.
+
+    It claims to be when ``spec`` names the same path the run was trained on (``run_spec``, as
+    given then, or the recorded absolute path). Refused when it now resolves to another place,
+    or its content fingerprint differs from the one recorded (files added, removed, changed or
+    relabelled). A deliberately different dataset (another path) is not this check's business.
+    """
+    if not recorded or spec.startswith("synthetic:") or task.description.get("kind") == "synthetic":
+        return
+    given = _spec_path(spec)
+    claims = given == _spec_path(run_spec) if run_spec else False
+    recorded_path = recorded.get("path") or recorded.get("source")
+    now_path = task.description.get("path") or task.description.get("source")
+    if recorded_path and now_path and os.path.realpath(given) == os.path.realpath(str(recorded_path)):
+        claims = True
+    if not claims:
+        return
+    old, new = recorded.get("fingerprint"), task.description.get("fingerprint")
+    moved = bool(recorded_path and now_path and str(now_path) != str(recorded_path))
+    if old and new:
+        if old == new:
+            return  # the same labelled images, wherever they lie now
+        where = (f"the run was trained on {recorded_path}, but {given!r} now resolves to {now_path} "
+                 "(a relative path read from another directory?)" if moved else
+                 f"the dataset at {now_path} changed since the run was trained (images added, removed, altered "
+                 "or relabelled)")
+        raise DataError(f"{what} {given}: {where}: content fingerprint {str(new)[7:19]}… differs from the recorded "
+                        f"{str(old)[7:19]}…; pass the intended dataset's absolute path")
+    if moved:
+        raise DataError(
+            f"{what} {given}: the run was trained on {recorded_path}, but {given!r} now resolves to {now_path} "
+            "(a relative path read from another directory?); pass the intended dataset's absolute path"
+        )
 
 
 def _synthetic_task(spec: str, image_size: int | None) -> TaskData:
@@ -172,7 +337,7 @@ def _synthetic_task(spec: str, image_size: int | None) -> TaskData:
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     preprocessing = Preprocessing.exact(size, IMAGENET_MEAN, IMAGENET_STD)
 
-    def factory(split: str, augment: bool) -> Dataset:
+    def factory(split: str, augment: AugmentationPreset | None) -> Dataset:
         if split not in cache:
             cache[split] = synthetic.generate(task, options[f"n_{split}"], image_size=size, seed=options["seed"], split=split)
         images, labels = cache[split]

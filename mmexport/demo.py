@@ -8,7 +8,6 @@ directory a user can inspect.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,19 +51,103 @@ class DemoConfig:
     target_data: str = "?n_train=300&n_val=300&n_test=300"
 
 
+class DemoLedger:
+    """What a demo made, in ``demo.json``: every file by sha256, and the directories it created.
+
+    A later demo into the same directory deletes exactly those files (hash-checked) and
+    refuses to touch anything else, so a directory that merely contains a ``demo.json``
+    is never wiped. A demo that was interrupted mid-step also left files it had not
+    recorded yet; they lie in directories the demo created (``claimed``), and ``--force``
+    deletes those too.
+    """
+
+    STEP_DIRS = ("sources", "run", "baselines", ".run.partial", ".run.lock")
+
+    def __init__(self, out: Path, config: dict[str, Any]) -> None:
+        self.out = out
+        self.config = config
+        self.files: dict[str, str] = {}
+        self.claimed: list[str] = []
+        self.status = "running"
+
+    def claim(self, *relative: str) -> None:
+        """Directories (or lock files) a step is about to create; only ones that do not exist yet are claimed."""
+        for name in relative:
+            if not (self.out / name).exists() and name not in self.claimed:
+                self.claimed.append(name)
+        self.save()
+
+    def record(self) -> None:
+        """Hash everything under ``out`` (which was empty when the demo started) as made by the demo."""
+        from mmexport.fileio import sha256_file
+
+        for path in sorted(self.out.rglob("*")):
+            relative = path.relative_to(self.out).as_posix()
+            if path.is_file() and not path.is_symlink() and relative != DEMO_MARKER:
+                self.files[relative] = sha256_file(path)
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.out / DEMO_MARKER, {"format": "mmexport-demo/2", "status": self.status,
+                                                   "config": self.config, "claimed": self.claimed, "files": self.files})
+
+
 def _prepare(out: Path, force: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not (out / DEMO_MARKER).is_file() and not force:
-            raise RunDirError(f"{out}: exists, is not empty and is not an earlier demo (use --force or another --out)")
-        if not (out / DEMO_MARKER).is_file():
-            raise RunDirError(f"{out}: not an earlier mmexport demo directory; refusing to delete it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Make ``out`` an empty directory, deleting only what an earlier demo provably made."""
+    from mmexport.fileio import sha256_file
+
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        out.mkdir(parents=True, exist_ok=True)
+        return
+    if not out.is_dir():
+        raise RunDirError(f"{out}: exists and is not a directory")
+    marker = out / DEMO_MARKER
+    try:
+        ledger = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, ValueError):
+        ledger = None
+    if not isinstance(ledger, dict) or ledger.get("format") != "mmexport-demo/2" or not isinstance(ledger.get("files"), dict):
+        raise RunDirError(f"{out}: is not empty and holds no demo ledger ({DEMO_MARKER}) of this mmexport; "
+                          "nothing is deleted: choose an empty or new --out")
+    recorded: dict[str, str] = {str(k): str(v) for k, v in ledger["files"].items()}
+    claimed = [str(c) for c in ledger.get("claimed", [])]
+    delete, changed, foreign = [], [], []
+    for path in sorted(out.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        relative = path.relative_to(out).as_posix()
+        if relative == DEMO_MARKER:
+            continue
+        if relative in recorded and path.is_file() and sha256_file(path) == recorded[relative]:
+            delete.append(path)
+        elif relative in recorded:
+            changed.append(relative)
+        elif any(relative == c or relative.startswith(c.rstrip("/") + "/") for c in claimed):
+            (delete if force else changed).append(path if force else relative)
+        else:
+            foreign.append(relative)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunDirError(f"{out}: holds files an earlier demo did not make ({shown}); nothing is deleted: "
+                          "move them or choose another --out")
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise RunDirError(f"{out}: files of an earlier demo were changed since, or were left by an interrupted demo "
+                          f"({shown}); pass --force to delete them too")
+    for path in delete:
+        path.unlink()
+    for directory in sorted((p for p in out.rglob("*") if p.is_dir() and not p.is_symlink()),
+                            key=lambda p: len(p.parts), reverse=True):
+        if not any(directory.iterdir()):
+            directory.rmdir()
+    marker.unlink()
+    if any(out.iterdir()):  # only directories the demo made and emptied can remain; anything else is foreign
+        raise RunDirError(f"{out}: could not empty it of the earlier demo's files; nothing else was touched")
 
 
 def train_synthetic_sources(
     directory: Path, *, arch: str, epochs: int, batch_size: int = 32, seed: int = 0, device: torch.device | None = None,
-    data_options: str = "", progress: ProgressSink | None = None,
+    data_options: str = "", progress: ProgressSink | None = None, image_size: int | None = None,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Train source A on ``synthetic:pigment`` and source B on ``synthetic:border`` from scratch.
 
@@ -76,7 +159,7 @@ def train_synthetic_sources(
     for label, task_name in (("A", "pigment"), ("B", "border")):
         start = time.perf_counter()
         seed_everything(seed)
-        task = load_task(f"synthetic:{task_name}{data_options}")
+        task = load_task(f"synthetic:{task_name}{data_options}", image_size=image_size)
         model = get_backbone(arch).build(task.num_classes)
         result = train_plain(
             model, task, epochs=epochs, lr=1e-3, batch_size=batch_size, seed=seed, device=device,
@@ -116,12 +199,25 @@ class DemoSummary:
     bench: BenchReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
+    def merge_gap(self) -> tuple[str, float] | None:
+        """(best single-source method, MedMerge's test macro-F1 minus its own), or None without a comparison."""
+        def score(method: str) -> float:
+            metrics = self.comparison[method]
+            return metrics.get("test", metrics["val"])["macro_f1"]
+
+        singles = [m for m in ("finetune-a", "finetune-b") if m in self.comparison]
+        if "medmerge" not in self.comparison or not singles:
+            return None
+        best = max(singles, key=score)
+        return best, score("medmerge") - score(best)
+
 
 def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> DemoSummary:
     progress = progress or SilentProgress()
     out = Path(config.out).expanduser().absolute()
     _prepare(out, config.force)
-    write_json_atomic(out / DEMO_MARKER, {"status": "running", "config": config.__dict__})
+    ledger = DemoLedger(out, dict(config.__dict__))
+    ledger.claim("sources")
     device = resolve_device(config.device)
     timings: dict[str, float] = {}
 
@@ -133,6 +229,7 @@ def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> DemoSu
                           {label: source_summary[f"source_{label}"] for label in ("A", "B")}, timings=timings)
     timings.update({f"source_{label}": summary.sources[label]["seconds"] for label in ("A", "B")})
 
+    ledger.record()
     target = f"synthetic:target{config.target_data}"
 
     def train_method(method: str, out_dir: Path) -> Path:
@@ -148,7 +245,9 @@ def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> DemoSu
         )
 
     start = time.perf_counter()
+    ledger.claim("run", ".run.partial", ".run.lock")
     run_dir = train_method("medmerge", out / "run")
+    ledger.record()
     timings["train"] = time.perf_counter() - start
     summary.run = str(run_dir)
 
@@ -163,9 +262,11 @@ def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> DemoSu
     summary.comparison = {"medmerge": _final_metrics(run_dir)}
     if config.compare:
         start = time.perf_counter()
+        ledger.claim("baselines")
         (out / "baselines").mkdir(exist_ok=True)
         for method in ("finetune-a", "finetune-b"):
             summary.comparison[method] = _final_metrics(train_method(method, out / "baselines" / method))
+            ledger.record()
         timings["baselines"] = time.perf_counter() - start
 
     if config.export:
@@ -194,8 +295,8 @@ def run_demo(config: DemoConfig, progress: ProgressSink | None = None) -> DemoSu
     merge = training["stages"]["merge"]
     summary.merge_best = {"epoch": merge["best_epoch"], "val_accuracy": merge["best_metrics"]["accuracy"],
                           "val_macro_f1": merge["best_metrics"]["macro_f1"]}
-    write_json_atomic(out / DEMO_MARKER, {"status": "complete", "config": config.__dict__,
-                                          "timings": timings, "run": str(run_dir)})
+    ledger.status = "complete"
+    ledger.record()
     return summary
 
 

@@ -151,7 +151,7 @@ def test_augment_flips_only_when_asked():
         assert torch.equal(plain[0][0], base)
 
     torch.manual_seed(0)
-    augmented = task.dataset("train", augment=True)
+    augmented = task.dataset("train", augment="legacy")  # the flips-only preset (augment=True is now "light")
     seen = set()
     for _ in range(60):
         image, label = augmented[0]

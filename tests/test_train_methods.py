@@ -13,8 +13,7 @@ import torch
 from mmexport.errors import MMExportError, RunDirError
 from mmexport.fileio import sha256_file
 from mmexport.modelfile import load_model
-from mmexport.config import TrainConfig
-from mmexport.train import DistContext, _epoch_indices, _lr_lambda, train
+from mmexport.train import DistContext, LoopOptions, _lr_lambda, batches, epoch_indices, train
 from tests.test_train import config
 
 
@@ -111,19 +110,31 @@ def test_early_stopping_stops_a_stage(resnet18_sources, tmp_path, monkeypatch):
 
 def test_balanced_sampler_draws_classes_evenly():
     labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
-    cfg = TrainConfig(arch="resnet18", source_a="", source_b="", data="", out="", sampler="balanced", seed=3)
-    drawn = np.concatenate([labels[_epoch_indices(labels, cfg, "merge", e, DistContext())] for e in range(1, 31)])
+    options = LoopOptions(batch_size=8, seed=3, sampler="balanced")
+    drawn = np.concatenate([labels[epoch_indices(labels, options, "merge", e, DistContext())] for e in range(1, 31)])
     shares = np.bincount(drawn, minlength=3) / len(drawn)
     assert np.all(np.abs(shares - 1 / 3) < 0.05), shares
 
 
 def test_distributed_shards_partition_each_epoch():
     labels = np.arange(10) % 3
-    cfg = TrainConfig(arch="resnet18", source_a="", source_b="", data="", out="", seed=1)
-    shards = [_epoch_indices(labels, cfg, "merge", 4, DistContext(rank=r, world_size=3)) for r in range(3)]
+    options = LoopOptions(batch_size=8, seed=1)
+    shards = [epoch_indices(labels, options, "merge", 4, DistContext(rank=r, world_size=3)) for r in range(3)]
     assert all(len(s) == 4 for s in shards)  # 10 samples padded to 12
     assert set().union(*shards) == set(range(10))
-    assert _epoch_indices(labels, cfg, "merge", 4, DistContext()) != _epoch_indices(labels, cfg, "merge", 5, DistContext())
+    assert epoch_indices(labels, options, "merge", 4, DistContext()) != epoch_indices(labels, options, "merge", 5, DistContext())
+
+
+def test_a_final_batch_of_one_joins_the_previous_batch():
+    assert batches(list(range(17)), 8) == [list(range(8)), list(range(8, 17))]
+    assert batches(list(range(16)), 8) == [list(range(8)), list(range(8, 16))]
+    assert batches(list(range(3)), 8) == [[0, 1, 2]]  # fewer images than a batch: one smaller batch
+    assert batches(list(range(10)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    # every DDP shard of an epoch gets the same batches: 17 images on 2 ranks = 9 each = 8 + 1 -> one batch of 9
+    labels = np.arange(17) % 3
+    for rank in range(2):
+        shard = epoch_indices(labels, LoopOptions(batch_size=8, seed=0), "merge", 1, DistContext(rank=rank, world_size=2))
+        assert [len(b) for b in batches(shard, 8)] == [9]
 
 
 def test_warmup_then_cosine_schedule():
@@ -160,14 +171,78 @@ def test_torchrun_two_processes_gloo(resnet18_sources, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
         "--master_addr=127.0.0.1", "-m", "mmexport", "train", "--arch", "resnet18",
         "--source-a", str(resnet18_sources[0]), "--source-b", str(resnet18_sources[1]),
-        "--data", "synthetic:target?n_train=24&n_val=16&n_test=16", "--image-size", "32", "--merge-epochs", "1",
-        "--finetune-epochs", "1", "--batch-size", "4", "--device", "cpu", "--out", str(out),
+        # 18 images on 2 ranks = 9 each = a batch of 8 and a batch of ONE, which at 32 px BatchNorm cannot train on
+        "--data", "synthetic:target?n_train=18&n_val=16&n_test=16", "--image-size", "32", "--merge-epochs", "1",
+        "--finetune-epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", str(out),
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["world_size"] == 2
     assert manifest["verification"][0]["passed"]
-    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # rank 1 wrote nothing of its own
+    # rank 1 wrote nothing of its own (rank 0's run lock lives beside the run)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == ["ddp"]
     steps = len(manifest["training"]["stages"]["merge"]["history"])
     assert steps == 1
+
+
+def test_logit_lr_probe_is_the_fixed_rate_run_of_the_rate_it_chooses(resnet18_sources, tmp_path):
+    overrides = dict(merge_epochs=3, finetune_epochs=1)
+    probed = train(config(resnet18_sources, tmp_path / "probe", lr_logits_probe=(0.02, 2.0), lr_probe_epochs=1, **overrides))
+    probe = json.loads((probed / "manifest.json").read_text())["training"]["lr_probe"]
+    assert probe["candidates"] == [0.02, 2.0] and probe["epochs"] == 1 and probe["extra_epochs"] == 1
+    best = max(range(2), key=lambda i: (probe["val_macro_f1"][i], -probe["candidates"][i]))
+    assert probe["chosen"] == probe["candidates"][best]
+    fixed = train(config(resnet18_sources, tmp_path / "fixed", lr_logits=probe["chosen"], **overrides))
+    for name in ("unmerged.safetensors", "model.safetensors"):
+        assert sha256_file(probed / name) == sha256_file(fixed / name), name
+    stages = lambda run: json.loads((run / "manifest.json").read_text())["training"]["stages"]  # noqa: E731
+    assert stages(probed) == stages(fixed)
+
+
+def test_resume_after_the_probe_keeps_the_chosen_rate(resnet18_sources, tmp_path):
+    overrides = dict(merge_epochs=3, finetune_epochs=1, lr_logits_probe=(0.02, 2.0), lr_probe_epochs=1)
+    reference = train(config(resnet18_sources, tmp_path / "ref", **overrides))
+    with pytest.raises(KeyboardInterrupt):
+        train(config(resnet18_sources, tmp_path / "run", **overrides), after_epoch=_interrupt_after("merge", 2))
+    resumed = train(config(resnet18_sources, tmp_path / "run", resume=True, **overrides))
+    assert sha256_file(resumed / "model.safetensors") == sha256_file(reference / "model.safetensors")
+
+
+def test_resume_refuses_when_a_source_file_changed(resnet18_sources, tmp_path):
+    from mmexport.checkpoints import save_state_dict
+    from tests.conftest import backbone_state, one_line
+
+    source_a = tmp_path / "a.safetensors"
+    save_state_dict(source_a, backbone_state("resnet18", 11))
+    sources = (source_a, resnet18_sources[1])
+    with pytest.raises(KeyboardInterrupt):
+        train(config(sources, tmp_path / "run", merge_epochs=2), after_epoch=_interrupt_after("merge", 1))
+    save_state_dict(source_a, backbone_state("resnet18", 12))  # same path, new weights
+    with pytest.raises(RunDirError) as info:
+        train(config(sources, tmp_path / "run", merge_epochs=2, resume=True))
+    message = one_line(info)
+    assert "inputs changed" in message and "source A sha256" in message and "--force" in message
+    assert (tmp_path / ".run.partial").is_dir()  # the interrupted run is kept, not half-resumed
+
+
+def test_resume_refuses_when_the_data_changed(resnet18_sources, tmp_path):
+    from tests.conftest import one_line
+
+    def write(path, n_train):
+        rng = np.random.default_rng(n_train)
+        arrays = {}
+        for split, n in (("train", n_train), ("val", 8)):
+            arrays[f"{split}_images"] = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+            arrays[f"{split}_labels"] = np.arange(n) % 3
+        np.savez(path, **arrays)
+
+    data = tmp_path / "data.npz"
+    write(data, 12)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(resnet18_sources, tmp_path / "run", data=str(data), merge_epochs=2),
+              after_epoch=_interrupt_after("merge", 1))
+    write(data, 15)
+    with pytest.raises(RunDirError) as info:
+        train(config(resnet18_sources, tmp_path / "run", data=str(data), merge_epochs=2, resume=True))
+    assert "inputs changed" in one_line(info) and "data (" in one_line(info) and "counts" in one_line(info)

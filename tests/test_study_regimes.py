@@ -1,0 +1,100 @@
+"""The study's regime generators (benchmarks/_study.py) and its worst-case report (benchmarks/merge_study.py).
+
+One fast test per generator; the study itself runs outside CI.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import _study  # noqa: E402
+import merge_study  # noqa: E402
+
+from mmexport.data import load_task  # noqa: E402
+
+import sklearn  # noqa: E402,F401  (the test extra installs it: CI keeps every regime generator tested)
+
+
+def test_digits_pools_are_disjoint_reproducible_and_stratified():
+    target, source = _study.digits_pools(seed=0)
+    assert np.bincount(target["labels"]).tolist() == [90] * 10
+    assert len(target["labels"]) + len(source["labels"]) == 1797
+    assert target["images"].dtype == np.uint8 and target["images"].shape[1:] == (8, 8) and target["images"].max() == 255
+    again, _ = _study.digits_pools(seed=0)
+    other, _ = _study.digits_pools(seed=1)
+    assert np.array_equal(again["images"], target["images"]) and not np.array_equal(other["images"], target["images"])
+    # disjoint: no target image is a source image (compared as bytes, per label)
+    source_keys = {(img.tobytes(), lab) for img, lab in zip(source["images"], source["labels"])}
+    target_keys = {(img.tobytes(), lab) for img, lab in zip(target["images"], target["labels"])}
+    shared = target_keys & source_keys
+    assert len(shared) <= 2  # the 8x8 scans repeat a handful of identical images; the index split is disjoint
+
+
+def test_digits_target_has_the_asked_labels_per_class_and_loads_at_32_px(tmp_path):
+    path = _study.digits_target(tmp_path / "t.npz", {"train": 10, "val": 20, "test": 60})
+    task = load_task(str(path), image_size=32)
+    assert task.num_classes == 10 and task.image_size == 32 and task.splits == ("train", "val", "test")
+    for split, count in (("train", 10), ("val", 20), ("test", 60)):
+        assert np.bincount(task.labels(split)).tolist() == [count] * 10
+    assert task.dataset("train")[0][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("name,classes", [("low-digits", 5), ("high-digits", 5), ("parity", 2), ("high-or-low", 2)])
+def test_digits_source_tasks_label_the_source_pool(tmp_path, name, classes):
+    path = _study.digits_source_task(tmp_path / f"{name}.npz", name)
+    data = np.load(path)
+    labels = np.concatenate([data["train_labels"], data["val_labels"]])
+    _, source = _study.digits_pools()
+    select, relabel = _study.SOURCE_TASKS[name]
+    assert len(labels) == int(select(source["labels"]).sum())
+    assert sorted(set(labels.tolist())) == list(range(classes))
+    assert abs(len(data["val_labels"]) - 0.2 * len(labels)) <= 1
+
+
+def test_synthetic_regimes_are_specs_over_cached_sources(tmp_path, monkeypatch):
+    monkeypatch.setattr(_study, "_synthetic_sources", lambda work: {"A": work / "a.safetensors", "B": work / "b.safetensors"})
+    spec = _study.REGIMES["synthetic-64"].build(tmp_path)
+    assert spec["data"].startswith("synthetic:target?n_train=300") and spec["B"].endswith("b.safetensors")
+    random_b = _study.REGIMES["synth-32-rnd"].build(tmp_path)
+    assert random_b["B"].startswith("scratch:") and _study.REGIMES["synth-32-rnd"].image_size == 32
+    assert load_task(random_b["data"], image_size=32).labels("train").shape == (100,)
+
+
+def test_every_regime_is_described_and_differs_in_what_matters():
+    regimes = list(_study.REGIMES.values())
+    assert {r.orientation for r in regimes} == {"free", "sensitive"}
+    assert {r.image_size or 64 for r in regimes} == {32, 64}
+    assert len({r.labels_per_class for r in regimes}) >= 3
+
+
+def _record(config, task, seed, test, merge_history=None):
+    return {"config": config, "task": task, "seed": seed, "test_macro_f1": test, "val_macro_f1": test,
+            "history": {"merge": merge_history or []}, "seconds": 1.0, "stage1_val_macro_f1": 0.5}
+
+
+def test_auto_rows_pick_the_rate_with_the_best_early_validation_score():
+    records = [
+        _record("lr3e-2", "r", 0, 0.60, [0.2, 0.3, 0.5]),
+        _record("lr1e-1", "r", 0, 0.70, [0.25, 0.4, 0.6]),
+        _record("lr3e-1", "r", 0, 0.65, [0.3, 0.35, 0.7]),
+    ]
+    assert merge_study.simulate_auto(records, 1)[0]["chosen"] == 0.3  # best after 1 epoch
+    picked = merge_study.simulate_auto(records, 2)[0]
+    assert picked["chosen"] == 0.1 and picked["test_macro_f1"] == 0.70 and picked["config"] == "auto p=2"
+    tie = [dict(r, history={"merge": [0.5, 0.5]}) for r in records]
+    assert merge_study.simulate_auto(tie, 2)[0]["chosen"] == 0.03  # ties go to the smaller rate
+
+
+def test_gap_is_paired_by_seed_against_the_best_single_source():
+    records = [
+        _record("lr1e-1", "r", 0, 0.80), _record("lr1e-1", "r", 1, 0.70),
+        _record("finetune-a", "r", 0, 0.75), _record("finetune-a", "r", 1, 0.75),
+        _record("finetune-b", "r", 0, 0.60), _record("finetune-b", "r", 1, 0.60),
+    ]
+    mean, std, n, best = merge_study.gap(records, "lr1e-1", "r")
+    assert best == "finetune-a" and n == 2 and mean == pytest.approx(0.0) and std == pytest.approx(0.0707107, abs=1e-6)
+    assert merge_study.gap(records, "old-defaults medmerge", "r") is None  # no legacy single sources in the log
