@@ -114,6 +114,8 @@ def _dtype(tensor: torch.Tensor) -> str:
 
 def _check_file(path: Path) -> None:
     """The cheap checks that give a clear message before any library sees the file."""
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path}: a symlink whose target does not exist (or a symlink loop)")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     if not path.exists():
@@ -122,6 +124,8 @@ def _check_file(path: Path) -> None:
         raise CheckpointError(f"{path}: not a regular file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: permission denied (the file is not readable by this user)")
 
 
 def _format_of(path: Path) -> str:
@@ -342,10 +346,34 @@ def _resolve_torchvision(spec: str, arch: str) -> Any:
     return weights
 
 
+def _check_cached_hash(spec: str, cache_file: Path, url: str) -> str | None:
+    """The sha256 of the cached weights file, which must start with the prefix its name carries.
+
+    torchvision names its weights ``<name>-<sha256 prefix>.pth`` and torch.hub checks that
+    prefix only while downloading (``check_hash``); a file already in the cache is loaded as
+    it is. Checked here on every load, so a replaced or corrupted cache file is refused.
+    """
+    if not cache_file.is_file():
+        return None
+    try:
+        digest = sha256_file(cache_file)
+    except OSError as exc:
+        raise CheckpointError(f"{spec}: cached weights file {cache_file} is unreadable ({_first_line(exc)})") from None
+    match = torch.hub.HASH_REGEX.search(os.path.basename(urlparse(url).path))
+    prefix = match.group(1) if match else ""
+    if prefix and not digest.startswith(prefix):
+        raise CheckpointError(
+            f"{spec}: cached weights file {cache_file} does not match the hash in its name (sha256 {digest[:12]}…, "
+            f"expected {prefix}…): it is not the file torchvision published; delete it to download again"
+        )
+    return digest
+
+
 def _load_torchvision(spec: str, arch: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     weights = _resolve_torchvision(spec, arch)
     cache_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
     was_cached = cache_file.is_file()
+    digest = _check_cached_hash(spec, cache_file, weights.url)
     try:
         # torch.hub.load_state_dict_from_url defaults to unrestricted unpickling:
         # weights_only=True must be passed here too.
@@ -364,10 +392,12 @@ def _load_torchvision(spec: str, arch: str) -> tuple[dict[str, torch.Tensor], di
         ) from None
     state, _ = _select_state_dict(obj, spec)
     have_file = cache_file.is_file()
+    if digest is None and have_file:  # downloaded just now (torch.hub checked the prefix while downloading)
+        digest = _check_cached_hash(spec, cache_file, weights.url)
     info = {
         "format": "torchvision",
         "path": None,
-        "sha256": sha256_file(cache_file) if have_file else None,
+        "sha256": digest,
         "size_bytes": cache_file.stat().st_size if have_file else None,
         "cache_file": str(cache_file) if have_file else None,
         "weights": f"{type(weights).__name__}.{weights.name}",
@@ -396,7 +426,11 @@ def load_source(spec: str, arch: str, *, label: str = "source") -> SourceCheckpo
             raise type(exc)(f"{label}: {exc}") from None
         where = f"{label} ({spec})"
     else:
-        path = Path(spec).expanduser().resolve()
+        try:
+            path = Path(spec).expanduser().resolve()
+        except (RuntimeError, OSError) as exc:  # Python < 3.13 raises RuntimeError for a symlink loop
+            reason = "a symlink loop" if "loop" in str(exc).lower() else _first_line(exc)
+            raise CheckpointError(f"{label}: {spec}: cannot resolve the path ({reason})") from None
         try:
             state, fmt, wrapper = _read(path)
             sha, size = sha256_file(path), path.stat().st_size
@@ -465,6 +499,16 @@ def load_source(spec: str, arch: str, *, label: str = "source") -> SourceCheckpo
         tensor = state[key].detach().to("cpu")
         tensor = tensor.to(torch.float32) if tensor.is_floating_point() else tensor.to(torch.long)
         clean[key] = tensor.contiguous()
+
+    # Checked again after the cast: float64 values beyond float32's range (|x| > 3.4e38) are
+    # finite in the file and Inf in the network.
+    overflow = [k for k in expected if state[k].is_floating_point() and state[k].dtype != torch.float32
+                and not _all_finite(clean[k])]
+    if overflow:
+        raise CheckpointError(
+            f"{where}: {len(overflow)} tensors overflow float32 (values beyond ±3.4e38 become Inf when converted "
+            f"from {', '.join(converted)}): {_names(overflow)}"
+        )
 
     info = {
         "spec": spec,

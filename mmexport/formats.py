@@ -35,16 +35,25 @@ Decisions, so that a dataset description can be defended:
   are then dropped from whichever split they fell in and counted there. A
   split whose dropped fraction exceeds ``max_bad`` (default 0.01) is refused.
 * The load-time scan (every image, once): ``Image.open`` + ``verify()`` for all
-  formats. ``verify()`` is enough for PNG (it checks the CRC of every chunk,
-  IDAT included, and needs the IEND chunk, so it catches truncation and bit
-  flips at ~0.1 ms per 224 px image, against ~2 ms for a full decode). It is
-  not enough for JPEG (no checksums; ``verify()`` reads only the header and
+  formats. ``verify()`` checks the CRC of every PNG chunk, IDAT included, and
+  needs the IEND chunk, so it catches truncation and bit flips; but a PNG whose
+  compressed (zlib) stream was corrupt *before* its CRCs were computed passes
+  it and fails mid-training, so PNGs are also decoded (~1-2 ms per 224 px
+  image). It is not enough for JPEG (no checksums; ``verify()`` reads only the header and
   misses truncated files), so JPEGs are also decoded at 1/8 scale with
   ``draft()``: the whole entropy-coded stream is still read, so truncation is
   caught, for ~1.2 ms per 600x450 image (full decode ~1.5 ms). Other formats
   (BMP, TIFF, WebP, ...) are fully decoded. Measured on a 2-core CPU; threads
   gave no speed-up, so the scan is serial. A corrupted byte inside a JPEG's
   entropy-coded data is not detectable by any reader and decodes as noise.
+  An image above Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``,
+  89 Mpx) is unreadable, not a warning. Each file is read once, and its sha256
+  goes into the dataset's content ``fingerprint`` (every split's labelled image
+  digests: independent of where the dataset lies and of file names).
+* Labels come from folders: a symlink inside a class folder that leads to an
+  ancestor of a class folder, or into another class folder (of any split), is
+  refused -- following it would file another class's (or split's) images under
+  this label.
 * ``split.sizes`` in the description counts every candidate per split;
   ``counts`` and ``class_counts`` count the images actually used.
 * Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``, macOS
@@ -62,8 +71,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 import os
+import re
+import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -75,7 +87,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmexport.data import FOLDER_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, SPLITS, TaskData, _ArrayImages
+from mmexport.data import (
+    FOLDER_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, SPLITS, AugmentationPreset, TaskData, _ArrayImages, augmentation_preset,
+)
 from mmexport.errors import DataError
 from mmexport.runtime.preprocess import Preprocessing, normalize, pil_pipeline, read_rgb
 
@@ -202,24 +216,55 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_images(folder: Path) -> tuple[list[Path], int]:
-    """Image files under ``folder`` (recursively, sorted like torchvision's ImageFolder) and the count of other files."""
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies under it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_images(folder: Path, others: tuple[str, ...] = ()) -> tuple[list[Path], int]:
+    """Image files under ``folder`` (recursively, sorted like torchvision's ImageFolder) and the count of other files.
+
+    ``others``: the real paths of every other class folder of the dataset. A symlink that
+    leads to an ancestor of a class folder (this one included) or into another class folder
+    is refused: its images would be filed under this folder's label.
+    """
     found: list[Path] = []
     ignored = 0
     listed: list[tuple[str, list[str]]] = []
     seen: set[str] = set()
+    own = os.path.realpath(folder)
+    classes = (own, *others)
+
+    def refuse(link: str, real: str, why: str) -> DataError:
+        return _error(f"{link}: a symlink to {real}, {why}: what it leads to would be labelled {folder.name!r}; "
+                      "remove the link (or make it point elsewhere)")
+
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # a symlink cycle
             dirs[:] = []
             continue
+        if real != own:
+            above = [c for c in classes if _inside(c, real)]
+            if above:
+                what = "this class folder" if own in above else f"class folder {above[0]}"
+                raise refuse(root, real, f"which holds {what}")
+            inner = next((c for c in others if _inside(real, c)), None)
+            if inner is not None and not _inside(real, own):
+                raise refuse(root, real, f"inside another class folder ({inner})")
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # pruned in place: hidden folders are never entered
         listed.append((root, files))
     for root, files in sorted(listed, key=lambda entry: entry[0]):
         for name in sorted(files):
             if _is_image_name(name):
-                found.append(Path(root) / name)
+                file = Path(root) / name
+                if others and os.path.islink(file):
+                    real = os.path.realpath(file)
+                    inner = next((c for c in others if _inside(real, c)), None)
+                    if inner is not None and not _inside(real, own):
+                        raise refuse(str(file), real, f"an image of another class folder ({inner})")
+                found.append(file)
             else:
                 ignored += 1
     return found, ignored
@@ -227,22 +272,45 @@ def _walk_images(folder: Path) -> tuple[list[Path], int]:
 
 def check_image(path: str | os.PathLike) -> str | None:
     """``None`` if ``path`` is a readable image, else a short reason (see the module docstring for the method)."""
+    return scan_image(path)[0]
+
+
+def scan_image(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(``None`` or the reason ``path`` is unusable, sha256 of its bytes or ``None``); each file is read once."""
     path = Path(path)
     if not path.is_file():
-        return "missing"
+        return "missing", None
     try:
-        with Image.open(path) as image:
-            image_format = image.format
-            image.verify()
-        if image_format == "PNG":
-            return None
-        with Image.open(path) as image:
-            if image_format == "JPEG":
-                image.draft(None, (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})", None
+    if not data:
+        return "empty file (0 bytes)", None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            # Above MAX_IMAGE_PIXELS Pillow only warns (on stderr, mid-run); above twice that it raises.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image_format = image.format
+                image.verify()
+            with Image.open(io.BytesIO(data)) as image:
+                if image_format == "JPEG":
+                    image.draft(None, (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
     except Exception as exc:  # noqa: BLE001 - any failure to decode makes the file unusable
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return _first_line(exc).replace(_IN_MEMORY, path.name), digest
+    return None, digest
+
+
+_IN_MEMORY = "<_io.BytesIO object>"
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", _IN_MEMORY, " ".join(str(exc).split()))
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class FileImages(Dataset):
@@ -280,17 +348,37 @@ class FileImages(Dataset):
         return self.train_transform(image), label
 
 
-def train_transform(size: int) -> Callable:
-    """Training augmentation for image files: random resized crop, flips, light colour jitter; ImageNet normalisation."""
-    from torchvision.transforms import v2
+def train_transform(size: int, preset: str | AugmentationPreset = "legacy",
+                    preprocessing: Preprocessing | None = None) -> Callable:
+    """Training augmentation for image files: a PIL image -> normalised float CHW tensor.
 
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),  # lesions and slides have no preferred orientation
-        v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    A preset with a crop crops from the original image (random resized crop to ``size``);
+    one without keeps the evaluation geometry (``preprocessing``'s resize and centre crop).
+    Flips, rotations and colour jitter follow on the uint8 pixels, then the recorded
+    normalisation (:func:`mmexport.runtime.preprocess.normalize`), as for evaluation.
+    """
+    preset = augmentation_preset(preset)
+    preprocessing = preprocessing or Preprocessing.center_crop(size, IMAGENET_MEAN, IMAGENET_STD)
+    return _FileAugmentation(preset, size, preprocessing)
+
+
+class _FileAugmentation:
+    """Picklable (DataLoader workers) augmentation of a decoded PIL image."""
+
+    def __init__(self, preset: AugmentationPreset, size: int, preprocessing: Preprocessing) -> None:
+        from torchvision.transforms import v2
+
+        self.preset = preset
+        self.preprocessing = preprocessing
+        self.crop = (v2.RandomResizedCrop(size, scale=preset.crop_scale, ratio=preset.crop_ratio, antialias=True)
+                     if preset.crop_scale is not None else None)
+        self.rest = preset.pil_transform(size, crop=False)
+
+    def __call__(self, image) -> torch.Tensor:
+        image = self.crop(image) if self.crop is not None else pil_pipeline(image, self.preprocessing)
+        if self.rest is not None:
+            image = self.rest(image)
+        return torch.from_numpy(normalize(np.asarray(image, dtype=np.uint8), self.preprocessing))
 
 
 def _stable_rank(seed: int, key: str) -> str:
@@ -359,6 +447,7 @@ def _finish_file_task(
 ) -> TaskData:
     """Scan every candidate ``(path or None if missing, class, display name)`` per split, skip and count bad ones, build TaskData."""
     index = {name: i for i, name in enumerate(classes)}
+    digests: list[str] = []
     samples: dict[str, list[tuple[str, int]]] = {}
     skipped: dict[str, dict[str, Any]] = {}
     for split, items in candidates.items():
@@ -367,9 +456,10 @@ def _finish_file_task(
         examples: list[str] = []
         reasons: list[str] = []
         for file, label, shown in items:
-            reason = "missing" if file is None else check_image(file)
+            reason, digest = ("missing", None) if file is None else scan_image(file)
             if reason is None:
                 good.append((str(file), index[label]))
+                digests.append(f"{split}\t{label}\t{digest}")
                 continue
             counts["missing" if reason == "missing" else "unreadable"] += 1
             if len(examples) < MAX_EXAMPLES:
@@ -393,14 +483,16 @@ def _finish_file_task(
             raise _error(f"{path}: {split} split has no readable images of class(es) {', '.join(empty)}")
     size = image_size or FOLDER_IMAGE_SIZE
     preprocessing = Preprocessing.center_crop(size, IMAGENET_MEAN, IMAGENET_STD)
-    augmentation = train_transform(size)
     splits = tuple(s for s in SPLITS if s in samples)
 
-    def factory(split: str, augment: bool) -> Dataset:
-        return FileImages(samples[split], preprocessing, augmentation if augment else None)
+    def factory(split: str, augment: AugmentationPreset | None) -> Dataset:
+        transform = train_transform(size, augment, preprocessing) if augment is not None else None
+        return FileImages(samples[split], preprocessing, transform)
 
     description = {
         "source": str(path.absolute()),
+        "path": str(path.resolve()),
+        "fingerprint": _fingerprint(digests),
         "kind": kind,
         "image_size": size,
         "classes": list(classes),
@@ -409,15 +501,33 @@ def _finish_file_task(
         **extra,
         "skipped": {s: skipped[s] for s in splits},
         "max_bad": max_bad,
-        "scan": "PIL verify(); JPEG also decoded at 1/8 scale, non-PNG formats fully decoded",
+        "scan": "PIL verify(); JPEG also decoded at 1/8 scale, every other format (PNG included) fully decoded",
         "options": dict(given),
         "preprocessing": preprocessing.describe(),
     }
     return TaskData(list(classes), size, IMAGENET_MEAN, IMAGENET_STD, description, factory, splits, preprocessing)
 
 
-def _class_folders(split_dir: Path) -> dict[str, tuple[list[Path], int]]:
-    return {entry.name: _walk_images(Path(entry.path)) for entry in _visible_dirs(split_dir)}
+def _fingerprint(lines: list[str]) -> str:
+    """sha256 over the sorted ``split, class, image sha256`` lines: the labelled content, wherever it lies."""
+    digest = hashlib.sha256()
+    for line in sorted(lines):
+        digest.update(line.encode("utf-8", "surrogatepass") + b"\n")
+    return "sha256:" + digest.hexdigest()
+
+
+def _class_folders(*split_dirs: Path) -> list[dict[str, tuple[list[Path], int]]]:
+    """Per split directory: class name -> (image files, ignored count). Symlinks across class folders are refused."""
+    entries = [_visible_dirs(split_dir) for split_dir in split_dirs]
+    reals = [os.path.realpath(entry.path) for listing in entries for entry in listing]
+    result = []
+    for listing in entries:
+        folders = {}
+        for entry in listing:
+            own = os.path.realpath(entry.path)
+            folders[entry.name] = _walk_images(Path(entry.path), tuple(r for r in reals if r != own))
+        result.append(folders)
+    return result
 
 
 def _imagefolder(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
@@ -425,7 +535,7 @@ def _imagefolder(path: Path, given: dict[str, str], image_size: int | None) -> T
     present = [s for s in SPLITS if (path / s).is_dir()]
     if "train" not in present or "val" not in present:
         raise _error(f"{path}: expected train/ and val/ subfolders, found {', '.join(s + '/' for s in present) or 'neither'}")
-    folders = {split: _class_folders(path / split) for split in present}
+    folders = dict(zip(present, _class_folders(*(path / split for split in present))))
     classes = sorted(folders["train"])
     if not classes:
         raise _error(f"{path / 'train'}: no class subfolders (expected one subfolder per class)")
@@ -453,7 +563,7 @@ def _imagefolder(path: Path, given: dict[str, str], image_size: int | None) -> T
 def _imagetree(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
     max_bad = _max_bad(path, given)
     val, test, seed = _split_options(path, given)
-    folders = _class_folders(path)
+    (folders,) = _class_folders(path)
     if not folders:
         raise _error(
             f"{path}: no class subfolders (expected train/ and val/ subfolders, or one subfolder per class)"
@@ -616,6 +726,10 @@ def _csv(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
 
 def _npz(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
     try:
+        fingerprint = "sha256:" + _sha256(path)
+    except OSError as exc:
+        raise _error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise _error(f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc})") from None
@@ -643,6 +757,8 @@ def _npz(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
             raise _error(f"{path}: {name} has shape {images.shape}, expected (N, H, W) grey or (N, H, W, 3) RGB")
         if images.shape[0] == 0:
             raise _error(f"{path}: {name} is empty")
+        if images.shape[1] == 0 or images.shape[2] == 0:
+            raise _error(f"{path}: {name} has shape {images.shape}: images of zero size")
         hw = tuple(images.shape[1:3])
         if native is None:
             native = hw
@@ -664,12 +780,30 @@ def _npz(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
         labels[split] = flat
 
     top = max(int(flat.max()) for flat in labels.values())
+    worst = max(labels, key=lambda s: int(labels[s].max()))
+    # Labels are checked against the class list before anything is sized by them (a label of 1e9
+    # would otherwise make a billion class names and a billion-wide count array).
+    if "classes" not in given:
+        present = np.unique(labels["train"])
+        if top + 1 > len(present):
+            missing, probe = [], 0
+            known = set(present.tolist())
+            while len(missing) < MAX_EXAMPLES and probe <= top:
+                if probe not in known:
+                    missing.append(str(probe))
+                probe += 1
+            more = top + 1 - len(present) - len(missing)
+            listed = ", ".join(missing) + (f" and {more} more" if more > 0 else "")
+            raise _error(
+                f"{path}: {worst}_labels goes up to {top}, i.e. {top + 1} classes 0..{top}, but train_labels has "
+                f"{len(present)} distinct labels: class(es) {listed} have no images in train_labels "
+                "(labels must be 0..K-1; name them with classes=)"
+            )
     if "classes" in given:
         classes = [name.strip() for name in given["classes"].split(",")]
         if any(not name for name in classes) or len(set(classes)) != len(classes):
             raise _error(f"{path}: option classes must be distinct non-empty comma-separated names, got {given['classes']!r}")
         if len(classes) != top + 1:
-            worst = max(labels, key=lambda s: int(labels[s].max()))
             raise _error(
                 f"{path}: classes= names {len(classes)} classes but {worst}_labels goes up to {top} ({top + 1} classes)"
             )
@@ -693,11 +827,13 @@ def _npz(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
 
     preprocessing = Preprocessing.exact(size, IMAGENET_MEAN, IMAGENET_STD)
 
-    def factory(split: str, augment: bool) -> Dataset:
+    def factory(split: str, augment: AugmentationPreset | None) -> Dataset:
         return _ArrayImages(tensors[split], labels[split], preprocessing, augment)
 
     description = {
         "source": str(path.absolute()),
+        "path": str(path.resolve()),
+        "fingerprint": fingerprint,
         "kind": "npz",
         "image_size": size,
         "classes": classes,
@@ -711,6 +847,12 @@ def _npz(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
         "options": dict(given),
     }
     return TaskData(list(classes), size, IMAGENET_MEAN, IMAGENET_STD, description, factory, tuple(splits), preprocessing)
+
+
+def _sha256(path: Path) -> str:
+    from mmexport.fileio import sha256_file
+
+    return sha256_file(path)
 
 
 def _npz_array(archive, path: Path, name: str) -> np.ndarray:

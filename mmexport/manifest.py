@@ -26,6 +26,8 @@ from mmexport.artifacts import REGISTRY
 from mmexport.errors import RunDirError
 from mmexport.fileio import atomic_path, sha256_file, write_json_atomic
 
+PENDING = "pending"  # manifest key: writes recorded before their rename, settled by the next writer
+
 if TYPE_CHECKING:
     from mmexport.runtime.compare import VerificationReport
 
@@ -216,7 +218,13 @@ class RunDir:
                 )
             raise RunDirError(f"{manifest_path}: unknown manifest format {found!r}")
         validate_manifest(manifest, manifest_path)
-        return cls(run_path, manifest)
+        run = cls(run_path, manifest)
+        if manifest.get(PENDING):
+            from mmexport.runlock import is_held_here
+
+            if is_held_here(run_path):  # only a writer settles what a killed writer left; readers ignore it
+                run.settle_pending()
+        return run
 
     @property
     def staging(self) -> bool:
@@ -283,8 +291,45 @@ class RunDir:
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             writer(tmp)
-        self.record_output(relative, kind, **details)
+            self._stage(relative, tmp, {"kind": kind, **details})
+        self.settle_pending(relative, renamed=True)
         return target
+
+    def _stage(self, relative: str, tmp: Path, entry: dict[str, Any], verification: dict[str, Any] | None = None) -> None:
+        """Record, before ``tmp`` is renamed to ``relative``, what the file will be (see :meth:`settle_pending`).
+
+        A process killed between this save and the rename leaves the manifest's outputs and
+        verifications as they were plus this pending entry, which the next writer settles.
+        """
+        self.manifest.setdefault(PENDING, {})[relative] = {
+            "sha256": sha256_file(tmp), "size_bytes": tmp.stat().st_size, "entry": entry, "verification": verification,
+        }
+        self.save()
+
+    def settle_pending(self, relative: str | None = None, *, renamed: bool = False) -> None:
+        """Commit each pending record whose file is in place with the recorded hash; drop the others.
+
+        ``renamed``: the caller has just renamed ``relative`` into place (no need to re-hash).
+        A record whose rename never happened (the writer was killed) is dropped: the run is
+        left exactly as before that write, and the orphaned temporary file is removed by the
+        next writer (:mod:`mmexport.runlock`).
+        """
+        pending = self.manifest.get(PENDING) or {}
+        for name in [relative] if relative is not None else list(pending):
+            record = pending.pop(name, None)
+            if record is None:
+                continue
+            target = self.file(name)
+            if renamed or (target.is_file() and sha256_file(target) == record["sha256"]):
+                if record.get("verification") is not None:
+                    self.manifest["verification"].append(record["verification"])
+                entry = dict(record["entry"])
+                kind = entry.pop("kind")
+                self.manifest["outputs"][name] = {"kind": kind, "sha256": record["sha256"],
+                                                  "size_bytes": record["size_bytes"], "created": _now(), **entry}
+        if not pending:
+            self.manifest.pop(PENDING, None)
+        self.save()
 
     def record_output(self, relative: str, kind: str, **details: Any) -> None:
         target = self.file(relative)
@@ -346,17 +391,20 @@ class RunDir:
         with atomic_path(target) as tmp:
             facts = write(tmp)
             report = check(tmp)
-            self.add_verification({"artifact": relative, "command": command, **report.as_dict()})
+            record = {"artifact": relative, "command": command, **report.as_dict()}
             reason = "; ".join(report.failures())
             if not report.passed:
                 if mark_unverified is None:
+                    self.add_verification(record)  # the failed check is history; nothing is published
                     hint = f"; {facts['hint']}" if isinstance(facts, dict) and facts.get("hint") else ""
                     raise VerificationError(f"{relative}: verification failed, nothing published: {reason}{hint}", report)
                 mark_unverified(tmp, reason)
-        recorded = {k: v for k, v in (facts or {}).items() if k not in ("sha256", "size_bytes")}
-        status = {"verified": True} if report.passed else {"verified": False, "unverified_reason": reason,
-                                                            "published_unverified_by": command + " --allow-unverified"}
-        self.record_output(relative, kind, **{**recorded, **details, **status})
+            recorded = {k: v for k, v in (facts or {}).items() if k not in ("sha256", "size_bytes")}
+            status = {"verified": True} if report.passed else {"verified": False, "unverified_reason": reason,
+                                                                "published_unverified_by": command + " --allow-unverified"}
+            # the check's record and the output entry land together, after the rename (or not at all)
+            self._stage(relative, tmp, {"kind": kind, **recorded, **details, **status}, verification=record)
+        self.settle_pending(relative, renamed=True)
         return facts, report
 
     def reference(self):

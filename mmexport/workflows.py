@@ -18,7 +18,7 @@ from torch import nn
 from mmexport import artifacts
 from mmexport.artifacts import COMPARISON_KINDS
 from mmexport.backbones import get_backbone
-from mmexport.data import TaskData, load_task
+from mmexport.data import TaskData, check_recorded_data, load_task, recorded_spec
 from mmexport.errors import DataError, MMExportError, VerificationError
 from mmexport.fold import fold
 from mmexport.manifest import PublishedArtifact, RunDir, published
@@ -94,7 +94,7 @@ def verify_run(
     folded, folded_info = load_model(run.checked_file(folded_name))
     if folded_info.classes != info.classes or folded_info.arch != info.arch:
         raise MMExportError(f"{run.path}: {folded_name} and {unmerged_name} describe different models")
-    task = task_for(data, info, "--data") if data is not None else None
+    task = task_for(data, info, "--data", run=run) if data is not None else None
     report = verify_fold(merged, folded, task, info, samples, seed, resolve_device(device))
     run.add_verification({"artifact": folded_name, "command": "verify", **report.as_dict()})
     if not report.passed:
@@ -105,18 +105,29 @@ def verify_run(
 # -- datasets ------------------------------------------------------------------------------------------------
 
 
-def task_for(spec: str, info: ModelInfo, what: str, *, same_classes: bool = True) -> TaskData:
+def task_for(spec: str, info: ModelInfo, what: str, *, same_classes: bool = True, run: RunDir | None = None) -> TaskData:
+    """Load ``spec`` for ``info``'s model. With ``run``: refuse it where it names the run's own dataset
+    (its path as given at training) but now resolves elsewhere or its content changed."""
     task = load_task(spec, image_size=info.image_size)
     if same_classes and list(task.classes) != list(info.classes):
         raise DataError(f"{what} {spec}: classes {task.classes} differ from the model's {list(info.classes)}")
+    if run is not None:
+        check_recorded_data(spec, task, run.manifest.get("inputs", {}).get("data"),
+                            run_spec=run.manifest.get("config", {}).get("data"), what=what)
     return task
+
+
+def run_data_spec(run: RunDir) -> str | None:
+    """The run's training dataset, with the absolute path recorded at training (never re-resolved against the cwd)."""
+    spec = run.manifest.get("config", {}).get("data")
+    return recorded_spec(spec, run.manifest.get("inputs", {}).get("data")) if spec else None
 
 
 def _reference_for(run: RunDir, model: nn.Module, info: ModelInfo, data: str | None, samples: int | None) -> ReferenceData:
     """The stored reference, or (with ``--data``) a fresh one on that dataset's held-out images."""
     if data is None:
         return run.reference()
-    task = task_for(data, info, "--data")
+    task = task_for(data, info, "--data", run=run)
     return make_reference(model, task, info, run.manifest["outputs"][artifacts.filename("model")]["sha256"],
                           random_count=samples if samples is not None else 64)
 
@@ -179,13 +190,13 @@ def export_onnx_run(
         results["fp16"] = published(run, target.filename, report, facts)
     elif precision == "int8":
         target = artifacts.onnx_artifact("int8")
-        calib_spec = calib_data or run.manifest.get("config", {}).get("data")
+        calib_spec = calib_data or run_data_spec(run)
         if not calib_spec:
             raise DataError("int8 needs calibration images: pass --calib-data")
         limit = DEFAULT_CALIBRATION_IMAGES if calib_images is None else calib_images
         if limit < 1:
             raise MMExportError(f"--calib-images must be at least 1, got {limit}")
-        calib_task = task_for(calib_spec, info, "--calib-data", same_classes=False)
+        calib_task = task_for(calib_spec, info, "--calib-data", same_classes=False, run=run)
         calibration, _ = calib_task.arrays("train", limit=limit, spread=True)
         if reference.labelled_set is None:
             raise DataError("int8 is judged on labelled held-out data and the reference has none: pass --data")
@@ -290,7 +301,7 @@ def export_comparison(run: RunDir, kind: str, precision: str, *, progress: Progr
             progress.message(f"converting the {kind} comparison model to fp16 ({row.filename})")
             write = lambda tmp: convert_fp16(source, tmp)  # noqa: E731
         else:
-            calib = load_task(run.manifest["config"]["data"], image_size=info.image_size).arrays("train", limit=64, spread=True)[0]
+            calib = load_task(run_data_spec(run), image_size=info.image_size).arrays("train", limit=64, spread=True)[0]
             write = lambda tmp: quantize_int8(source, tmp, calib, max_images=64, progress=progress)  # noqa: E731
     details = {"precision": precision, "model_kind": kind, "note": "benchmark comparison model, not deployable"}
     try:

@@ -50,6 +50,20 @@ def resnet18_sources(tmp_path_factory) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def train_exported_run(out: Path, sources: tuple[Path, Path], *, image_size: int | None = None) -> Path:
+    """A tiny merged run (1 + 1 epochs on 32 synthetic images) with its fp32 ONNX: the deployment tests' subject."""
+    from mmexport.config import TrainConfig
+    from mmexport.train import train
+    from mmexport.workflows import export_onnx_run
+
+    run = train(TrainConfig(arch="resnet18", source_a=str(sources[0]), source_b=str(sources[1]),
+                            data="synthetic:target?n_train=32&n_val=16&n_test=16", out=str(out),
+                            merge_epochs=1, finetune_epochs=1, batch_size=16, device="cpu", verify_samples=8,
+                            image_size=image_size))
+    export_onnx_run(run, "fp32")
+    return Path(run)
+
+
 def write_image_folder(root: Path, classes: dict[str, dict[str, int]], size: int = 40) -> Path:
     """``classes`` maps split -> {class: count}; writes small random PNGs."""
     rng = np.random.default_rng(0)

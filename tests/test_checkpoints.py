@@ -466,6 +466,13 @@ def test_torchvision_shorthand_records_cache_hash(r18, monkeypatch, tmp_path):
     cache = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"stand-in for the downloaded file")
+    # torchvision names the file after its sha256 prefix: a stand-in under the real name is refused ...
+    with pytest.raises(CheckpointError, match="does not match the hash in its name"):
+        load_source("torchvision:IMAGENET1K_V1", "resnet18")
+    # ... and accepted (and its hash recorded) under a name that carries its own prefix
+    prefix = sha256_file(cache)[:8]
+    cache = cache.rename(cache.with_name(f"resnet18-{prefix}.pth"))
+    monkeypatch.setattr(weights.value, "url", weights.url.rsplit("/", 1)[0] + f"/{cache.name}")
     src = load_source("torchvision:IMAGENET1K_V1", "resnet18")
     assert src.info["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
     assert src.info["sha256"] == sha256_file(cache)

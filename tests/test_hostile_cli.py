@@ -23,9 +23,7 @@ from typing import Callable
 
 import pytest
 
-from mmexport.config import TrainConfig
-from mmexport.train import train
-from mmexport.workflows import export_onnx_run
+from tests.conftest import train_exported_run
 
 TIMEOUT = 300
 
@@ -140,12 +138,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, resnet18_sources):
     root = tmp_path_factory.mktemp("hostile")
-    run = train(TrainConfig(arch="resnet18", source_a=str(resnet18_sources[0]), source_b=str(resnet18_sources[1]),
-                            data="synthetic:target?n_train=32&n_val=16&n_test=16", out=str(root / "run"),
-                            merge_epochs=1, finetune_epochs=1, batch_size=16, device="cpu", verify_samples=8,
-                            image_size=32))
-    export_onnx_run(run, "fp32")
-    return run
+    return train_exported_run(root / "run", resnet18_sources, image_size=32)
 
 
 def _execute(case: Case, base: Path, workdir: Path) -> Case:

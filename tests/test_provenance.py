@@ -9,22 +9,16 @@ import jsonschema
 import pytest
 
 from mmexport.checks import verify_artifacts, verify_manifest
-from mmexport.config import TrainConfig
 from mmexport.errors import MMExportError, RunDirError
 from mmexport.manifest import RunDir, manifest_schema, validate_manifest
-from mmexport.train import train
-from mmexport.workflows import export_onnx_run, verify_run
+from mmexport.workflows import verify_run
+from tests.conftest import train_exported_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, resnet18_sources):
     root = tmp_path_factory.mktemp("provenance")
-    path = train(TrainConfig(arch="resnet18", source_a=str(resnet18_sources[0]), source_b=str(resnet18_sources[1]),
-                             data="synthetic:target?n_train=32&n_val=16&n_test=16", out=str(root / "run"),
-                             merge_epochs=1, finetune_epochs=1, batch_size=16, device="cpu", verify_samples=8,
-                             image_size=32))
-    export_onnx_run(path, "fp32")
-    return path
+    return train_exported_run(root / "run", resnet18_sources, image_size=32)
 
 
 @pytest.fixture()

@@ -21,9 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmexport.config import TrainConfig
-from mmexport.train import train
-from mmexport.workflows import export_onnx_run
+from tests.conftest import train_exported_run
 
 BLOCKER = textwrap.dedent(
     """
@@ -43,10 +41,7 @@ BLOCKER = textwrap.dedent(
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory, resnet18_sources):
     root = tmp_path_factory.mktemp("torchfree")
-    run = train(TrainConfig(arch="resnet18", source_a=str(resnet18_sources[0]), source_b=str(resnet18_sources[1]),
-                            data="synthetic:target?n_train=32&n_val=16&n_test=16", out=str(root / "run"),
-                            merge_epochs=1, finetune_epochs=1, batch_size=16, device="cpu", verify_samples=8))
-    export_onnx_run(run, "fp32")
+    run = train_exported_run(root / "run", resnet18_sources)
     rng = np.random.default_rng(3)
     png = root / "lesion.png"
     Image.fromarray(rng.integers(0, 256, (80, 70, 3), dtype=np.uint8)).save(png)
@@ -57,6 +52,55 @@ def _run_blocked(script: str, cwd: Path) -> subprocess.CompletedProcess:
     code = BLOCKER + textwrap.dedent(script)
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+# The module map: what may import torch. Every module of the package is in exactly one list.
+TORCH_FREE = [
+    "mmexport", "mmexport.__main__", "mmexport.errors", "mmexport.fileio", "mmexport.artifacts", "mmexport.config",
+    "mmexport.progress", "mmexport.manifest", "mmexport.runlock", "mmexport.checks", "mmexport.engines",
+    "mmexport.benchrun", "mmexport.synthetic", "mmexport.plots", "mmexport.triton", "mmexport.serve",
+    "mmexport.runtime", "mmexport.runtime.modelinfo", "mmexport.runtime.preprocess", "mmexport.runtime.predictor",
+    "mmexport.runtime.compare", "mmexport.runtime.tolerances", "mmexport.runtime.check", "mmexport.runtime.reference",
+    "mmexport.runtime.bench", "mmexport.runtime.metrics", "mmexport.runtime.cuda", "mmexport.runtime.engine",
+    "mmexport.runtime.trt_stats", "mmexport.runtime.runners", "mmexport.runtime.runners.base",
+    "mmexport.runtime.runners.onnxruntime", "mmexport.runtime.runners.tensorrt", "mmexport.export",
+    "mmexport.export.onnxfile", "mmexport.export.precision", "mmexport.export.fp16_recipe", "mmexport.export.tensorrt", "mmexport.cli",
+    "mmexport.cli.app", "mmexport.cli.console",
+]
+TORCH_SIDE = [
+    "mmexport.backbones", "mmexport.checkpoints", "mmexport.merge", "mmexport.fold", "mmexport.data", "mmexport.formats",
+    "mmexport.train", "mmexport.distributed", "mmexport.modelfile", "mmexport.torch_runner", "mmexport.verification",
+    "mmexport.workflows", "mmexport.coefficients", "mmexport.demo", "mmexport.comparison", "mmexport.export.onnx",
+]
+NOT_IMPORTABLE_ALONE = ["mmexport.triton_python_model"]  # runs inside Triton's Python backend (triton_python_backend_utils)
+
+
+def test_every_module_is_on_the_map():
+    import pkgutil
+
+    import mmexport
+
+    found = {"mmexport"} | {m.name for m in pkgutil.walk_packages(mmexport.__path__, "mmexport.")}
+    mapped = set(TORCH_FREE) | set(TORCH_SIDE) | set(NOT_IMPORTABLE_ALONE)
+    assert found - mapped == set(), "new modules must be put on the map (torch-free or torch side)"
+
+
+def test_torch_free_modules_import_with_torch_blocked(tmp_path):
+    present = [m for m in TORCH_FREE if m not in ("mmexport.triton", "mmexport.serve") or
+               (Path(__file__).parents[1] / "mmexport" / f"{m.split('.')[-1]}.py").exists()]
+    result = _run_blocked(
+        f"""
+        import importlib, sys
+        for name in {present!r}:
+            importlib.import_module(name)
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))
+        assert not leaked, leaked
+        print("imported", len({present!r}))
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"imported {len(present)}" in result.stdout
 
 
 def test_blocker_really_blocks_torch(tmp_path):

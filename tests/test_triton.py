@@ -35,19 +35,16 @@ import pytest
 from PIL import Image
 
 from mmexport import runtime
-from mmexport.config import TrainConfig
 from mmexport.errors import MissingDependencyError, MMExportError, RunDirError
 from mmexport.fileio import sha256_file, write_json_atomic
 from mmexport.manifest import RunDir
 from mmexport.runtime.compare import compare_outputs
 from mmexport.runtime.tolerances import FP32
-from mmexport.train import train
 from mmexport.triton import (
     BYTES_INPUT, DEFAULT_MAX_BATCH, check_model_folder, check_name, export_repository, parse_config, read_version_record,
     sanitize_name,
 )
-from mmexport.workflows import export_onnx_run
-from tests.conftest import one_line
+from tests.conftest import one_line, train_exported_run
 
 NETWORK_TIMEOUT = 30.0  # seconds, every client call
 
@@ -69,11 +66,7 @@ def _model_config_pb2():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, resnet18_sources) -> Path:
     root = tmp_path_factory.mktemp("triton")
-    run = train(TrainConfig(arch="resnet18", source_a=str(resnet18_sources[0]), source_b=str(resnet18_sources[1]),
-                            data="synthetic:target?n_train=32&n_val=16&n_test=16", out=str(root / "lesion run#1"),
-                            merge_epochs=1, finetune_epochs=1, batch_size=16, device="cpu", verify_samples=8))
-    export_onnx_run(run, "fp32")
-    return Path(run)
+    return train_exported_run(root / "lesion run#1", resnet18_sources)
 
 
 # --------------------------------------------------------------------------------------------
