@@ -46,56 +46,87 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    lock_wait: Annotated[Optional[float], typer.Option(help="Seconds to wait for another command writing the same run (default 0: stop at once with one line).")] = None,
 ) -> None:
     """MedMerge model merging, from training to verified deployable artifacts."""
+    if lock_wait is not None:
+        import math
+
+        if not (math.isfinite(lock_wait) and lock_wait >= 0):
+            raise typer.BadParameter(f"must be a finite number of seconds >= 0, got {lock_wait}", param_hint="--lock-wait")
+        os.environ["MMEXPORT_LOCK_WAIT"] = repr(lock_wait)
 
 
 @app.command()
 def train(
     arch: Annotated[str, typer.Option(help="Architecture, e.g. resnet18, resnet50, densenet121.")],
-    source_a: Annotated[str, typer.Option("--source-a", help="Source A: .safetensors, .pt/.pth, or torchvision:<Weights>.<MEMBER>.")],
-    source_b: Annotated[str, typer.Option("--source-b", help="Source B, same forms as --source-a.")],
     data: Annotated[str, typer.Option(help="Dataset: PATH[?opts] (image folder, class tree, .csv, .npz; see README) or synthetic:target.")],
-    out: Annotated[Path, typer.Option(help="Run directory to create.")],
+    out: Annotated[Path, typer.Option(help="Run directory to create (missing parent directories are created).")],
+    source_a: Annotated[str, typer.Option("--source-a", help="Source A: .safetensors, .pt/.pth, torchvision:<Weights>.<MEMBER>, or scratch[:SEED] (random initialisation). Needed by medmerge, average, finetune-a, lpft-a.")] = "",
+    source_b: Annotated[str, typer.Option("--source-b", help="Source B, same forms as --source-a. Needed by medmerge, average, finetune-b, lpft-b.")] = "",
     method: Annotated[str, typer.Option(help="medmerge, average, finetune-a, finetune-b, lpft-a or lpft-b.")] = _TRAIN_DEFAULTS.method,
     granularity: Annotated[str, typer.Option(help="Merge coefficient granularity: kernel, filter or layer.")] = _TRAIN_DEFAULTS.granularity,
     merge_epochs: Annotated[int, typer.Option(help="Stage 1 epochs (merge logits + head; head only for average/lpft).")] = _TRAIN_DEFAULTS.merge_epochs,
     finetune_epochs: Annotated[int, typer.Option(help="Stage 2 epochs (full fine-tune); 0 skips it.")] = _TRAIN_DEFAULTS.finetune_epochs,
     batch_size: Annotated[int, typer.Option(help="Batch size (per process under torchrun).")] = _TRAIN_DEFAULTS.batch_size,
     lr_logits: Annotated[float, typer.Option(help="Adam learning rate of the merge logits (stage 1); chosen by benchmarks/merge_study.py.")] = _TRAIN_DEFAULTS.lr_logits,
+    lr_logits_probe: Annotated[str, typer.Option(help="Comma-separated candidate logit learning rates (e.g. 0.03,0.1,0.3): each trains --lr-probe-epochs epochs, the best on val macro-F1 continues (replaces --lr-logits).")] = ",".join(f"{v:g}" for v in _TRAIN_DEFAULTS.lr_logits_probe),
+    lr_probe_epochs: Annotated[int, typer.Option(help="Epochs each --lr-logits-probe candidate trains before the choice.")] = _TRAIN_DEFAULTS.lr_probe_epochs,
+    sigma_bound: Annotated[float, typer.Option(help="Keep every merge coefficient σ between b and 1 - b (0: unbounded); b < 0.5.")] = _TRAIN_DEFAULTS.sigma_bound,
     lr_head: Annotated[float, typer.Option(help="Learning rate of a freshly initialised head.")] = _TRAIN_DEFAULTS.lr_head,
-    lr_backbone: Annotated[float, typer.Option(help="AdamW learning rate of stage 2 (full fine-tune).")] = _TRAIN_DEFAULTS.lr_backbone,
+    lr_backbone: Annotated[float, typer.Option(help="AdamW learning rate of stage 2 (full fine-tune); use ~1e-3 for a scratch source.")] = _TRAIN_DEFAULTS.lr_backbone,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of stage 2.")] = _TRAIN_DEFAULTS.weight_decay,
     schedule: Annotated[str, typer.Option(help="Learning-rate schedule per stage: cosine or constant.")] = _TRAIN_DEFAULTS.schedule,
     warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up at the start of each stage, in epochs.")] = _TRAIN_DEFAULTS.warmup_epochs,
     patience: Annotated[int, typer.Option(help="Stop a stage after this many epochs without val macro-F1 gain; 0 never stops.")] = _TRAIN_DEFAULTS.patience,
     class_weights: Annotated[str, typer.Option(help="Loss class weights: none or balanced (inverse frequency).")] = _TRAIN_DEFAULTS.class_weights,
     sampler: Annotated[str, typer.Option(help="Training sampler: none (shuffle) or balanced (class-balanced).")] = _TRAIN_DEFAULTS.sampler,
-    augment: Annotated[bool, typer.Option(help="Training augmentation (flips; resized crop for image folders).")] = _TRAIN_DEFAULTS.augment,
+    augmentation: Annotated[Optional[str], typer.Option(help="Training augmentation preset: none, light (default: crop + colour jitter, never flips), orientation-free (flips + 90° rotations: dermoscopy, histology) or legacy (the old default).")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Kept for scripts: --no-augment is --augmentation none; --augment is the default preset.")] = None,
     bn_init: Annotated[str, typer.Option(help="BatchNorm statistics before stage 1: blend (of the sources') or reestimate (on target images).")] = _TRAIN_DEFAULTS.bn_init,
     image_size: Annotated[Optional[int], typer.Option(help="Input size (default 224 for folders, 64 for synthetic).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for every random generator.")] = _TRAIN_DEFAULTS.seed,
+    seed: Annotated[int, typer.Option(help="Seed for every random generator (0 to 2**32-1).")] = _TRAIN_DEFAULTS.seed,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = _TRAIN_DEFAULTS.amp,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     force: Annotated[bool, typer.Option(help="Replace an existing run directory (or discard an interrupted one).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same config from its last epoch.")] = False,
+    compare: Annotated[bool, typer.Option(help="Also train --compare-methods on every --seeds with the same settings and write the table (comparison.json): did the merge pay?")] = False,
+    compare_methods: Annotated[str, typer.Option(help="Methods --compare trains beside this one (comma-separated).")] = "finetune-a,finetune-b",
+    seeds: Annotated[str, typer.Option(help="Seeds of --compare, comma-separated (default: --seed only; use 3 to judge the spread).")] = "",
 ) -> None:
     """Train one method into a run directory: stage 1, fold (merge methods), stage 2."""
-    from mmexport.train import train as run_training
+    from mmexport.config import DEFAULT_AUGMENTATION, parse_floats, parse_seeds
 
+    if augment is False and augmentation not in (None, "none"):
+        raise MMExportError(f"--no-augment contradicts --augmentation {augmentation}: give one of them")
+    preset = "none" if augment is False else (augmentation or DEFAULT_AUGMENTATION)
     config = TrainConfig(
         arch=arch, source_a=source_a, source_b=source_b, data=data, out=str(out), method=method,
         granularity=granularity, merge_epochs=merge_epochs, finetune_epochs=finetune_epochs, batch_size=batch_size,
-        lr_logits=lr_logits, lr_head=lr_head, lr_backbone=lr_backbone, weight_decay=weight_decay, schedule=schedule,
-        warmup_epochs=warmup_epochs, patience=patience, class_weights=class_weights, sampler=sampler, augment=augment,
-        bn_init=bn_init, image_size=image_size, seed=seed, device=device, amp=amp, num_workers=workers, force=force,
-        resume=resume,
+        lr_logits=lr_logits, lr_logits_probe=parse_floats(lr_logits_probe, "--lr-logits-probe"),
+        lr_probe_epochs=lr_probe_epochs, sigma_bound=sigma_bound, lr_head=lr_head, lr_backbone=lr_backbone,
+        weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, patience=patience,
+        class_weights=class_weights, sampler=sampler, augmentation=preset, bn_init=bn_init, image_size=image_size,
+        seed=seed, device=device, amp=amp, num_workers=workers, force=force, resume=resume,
     )
+    config.validate()  # before torch is imported: option errors are immediate
+    compare_seeds = parse_seeds(seeds) if seeds.strip() else ()
+    if compare_seeds and not compare:
+        raise MMExportError("--seeds is the seed list of --compare: add --compare (or use --seed for one run)")
     rank = int(os.environ.get("RANK", "0"))
     progress = RichProgress() if rank == 0 else None
     try:
-        run_dir = run_training(config, progress, command=_command_line())
+        if compare:
+            from mmexport.comparison import compare_methods as run_comparison
+
+            methods = [m.strip() for m in compare_methods.split(",") if m.strip()]
+            run_comparison(config, methods, compare_seeds, progress, command=_command_line())
+            run_dir = Path(config.out).expanduser().absolute()
+        else:
+            from mmexport.train import train as run_training
+
+            run_dir = run_training(config, progress, command=_command_line())
     finally:
         if progress is not None:
             progress.finish()
@@ -108,7 +139,8 @@ def _print_run_summary(run_dir: Path) -> None:
 
     manifest = RunDir.open(run_dir).manifest
     classes = manifest.get("model", {}).get("classes", [])
-    final = manifest.get("training", {}).get("final", {})
+    training = manifest.get("training", {})
+    final = training.get("final", {})
     for split, metrics in final.items():
         console.print(f"  final {split}: accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}")
     split = "test" if "test" in final else "val"
@@ -121,7 +153,45 @@ def _print_run_summary(run_dir: Path) -> None:
             table.add_row(escape(name), f"{per_class['precision'][index]:.3f}", f"{per_class['recall'][index]:.3f}",
                           f"{per_class['f1'][index]:.3f}", f"{per_class['support'][index]:.0f}")
         console.print(table)
+    _print_training_report(manifest)
     console.print(f"[green]run written to[/green] {escape(str(run_dir))}")
+
+
+def _print_training_report(manifest: dict) -> None:
+    """Stage-1 diagnostics (σ saturation, head-only probes) and the --compare table, when the run has them."""
+    training = manifest.get("training", {})
+    diagnostics = training.get("diagnostics", {})
+    if "sigma_saturation" in diagnostics:
+        console.print(f"  merge coefficients beyond 0.1/0.9 after stage 1: {diagnostics['sigma_saturation']:.1%}")
+    probes = diagnostics.get("source_probes", {})
+    if probes:
+        bars = ", ".join(f"source {label} {p['val_macro_f1']:.3f}" for label, p in probes.items())
+        console.print(f"  stage 1 val macro-F1 {diagnostics.get('stage1_val_macro_f1', float('nan')):.3f}; "
+                      f"head-only probes: {bars}")
+        if diagnostics.get("stage1_below_probe"):
+            console.print(f"  [yellow]warning:[/yellow] stage 1 ended below the head-only probe of source "
+                          f"{', '.join(diagnostics['stage1_below_probe'])}")
+    comparison = manifest.get("comparison")
+    if comparison:
+        scored = comparison["split"]
+        view = Table(title=f"did the merge pay? same budget and settings, seeds {', '.join(map(str, comparison['seeds']))} "
+                           "(mean ± std)", title_justify="left")
+        columns = [f"{part} {label}" for part in (("test", "val") if scored == "test" else ("val",))
+                   for label in ("macro-F1", "accuracy")]
+        view.add_column("method")
+        for column in columns:
+            view.add_column(column, justify="right")
+        for row in comparison["methods"]:
+            cells = []
+            for column in columns:
+                part, label = column.split(" ")
+                score = row["scores"].get(f"{part}_{'macro_f1' if label == 'macro-F1' else 'accuracy'}")
+                cells.append("—" if score is None else (f"{score['mean']:.3f} ± {score['std']:.3f}"
+                                                        if len(score["values"]) > 1 else f"{score['mean']:.3f}"))
+            name = row["method"] + (" (this run)" if row["method"] == comparison["reference"] else "")
+            view.add_row(escape(name), *cells)
+        console.print(view)
+        console.print(f"  {escape(comparison['verdict'])}")
 
 
 @app.command("fold")
@@ -137,7 +207,7 @@ def fold_command(
     comparisons: Annotated[bool, typer.Option(help="With --to onnx: also export and verify the unmerged, dual and stock models (benchmark baselines).")] = False,
     min_batch: Annotated[int, typer.Option(help="With --to trt: smallest batch of the engine's optimisation profile.")] = 1,
     opt_batch: Annotated[Optional[int], typer.Option(help="With --to trt: batch TensorRT tunes for (default 8, or max if smaller).")] = None,
-    max_batch: Annotated[int, typer.Option(help="With --to trt: largest batch (a Triton config's max_batch_size must not exceed it).")] = 32,
+    max_batch: Annotated[Optional[int], typer.Option(help="With --to trt: largest batch of the profile (default 32); with --to triton: max_batch_size (default: the artifact's limit, 32 for ONNX).")] = None,
     workspace_mib: Annotated[Optional[int], typer.Option(help="With --to trt: builder workspace limit in MiB (default: TensorRT's, the GPU's memory).")] = None,
     opt_level: Annotated[int, typer.Option(help="With --to trt: builder optimisation level 0-5 (TensorRT's default 3).")] = 3,
     timing_cache: Annotated[Optional[Path], typer.Option(help="With --to trt: directory of persistent timing caches (one per TensorRT version and GPU).")] = None,
@@ -145,6 +215,12 @@ def fold_command(
     version_compatible: Annotated[bool, typer.Option(help="With --to trt: an engine later TensorRT versions can run (embeds its lean runtime).")] = False,
     print_trtexec: Annotated[bool, typer.Option(help="With --to trt: only print the equivalent trtexec command (works without TensorRT).")] = False,
     accuracy_aware: Annotated[bool, typer.Option(help="int8: keep the most sensitive layers in float until the int8 policy holds.")] = True,
+    int8_max_float: Annotated[float, typer.Option(help="int8: the largest fraction of weight layers the accuracy-aware search may keep in float.")] = 0.5,
+    repo: Annotated[Optional[Path], typer.Option(help="With --to triton: the Triton model repository to write into (DIR/<name>/<version>/; created if missing).")] = None,
+    backend: Annotated[str, typer.Option(help="With --to triton: onnxruntime (Triton's ONNX Runtime backend), tensorrt (the run's engine: --to trt first) or python (mmexport.runtime inside Triton's Python backend).")] = "onnxruntime",
+    model_name: Annotated[Optional[str], typer.Option("--name", help="With --to triton: model name (default: the run directory's name, made valid).")] = None,
+    preprocess: Annotated[bool, typer.Option(help="With --to triton --backend python: also accept encoded PNG/JPEG bytes (input image_bytes), preprocessed on the server exactly as the run recorded.")] = False,
+    engine: Annotated[Optional[list[Path]], typer.Option("--engine", help="With --to triton --backend tensorrt: an engine of the same model built on another GPU (repeatable): cc_model_filenames.")] = None,
     allow_unverified: Annotated[bool, typer.Option(help="Publish an artifact that FAILED its check, marked unverified in the file and the manifest (loaders refuse it by default).")] = False,
 ) -> None:
     """Write the run's network in a deployable format, verified before it is published."""
@@ -159,13 +235,33 @@ def fold_command(
         console.print(f"[green]wrote[/green] {escape(str(result.path))}  sha256 {result.sha256[:16]}…{reproduced[result.reproduced]}",
                       soft_wrap=True)
         return
+    if to == "triton":
+        from mmexport.triton import export_repository, record_in_run
+
+        if repo is None:
+            raise MMExportError("--to triton needs --repo DIR (the Triton model repository to write into)")
+        progress = RichProgress()
+        try:
+            result = export_repository(run, repo, precision=precision, backend=backend, name=model_name,
+                                       preprocess=preprocess, max_batch=max_batch, engines=engine or (), progress=progress)
+            record_in_run(result)
+        finally:
+            progress.finish()
+        console.print(f"[green]wrote[/green] {escape(result.name)} version {result.version} ({result.backend}, "
+                      f"max_batch_size {result.max_batch_size}) into {escape(str(result.repository))}", soft_wrap=True)
+        for relative, digest in result.files.items():
+            console.print(f"  {escape(relative)}  sha256 {digest[:16]}…", soft_wrap=True)
+        if result.compute_capabilities:
+            console.print("  engines: " + ", ".join(f"sm {cc} → {escape(f)}" for cc, f in sorted(result.compute_capabilities.items())),
+                          soft_wrap=True)
+        return
     if to == "trt":
         from mmexport.engines import DEFAULT_TIMING_CACHE, EngineOptions, build_engine_run, trtexec_line
 
         for name, value in (("--min-batch", min_batch), ("--max-batch", max_batch), ("--opt-batch", opt_batch)):
             if value is not None and value < 1:
                 raise MMExportError(f"{name} must be at least 1, got {value}")
-        options = EngineOptions(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+        options = EngineOptions(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch or 32,
                                 workspace_bytes=None if workspace_mib is None else workspace_mib * 2**20,
                                 optimization_level=opt_level, timing_cache=timing_cache or DEFAULT_TIMING_CACHE,
                                 hardware_compatibility=hardware_compatibility, version_compatible=version_compatible)
@@ -189,7 +285,8 @@ def fold_command(
         try:
             results = export_onnx_run(run, precision, calib_data=calib_data, calib_images=calib_images, data=data,
                                       int8_target=int8_target, calib_method=calib_method, progress=progress,
-                                      allow_unverified=allow_unverified, accuracy_aware=accuracy_aware)
+                                      allow_unverified=allow_unverified, accuracy_aware=accuracy_aware,
+                                      int8_max_float=int8_max_float)
         except VerificationError as exc:
             if exc.report is not None:
                 console.print(verification_table(exc.report))
@@ -227,8 +324,13 @@ def verify(
     samples: Annotated[Optional[int], typer.Option(help="Random inputs: torch backend, how many (default 64); onnx/trt, at most this many of the stored ones.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs (torch backend).")] = 0,
     device: Annotated[str, typer.Option(help="Where torch runs: cpu, cuda, auto.")] = "cpu",
+    manifest: Annotated[bool, typer.Option("--manifest", help="Re-hash every file of the run (and its Triton repositories) against manifest.json and trace each deployable artifact to its sources.")] = False,
 ) -> None:
     """Check artifacts against their reference under the project's tolerance policy; exit 1 on failure."""
+    if manifest:
+        _verify_manifest(run)
+        if not backend:
+            return
     backends = backend or ["torch"]
     for name in backends:
         artifacts.check_engine(name, "backend")
@@ -257,6 +359,36 @@ def verify(
     if failed:
         raise VerificationError("verification failed (see the table above)")
     console.print("[green]verification passed[/green]")
+
+
+def _verify_manifest(run: Path) -> None:
+    from mmexport.checks import verify_manifest
+
+    report = verify_manifest(run)
+    table = Table(title=f"files of {escape(report.run)} against manifest.json", title_justify="left")
+    for column in ("file", "kind", "sha256 (manifest)", "state", "latest check"):
+        table.add_column(column)
+    for f in report.files:
+        state = "[green]intact[/green]" if f.state == "intact" else f"[red]{f.state}[/red]" + (
+            f" (now {f.actual_sha256[:12]}…)" if f.actual_sha256 else "")
+        check = {True: "[green]passed[/green]", False: "[red]FAILED[/red]", None: "—"}[f.verified]
+        table.add_row(escape(f.name), escape(f.kind), f.expected_sha256[:16] + "…", state, check)
+    console.print(table)
+    for name, recorded, state in report.inputs:
+        colour = "green" if state == "unchanged" else ("red" if state.startswith("CHANGED") else "yellow")
+        console.print(f"input {escape(name)}: sha256 {recorded[:16]}…  [{colour}]{escape(state)}[/{colour}]", soft_wrap=True)
+    for chain in report.chains:
+        console.print("chain: " + escape(" ← ".join(chain)), soft_wrap=True)
+    for target, state, detail in report.repositories:
+        colour = "green" if state == "intact" else "red"
+        console.print(f"triton {escape(target)}: [{colour}]{state}[/{colour}] {escape(detail)}", soft_wrap=True)
+    if report.untracked:
+        console.print(f"[yellow]not in the manifest[/yellow]: {escape(', '.join(report.untracked[:10]))}"
+                      + (f" and {len(report.untracked) - 10} more" if len(report.untracked) > 10 else ""), soft_wrap=True)
+    if not report.passed:
+        bad = [f.name for f in report.files if f.state != "intact"] + [t for t, s, _ in report.repositories if s != "intact"]
+        raise VerificationError(f"{len(bad)} file(s) differ from the manifest: {', '.join(bad[:5])}")
+    console.print("[green]every file matches the manifest[/green]")
 
 
 @app.command()
@@ -318,6 +450,11 @@ def inspect(
     console.print(checks)
     for split, metrics in manifest.get("training", {}).get("final", {}).items():
         console.print(f"final {split}: accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}")
+    _print_training_report(manifest)
+    if summary.coefficients and "sigma_saturation" not in manifest.get("training", {}).get("diagnostics", {}):
+        from mmexport.coefficients import saturation
+
+        console.print(f"  merge coefficients beyond 0.1/0.9 (final fold): {saturation(summary.coefficients):.1%}")
     if summary.coefficients is None and manifest.get("outputs", {}).get(artifacts.filename("unmerged")):
         console.print("merge coefficients: PyTorch is not installed here, so the per-layer profile is not shown")
     rows = [r for r in (summary.coefficients or []) if all_parameters or (r["layer"] == "conv" and r["name"].endswith("weight"))]
@@ -338,7 +475,7 @@ def bench(
     engine: Annotated[str, typer.Option(help="torch (eager), onnx (ONNX Runtime) or trt (TensorRT engines).")] = "onnx",
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (ONNX/TensorRT; the folded artifact must be published).")] = "fp32",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
-    models: Annotated[str, typer.Option(help="Comma-separated: folded, unmerged (fp32 only), dual, single (stock torchvision net).")] = "folded,unmerged,dual,single",
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated: folded, unmerged (fp32 only), dual, single (stock torchvision net). Default: all that apply to the precision.")] = None,
     warmup: Annotated[float, typer.Option(help="Warm-up per model and batch size, seconds.")] = 1.0,
     duration: Annotated[Optional[float], typer.Option(help="Timed seconds per model and batch size (default 5 unless --iterations).")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="Timed iterations per model and batch size instead of --duration.")] = None,
@@ -362,8 +499,12 @@ def bench(
     settings = BenchSettings(batch_sizes=sizes, warmup_s=warmup, rounds=rounds, iterations=iterations,
                              device_timing=device_timing,
                              duration_s=None if iterations is not None else (duration if duration is not None else 5.0))
-    request = BenchRequest(engine=engine, precision=precision, models=tuple(m.strip() for m in models.split(",") if m.strip()),
-                           threads=threads, device=device, cuda_graphs=cuda_graphs, settings=settings)
+    if models is None:
+        chosen = tuple(k for k in artifacts.MODEL_KINDS if precision == "fp32" or engine == "torch" or k != "unmerged")
+    else:
+        chosen = tuple(m.strip() for m in models.split(",") if m.strip())
+    request = BenchRequest(engine=engine, precision=precision, models=chosen, threads=threads, device=device,
+                           cuda_graphs=cuda_graphs, settings=settings)
     request.validate()
     opened = RunDir.open(run)
     for target in (json_path, plot):
@@ -411,6 +552,60 @@ def doctor(
         console.print(runs)
 
 
+@app.command("serve")
+def serve_command(
+    target: Annotated[Path, typer.Argument(help="Run directory, or a deployable artifact of a run (model[.fp16|.int8].onnx; a .plan on a GPU host).")],
+    precision: Annotated[str, typer.Option(help="With a run directory: serve model.onnx (fp32), model.fp16.onnx or model.int8.onnx.")] = "fp32",
+    repo: Annotated[Optional[Path], typer.Option(help="Export into this Triton model repository (kept; each call adds a version). Default: a temporary repository, removed on exit.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the repository and the URLs (default: the run directory's name, made valid).")] = None,
+    preprocess: Annotated[bool, typer.Option(help="Also accept encoded PNG/JPEG bytes (input image_bytes), decoded and preprocessed on the server as the run recorded.")] = True,
+    max_batch: Annotated[Optional[int], typer.Option(help="Triton max_batch_size (default 32 for ONNX; an engine's profile maximum).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads of the model instance (default: ONNX Runtime's).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. 127.0.0.1 (default) keeps the server on this machine; 0.0.0.0 exposes it without TLS or authentication.")] = "127.0.0.1",
+    http_port: Annotated[Optional[int], typer.Option(help="HTTP/REST (KServe v2) port (default: a free one).")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port (default: a free one).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port (default: a free one).")] = None,
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for the server and the model to be ready.")] = 120.0,
+    log_file: Annotated[Optional[Path], typer.Option(help="Keep the server's log here (default: a temporary file; its tail is shown on errors).")] = None,
+    prepare_python: Annotated[bool, typer.Option(help="If Triton's Python backend needs its own Python environment (numpy<2 for nvidia-pytriton 0.7), create it once (pip, cached in ~/.cache/mmexport).")] = False,
+    allow_untracked: Annotated[bool, typer.Option(help="Serve an .onnx that is not part of a run directory (its verification cannot be checked).")] = False,
+) -> None:
+    """Serve a run's verified model with Triton Inference Server on this machine, until Ctrl-C."""
+    from mmexport.serve import serve as serve_artifact
+
+    progress = RichProgress()
+    try:
+        with serve_artifact(target, repo=repo, name=name, precision=precision, preprocess=preprocess, max_batch=max_batch,
+                            threads=threads, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                            ready_timeout=ready_timeout, log_file=log_file, prepare_python=prepare_python,
+                            allow_untracked=allow_untracked, progress=progress) as session:
+            progress.finish()
+            origin = f"{session.run.name}/{session.artifact}" if session.run is not None else session.artifact
+            state = ("[green]verified[/green]" if session.verified
+                     else "[yellow]untracked: not checked against a run's verification[/yellow]")
+            console.print(f"[bold]{escape(session.model)}[/bold] version {session.version} serving {escape(origin)} ({state})",
+                          soft_wrap=True)
+            table = Table(title="Triton Inference Server", title_justify="left")
+            table.add_column("endpoint")
+            table.add_column("address")
+            table.add_row("HTTP/REST (KServe v2)", escape(session.http_url))
+            table.add_row("gRPC", escape(session.grpc_url))
+            table.add_row("metrics", escape(session.metrics_url))
+            table.add_row("inference", escape(session.infer_url))
+            table.add_row("repository", escape(str(session.repository)) + (" (temporary)" if session.temporary_repository else ""))
+            console.print(table)
+            console.print("classify an image (top 3 classes as score:index:label):")
+            console.print(session.curl_example("lesion.png"), markup=False, highlight=False, soft_wrap=True)
+            console.print("Ctrl-C stops the server.")
+            try:
+                session.wait()
+            except KeyboardInterrupt:
+                console.print("stopping tritonserver …")
+    finally:
+        progress.finish()
+    console.print("[green]tritonserver stopped[/green]")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the demo's sources and run.")] = Path("mmexport-demo"),
@@ -455,6 +650,11 @@ def demo(
     if "export" in t:
         table.add_row("export + verify", "", f"{t['export']:.0f} s")
     console.print(table)
+    if summary.bench is not None:
+        console.print(ratio_table_view(summary.bench))
+        for r in summary.bench.results:
+            console.print(f"  {r.model:9s} ONNX Runtime batch 1: median {r.latency.median_ms:.2f} ms, file "
+                          f"{(r.artifact_bytes or 0) / 1e6:.1f} MB", soft_wrap=True)
     comparison = Table(title="MedMerge vs each source fine-tuned alone (same epochs), synthetic target", title_justify="left")
     for column in ("method", "test macro-F1", "test accuracy", "val macro-F1"):
         comparison.add_column(column, justify="left" if column == "method" else "right")
@@ -465,28 +665,70 @@ def demo(
         comparison.add_row(labels.get(method, method), f"{test['macro_f1']:.3f}", f"{test['accuracy']:.3f}",
                            f"{metrics['val']['macro_f1']:.3f}")
     console.print(comparison)
-    if summary.bench is not None:
-        console.print(ratio_table_view(summary.bench))
-        for r in summary.bench.results:
-            console.print(f"  {r.model:9s} ONNX Runtime batch 1: median {r.latency.median_ms:.2f} ms, file "
-                          f"{(r.artifact_bytes or 0) / 1e6:.1f} MB", soft_wrap=True)
+    gap = summary.merge_gap()
+    if gap is not None:
+        console.print(f"  MedMerge − best single source ({gap[0]}): {gap[1]:+.3f} test macro-F1, one seed; "
+                      "`mmexport train --compare --seeds 0,1,2` judges it against the seed spread", soft_wrap=True)
     console.print(f"total {sum(t.values()):.0f} s; everything is in {escape(summary.out)} (see `mmexport inspect {escape(summary.run)}`)",
                   soft_wrap=True)
+
+
+def _one_line_warnings() -> None:
+    """Library and third-party warnings as one yellow line each on stderr, not Python's two-line format."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        error_console.print(f"[yellow]warning:[/yellow] {escape(text)} ({category.__name__})", soft_wrap=True,
+                            highlight=False)
+
+    warnings.showwarning = show
+
+
+def _environment_error(exc: OSError) -> str:
+    """A failure of the machine rather than of mmexport (disk full, file too large, read-only, permissions)."""
+    import errno
+
+    where = exc.filename or "a file"
+    hints = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file size limit was reached",
+             errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+             errno.EDQUOT: "the disk quota is exceeded", errno.ELOOP: "too many levels of symbolic links"}
+    reason = hints.get(exc.errno, exc.strerror or type(exc).__name__)
+    return f"{where}: {reason}; nothing partial was published (a file is written under a temporary name and renamed only when complete)"
 
 
 def main() -> None:
     """Entry point: library errors become one red line and exit 1 (traceback with MMEXPORT_DEBUG=1).
 
     Click's standalone mode handles usage errors (exit 2) and Ctrl-C itself and lets
-    every other exception through, so only MMExportError needs catching here.
+    every other exception through: ``MMExportError`` (the user's input or a failed
+    check) and ``OSError`` (the machine: disk full, file-size limits, permissions) become
+    one line here.
     """
+    debug = os.environ.get("MMEXPORT_DEBUG") == "1"
+    if not debug:
+        _one_line_warnings()
+    import logging
+
+    from rich.logging import RichHandler
+
+    # The library logs diagnostics under "mmexport.*" and never configures logging; the CLI shows them.
+    handler = RichHandler(console=error_console, show_time=False, show_path=debug, markup=False)
+    library_logger = logging.getLogger("mmexport")
+    library_logger.addHandler(handler)
+    library_logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     command = typer.main.get_command(app)
     try:
         command.main(prog_name="mmexport", standalone_mode=True)
     except MMExportError as exc:
-        if os.environ.get("MMEXPORT_DEBUG") == "1":
+        if debug:
             raise
         error_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        sys.exit(1)
+    except OSError as exc:
+        if debug:
+            raise
+        error_console.print(f"[red]error:[/red] {escape(_environment_error(exc))}", soft_wrap=True, highlight=False)
         sys.exit(1)
 
 

@@ -79,8 +79,11 @@ def hashes(directory: Path) -> dict[str, str]:
 
 
 def leftovers(out: Path) -> list[str]:
-    """Hidden staging / retired siblings of a run directory (``.NAME.partial-*``, ``.NAME.old-*``)."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+    """Hidden staging / retired siblings of a run directory (``.NAME.partial-*``, ``.NAME.old-*``).
+
+    The run's lock file ``.NAME.lock`` is not a leftover: flock files stay (removing one races with a waiter)."""
+    return sorted(p.name for p in out.parent.iterdir()
+                  if p.name.startswith(f".{out.name}.") and p.name != f".{out.name}.lock")
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -439,7 +442,7 @@ def test_train_manifest_provenance(trained, resnet18_sources):
 
 def test_train_leaves_no_staging_directory(trained):
     out, _ = trained
-    assert sorted(p.name for p in out.parent.iterdir()) == ["run"]
+    assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == ["run"]
 
 
 def test_published_files_honour_umask(trained):
@@ -507,6 +510,11 @@ def test_inspect_shows_coefficients(runs, trained):
     assert "σ(λ)" in text and "conv1.weight" in text and "layer4.1.conv2.weight" in text
     assert "intact" in text and "resnet18" in text
     assert "bn1.weight" not in text  # only conv weights without --all
+    # stage-1 diagnostics of the manifest: the share of saturated coefficients and the head-only probes
+    diagnostics = manifest_of(trained[0])["training"]["diagnostics"]
+    assert f"beyond 0.1/0.9 after stage 1: {diagnostics['sigma_saturation']:.1%}" in text
+    assert f"source A {diagnostics['source_probes']['A']['val_macro_f1']:.3f}" in text
+    assert ("stage 1 ended below the head-only probe" in text) == bool(diagnostics["stage1_below_probe"])
     assert everything.returncode == 0, show(everything)
     assert "bn1.weight" in everything.stdout and "layer4.1.bn2.bias" in everything.stdout
     assert "norm" in everything.stdout
@@ -580,7 +588,7 @@ def test_existing_run_needs_force_and_force_replaces(runs):
     assert hashes(run) == {**{name: e["sha256"] for name, e in manifest["outputs"].items()},
                            "manifest.json": sha256(run / "manifest.json")}
     assert hashes(run)["unmerged.safetensors"] != chain["original"]["unmerged.safetensors"]
-    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]
+    assert sorted(p.name for p in run.parent.iterdir()) == [".run.lock", "run"]  # the lock file stays (flock)
 
 
 # --------------------------------------------------------------------------- 4. a failed numerical check
