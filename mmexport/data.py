@@ -34,6 +34,14 @@ SYNTHETIC_IMAGE_SIZE = 64
 FOLDER_IMAGE_SIZE = 224
 
 
+
+def _sample_indices(size: int, limit: int | None, spread: bool) -> list[int]:
+    """The first ``limit`` of ``size`` indices, or with ``spread`` ``limit`` evenly spaced ones."""
+    count = size if limit is None else min(limit, size)
+    if spread and count < size:
+        return np.linspace(0, size - 1, count).round().astype(int).tolist()
+    return list(range(count))
+
 @dataclass
 class TaskData:
     classes: list[str]
@@ -86,11 +94,7 @@ class TaskData:
         split (for calibration, where a sorted split's first images would be one class).
         """
         dataset = self.dataset(split, augment=False)
-        count = len(dataset) if limit is None else min(limit, len(dataset))
-        if spread and count < len(dataset):
-            indices = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
-        else:
-            indices = list(range(count))
+        indices = _sample_indices(len(dataset), limit, spread)
         images, labels = zip(*(dataset[i] for i in indices))
         return torch.stack(images).numpy(), np.asarray(labels, dtype=np.int64)
 
@@ -100,11 +104,7 @@ class TaskData:
         ``normalize(pixels, self.preprocessing)`` gives exactly what :meth:`arrays` gives.
         """
         dataset = self.dataset(split, augment=False)
-        count = len(dataset) if limit is None else min(limit, len(dataset))
-        if spread and count < len(dataset):
-            indices = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
-        else:
-            indices = list(range(count))
+        indices = _sample_indices(len(dataset), limit, spread)
         if not indices:
             return np.zeros((0, self.image_size, self.image_size, 3), np.uint8), np.zeros((0,), np.int64)
         samples = [dataset.pixels(i) for i in indices]
