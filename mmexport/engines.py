@@ -148,20 +148,26 @@ def build_engine_run(
         progress.message(f"verifying {row.filename} against the stored reference ({precision} policy)")
         with TensorRTRunner(EngineFromPath(built), name=f"tensorrt {precision} ({row.filename})") as runner:
             report = check_runner(runner, reference, for_precision(precision), random_limit=samples)
-        run.add_verification({"artifact": row.filename, "command": "export", **report.as_dict()})
+        record = {"artifact": row.filename, "command": "export", **report.as_dict()}
         if not report.passed:
+            run.add_verification(record)  # the failed check is history; nothing is published
             raise VerificationError(f"{row.filename}: verification failed, nothing published: " + "; ".join(report.failures()),
                                     report)
+        sidecar, sidecar_name = result.sidecar, row.sidecar or sidecar_path(target).name
+        # Staged before the renames and settled after them (RunDir.stage): a process killed in
+        # between leaves the run's outputs and verifications as they were.
+        run.stage(sidecar_name, sidecar_path(built), "engine-sidecar", {"engine": row.filename})
+        run.stage(row.filename, built, "engine", {
+            "precision": precision, "source": artifacts.onnx_artifact(precision).filename, "verified": True,
+            "tensorrt_version": sidecar.tensorrt_version, "gpu": sidecar.gpu_name,
+            "compute_capability": list(sidecar.compute_capability), "batch_profile": [low, opt, high],
+            "build_seconds": round(result.build_seconds, 3)}, verification=record)
         os.replace(built, target)  # the engine first: an engine without its sidecar is refused by every loader
         os.replace(sidecar_path(built), sidecar_path(target))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    sidecar = result.sidecar
-    run.record_output(row.sidecar or sidecar_path(target).name, "engine-sidecar", engine=row.filename)
-    run.record_output(row.filename, "engine", precision=precision, source=artifacts.onnx_artifact(precision).filename,
-                      verified=True, tensorrt_version=sidecar.tensorrt_version, gpu=sidecar.gpu_name,
-                      compute_capability=list(sidecar.compute_capability),
-                      batch_profile=[low, opt, high], build_seconds=round(result.build_seconds, 3))
+    run.settle_pending(sidecar_name, renamed=True)
+    run.settle_pending(row.filename, renamed=True)
     return published(run, row.filename, report, {"warnings": list(result.warnings)})
 
 

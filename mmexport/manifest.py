@@ -28,6 +28,11 @@ from mmexport.fileio import atomic_path, sha256_file, write_json_atomic
 
 PENDING = "pending"  # manifest key: writes recorded before their rename, settled by the next writer
 
+
+def _output_entry(kind: str, sha256: str, size_bytes: int, details: dict[str, Any]) -> dict[str, Any]:
+    """One ``outputs`` entry of the manifest."""
+    return {"kind": kind, "sha256": sha256, "size_bytes": size_bytes, "created": _now(), **details}
+
 if TYPE_CHECKING:
     from mmexport.runtime.compare import VerificationReport
 
@@ -291,18 +296,20 @@ class RunDir:
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             writer(tmp)
-            self._stage(relative, tmp, {"kind": kind, **details})
+            self.stage(relative, tmp, kind, details)
         self.settle_pending(relative, renamed=True)
         return target
 
-    def _stage(self, relative: str, tmp: Path, entry: dict[str, Any], verification: dict[str, Any] | None = None) -> None:
-        """Record, before ``tmp`` is renamed to ``relative``, what the file will be (see :meth:`settle_pending`).
+    def stage(self, relative: str, staged: Path, kind: str, details: dict[str, Any],
+              verification: dict[str, Any] | None = None) -> None:
+        """Record, before ``staged`` is renamed to ``relative``, what the file will be (see :meth:`settle_pending`).
 
         A process killed between this save and the rename leaves the manifest's outputs and
         verifications as they were plus this pending entry, which the next writer settles.
         """
         self.manifest.setdefault(PENDING, {})[relative] = {
-            "sha256": sha256_file(tmp), "size_bytes": tmp.stat().st_size, "entry": entry, "verification": verification,
+            "sha256": sha256_file(staged), "size_bytes": staged.stat().st_size, "kind": kind, "entry": details,
+            "verification": verification,
         }
         self.save()
 
@@ -323,23 +330,15 @@ class RunDir:
             if renamed or (target.is_file() and sha256_file(target) == record["sha256"]):
                 if record.get("verification") is not None:
                     self.manifest["verification"].append(record["verification"])
-                entry = dict(record["entry"])
-                kind = entry.pop("kind")
-                self.manifest["outputs"][name] = {"kind": kind, "sha256": record["sha256"],
-                                                  "size_bytes": record["size_bytes"], "created": _now(), **entry}
+                self.manifest["outputs"][name] = _output_entry(record["kind"], record["sha256"], record["size_bytes"],
+                                                               record["entry"])
         if not pending:
             self.manifest.pop(PENDING, None)
         self.save()
 
     def record_output(self, relative: str, kind: str, **details: Any) -> None:
         target = self.file(relative)
-        self.manifest["outputs"][relative] = {
-            "kind": kind,
-            "sha256": sha256_file(target),
-            "size_bytes": target.stat().st_size,
-            "created": _now(),
-            **details,
-        }
+        self.manifest["outputs"][relative] = _output_entry(kind, sha256_file(target), target.stat().st_size, details)
         self.save()
 
     def checked_file(self, relative: str) -> Path:
@@ -403,7 +402,7 @@ class RunDir:
             status = {"verified": True} if report.passed else {"verified": False, "unverified_reason": reason,
                                                                 "published_unverified_by": command + " --allow-unverified"}
             # the check's record and the output entry land together, after the rename (or not at all)
-            self._stage(relative, tmp, {"kind": kind, **recorded, **details, **status}, verification=record)
+            self.stage(relative, tmp, kind, {**recorded, **details, **status}, verification=record)
         self.settle_pending(relative, renamed=True)
         return facts, report
 

@@ -135,7 +135,7 @@ def test_the_next_writer_settles_a_pending_write(base_run, tmp_path, renamed):
         run = RunDir.open(run_path)
         tmp = run_path / ".extra.bin.x1y2.tmp"
         tmp.write_bytes(b"payload")
-        run._stage("extra.bin", tmp, {"kind": "test"}, verification={"artifact": "extra.bin", "passed": True})
+        run.stage("extra.bin", tmp, "test", {}, verification={"artifact": "extra.bin", "passed": True})
         if renamed:
             os.replace(tmp, run_path / "extra.bin")
         # ... and the process dies here: no settle
