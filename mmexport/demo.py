@@ -94,7 +94,7 @@ class DemoLedger:
 
 def _prepare(out: Path, force: bool) -> None:
     """Make ``out`` an empty directory, deleting only what an earlier demo provably made."""
-    from mmexport.fileio import sha256_file
+    from mmexport.fileio import compare_tree
 
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         out.mkdir(parents=True, exist_ok=True)
@@ -111,19 +111,11 @@ def _prepare(out: Path, force: bool) -> None:
                           "nothing is deleted: choose an empty or new --out")
     recorded: dict[str, str] = {str(k): str(v) for k, v in ledger["files"].items()}
     claimed = [str(c) for c in ledger.get("claimed", [])]
-    delete, changed, foreign = [], [], []
-    for path in sorted(out.rglob("*")):
-        if path.is_dir() and not path.is_symlink():
-            continue
-        relative = path.relative_to(out).as_posix()
-        if relative == DEMO_MARKER:
-            continue
-        if relative in recorded and path.is_file() and sha256_file(path) == recorded[relative]:
-            delete.append(path)
-        elif relative in recorded:
-            changed.append(relative)
-        elif any(relative == c or relative.startswith(c.rstrip("/") + "/") for c in claimed):
-            (delete if force else changed).append(path if force else relative)
+    delete, changed, unlisted = compare_tree(out, recorded, DEMO_MARKER)
+    foreign = []
+    for relative in unlisted:  # left by an interrupted step inside a directory the demo claimed: --force
+        if any(relative == c or relative.startswith(c.rstrip("/") + "/") for c in claimed):
+            (delete if force else changed).append(out / relative if force else relative)
         else:
             foreign.append(relative)
     if foreign:

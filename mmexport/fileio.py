@@ -67,3 +67,28 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def compare_tree(root: Path, recorded: dict[str, str], skip: str) -> tuple[list[Path], list[str], list[str]]:
+    """Every file (and symlink) under ``root`` against ``recorded`` (relative POSIX path -> sha256).
+
+    Returns (intact: paths whose content has the recorded hash, altered: recorded names whose
+    file differs or is not a plain file, unlisted: names not recorded), ``skip`` excluded.
+    What deletes or replaces a directory asks this first, so it touches only what it provably made.
+    """
+    intact: list[Path] = []
+    altered: list[str] = []
+    unlisted: list[str] = []
+    for path in sorted(root.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        relative = path.relative_to(root).as_posix()
+        if relative == skip:
+            continue
+        if relative not in recorded:
+            unlisted.append(relative)
+        elif path.is_file() and sha256_file(path) == recorded[relative]:
+            intact.append(path)
+        else:
+            altered.append(relative)
+    return intact, altered, unlisted

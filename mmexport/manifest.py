@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from mmexport import __version__
 from mmexport.artifacts import REGISTRY
 from mmexport.errors import RunDirError
-from mmexport.fileio import atomic_path, sha256_file, write_json_atomic
+from mmexport.fileio import atomic_path, compare_tree, sha256_file, write_json_atomic
 
 PENDING = "pending"  # manifest key: writes recorded before their rename, settled by the next writer
 
@@ -115,18 +115,8 @@ def check_replaceable(path: Path) -> None:
         run = RunDir.open(path)
     except RunDirError as exc:
         raise RunDirError(f"{path}: its manifest is not a valid mmexport run ({exc}); refusing to replace it") from None
-    listed = run.manifest["outputs"]
-    foreign, altered = [], []
-    for item in sorted(path.rglob("*")):
-        if item.is_dir() and not item.is_symlink():
-            continue
-        relative = item.relative_to(path).as_posix()
-        if relative == MANIFEST_NAME:
-            continue
-        if relative not in listed:
-            foreign.append(relative)
-        elif not item.is_file() or sha256_file(item) != listed[relative]["sha256"]:
-            altered.append(relative)
+    listed = {name: entry["sha256"] for name, entry in run.manifest["outputs"].items()}
+    _, altered, foreign = compare_tree(path, listed, MANIFEST_NAME)
     if foreign or altered:
         shown = ", ".join((foreign + altered)[:3])
         what = "files the run did not make" if foreign else "files altered since the run made them"
