@@ -51,34 +51,31 @@ def max_workers() -> int:
     return max(64, 4 * (os.cpu_count() or 1))
 
 
-def parse_floats(text: str, option: str) -> tuple[float, ...]:
-    """``"0.03,0.1,0.3"`` -> (0.03, 0.1, 0.3); an empty string -> (); one-line errors."""
+def _comma_list(text: str, convert, error: str) -> list:
+    """The non-empty comma-separated parts of ``text``, each through ``convert``; ``error`` names a bad part."""
     values = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         try:
-            value = float(part)
+            values.append(convert(part))
         except ValueError:
-            raise MMExportError(f"{option}: {part!r} is not a number (give comma-separated numbers, e.g. 0.03,0.1,0.3)") from None
-        values.append(value)
-    return tuple(values)
+            raise MMExportError(error.format(part=part)) from None
+    return values
+
+
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    """``"0.03,0.1,0.3"`` -> (0.03, 0.1, 0.3); an empty string -> (); one-line errors."""
+    return tuple(_comma_list(text, float, option + ": {part!r} is not a number (give comma-separated numbers, e.g. 0.03,0.1,0.3)"))
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
     """``"0,1,2"`` -> (0, 1, 2), each in [0, 2**32 - 1], no repeats."""
-    seeds = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            seed = int(part)
-        except ValueError:
-            raise MMExportError(f"--seeds: {part!r} is not an integer (give comma-separated seeds, e.g. 0,1,2)") from None
+    seeds = _comma_list(text, int, "--seeds: {part!r} is not an integer (give comma-separated seeds, e.g. 0,1,2)")
+    for index, seed in enumerate(seeds):
         check_seed(seed, "--seeds")
-        if seed in seeds:
+        if seed in seeds[:index]:
             raise MMExportError(f"--seeds: seed {seed} given twice")
-        seeds.append(seed)
     if not seeds:
         raise MMExportError("--seeds: give at least one seed, e.g. 0,1,2")
     return tuple(seeds)
