@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 from pathlib import Path
 
@@ -48,6 +50,12 @@ def resnet18_sources(tmp_path_factory) -> tuple[Path, Path]:
         save_state_dict(path, backbone_state("resnet18", seed))
         paths.append(path)
     return paths[0], paths[1]
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative POSIX path) with its sha256: the 'is it untouched' snapshot."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def train_exported_run(out: Path, sources: tuple[Path, Path], *, image_size: int | None = None) -> Path:

@@ -32,7 +32,7 @@ from mmexport.errors import VerificationError
 from mmexport.manifest import RunDir
 from mmexport.modelfile import load_model, save_model
 from mmexport.workflows import verify_run
-from tests.conftest import TINY_TARGET, backbone_state, write_image_folder
+from tests.conftest import TINY_TARGET, backbone_state, tree_hashes, write_image_folder
 
 TINY = [
     "--arch", "resnet18", "--data", TINY_TARGET, "--image-size", "32",
@@ -71,11 +71,6 @@ def show(result: subprocess.CompletedProcess) -> str:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def hashes(directory: Path) -> dict[str, str]:
-    """Every file under ``directory`` with its sha256: a cheap 'is it untouched' snapshot."""
-    return {str(p.relative_to(directory)): sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def leftovers(out: Path) -> list[str]:
@@ -275,12 +270,12 @@ def _verify_chain(run: Path) -> dict:
 
 
 def _force_chain(run: Path, source_a: Path, source_b: Path) -> dict:
-    original = hashes(run)
+    original = tree_hashes(run)
     refused = cli(*train_args(source_a, source_b, run))
-    after_refused = hashes(run)
+    after_refused = tree_hashes(run)
     # a failure after the staging directory exists (the loss blows up) must leave the old run as it was
     failed = cli(*train_args(source_a, source_b, run, "--force", "--lr-head", "1e30", "--lr-logits", "1e30"))
-    after_failed, leftovers_failed = hashes(run), leftovers(run)
+    after_failed, leftovers_failed = tree_hashes(run), leftovers(run)
     replaced = cli(*train_args(source_a, source_b, run, "--force", "--seed", "5", "--finetune-epochs", "0"))
     return {
         "run": run, "original": original, "refused": refused, "after_refused": after_refused, "failed": failed,
@@ -318,7 +313,7 @@ def runs(tmp_path_factory, resnet18_sources, trained) -> Results:
     cases = bad_cases(root / "bad", *resnet18_sources, run)
     for case in cases.values():
         if case.preserved is not None:
-            case.before = hashes(case.preserved)
+            case.before = tree_hashes(case.preserved)
     jobs: dict[str, Callable[[], object]] = {
         name: (lambda case=case: (case, cli(*case.argv, debug=case.debug))) for name, case in cases.items()
     }
@@ -544,7 +539,7 @@ def test_bad_input_is_one_line_error(runs, name):
         assert not case.out.exists(), f"{case.out} was created"
         assert leftovers(case.out) == []
     if case.preserved is not None:
-        assert hashes(case.preserved) == case.before
+        assert tree_hashes(case.preserved) == case.before
         assert leftovers(case.preserved) == []
     if case.marker is not None:
         assert not case.marker.exists(), "unpickling the checkpoint ran code"
@@ -585,9 +580,9 @@ def test_existing_run_needs_force_and_force_replaces(runs):
     assert manifest["seed"] == 5 and manifest["config"]["force"] is True
     assert manifest["config"]["finetune_epochs"] == 0
     assert manifest["outputs"]["model.safetensors"]["stage"] == "folded"
-    assert hashes(run) == {**{name: e["sha256"] for name, e in manifest["outputs"].items()},
+    assert tree_hashes(run) == {**{name: e["sha256"] for name, e in manifest["outputs"].items()},
                            "manifest.json": sha256(run / "manifest.json")}
-    assert hashes(run)["unmerged.safetensors"] != chain["original"]["unmerged.safetensors"]
+    assert tree_hashes(run)["unmerged.safetensors"] != chain["original"]["unmerged.safetensors"]
     assert sorted(p.name for p in run.parent.iterdir()) == [".run.lock", "run"]  # the lock file stays (flock)
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from mmexport.config import TrainConfig
 from mmexport.train import train
+from tests.conftest import tree_hashes
 
 TIMEOUT = 300
 
@@ -52,9 +53,8 @@ def _env() -> dict[str, str]:
 
 
 def _snapshot(root: Path, *, skip_temporary: bool = False) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))
-            if p.is_file() and not (skip_temporary and _temporary(p))}
+    return {name: digest for name, digest in tree_hashes(root).items()
+            if not (skip_temporary and _temporary(root / name))}
 
 
 def _temporary(path: Path) -> bool:

@@ -9,7 +9,6 @@ failed check in the manifest is the correct outcome (``records``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -23,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from tests.conftest import train_exported_run
+from tests.conftest import train_exported_run, tree_hashes
 
 TIMEOUT = 300
 
@@ -130,11 +129,6 @@ CASES = [
 ]
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, resnet18_sources):
     root = tmp_path_factory.mktemp("hostile")
@@ -144,7 +138,7 @@ def exported(tmp_path_factory, resnet18_sources):
 def _execute(case: Case, base: Path, workdir: Path) -> Case:
     run = shutil.copytree(base, workdir / "run")
     case.prepare(run)
-    before = _snapshot(run)
+    before = tree_hashes(run)
     env = {k: v for k, v in os.environ.items() if k not in ("MMEXPORT_DEBUG", "COLUMNS")}
     env["OMP_NUM_THREADS"] = "1"
 
@@ -157,7 +151,7 @@ def _execute(case: Case, base: Path, workdir: Path) -> Case:
     if case.prepare is _readonly:
         for path in [run, *run.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
-    after = _snapshot(run)
+    after = tree_hashes(run)
     try:  # some cases plant manifests that are not JSON, or nested too deeply to parse
         manifest = json.loads((run / "manifest.json").read_text())
     except (OSError, ValueError, RecursionError):

@@ -21,7 +21,6 @@ which is also the run that ``inspect`` and the relative ``--data`` checks read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -42,6 +41,7 @@ from PIL import Image
 from mmexport.backbones import get_backbone
 from mmexport.data import check_recorded_data, load_task, recorded_spec
 from mmexport.errors import DataError
+from tests.conftest import tree_hashes
 
 TIMEOUT = 240
 SYNTH = "synthetic:target?n_train=16&n_val=8&n_test=0"
@@ -65,11 +65,6 @@ def mmexport(args: list[str], cwd: Path | None = None, env: dict[str, str] | Non
              timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmexport", *args], capture_output=True, text=True, cwd=cwd,
                           env=_env(env), timeout=timeout)
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, code: int = 1) -> str:
@@ -502,13 +497,13 @@ def _prepare(case: Case, workdir: Path, existing: Path | None) -> list[str]:
         shutil.copytree(existing, out, copy_function=os.link)  # hard links: cheap, and any in-place write shows
         args += ["--force"]
     case.outcome = {"workdir": workdir, "out": out, "parent_before": sorted(os.listdir(workdir)),
-                    "before": snapshot(out) if out.exists() else None}
+                    "before": tree_hashes(out) if out.exists() else None}
     return ["train", *TINY, *args, "--out", str(out)]
 
 
 def _record(case: Case, result: subprocess.CompletedProcess) -> Case:
     workdir, out = case.outcome["workdir"], case.outcome["out"]
-    case.outcome.update({"result": result, "after": snapshot(out) if out.exists() else None,
+    case.outcome.update({"result": result, "after": tree_hashes(out) if out.exists() else None,
                          "parent_after": sorted(os.listdir(workdir)),
                          "runs": sorted(os.listdir(workdir / "runs")) if (workdir / "runs").exists() else None,
                          "sentinel": (workdir / "SENTINEL").exists()})
@@ -668,10 +663,10 @@ def test_same_relative_spec_elsewhere_is_refused_by_the_library(success, existin
 
 def test_verify_with_the_same_relative_data_from_another_directory_is_refused(success, existing_run, tmp_path):
     _other_dataset(tmp_path, success)
-    before = snapshot(existing_run)
+    before = tree_hashes(existing_run)
     result = mmexport(["verify", str(existing_run), "--data", success["spec"], "--samples", "4"], cwd=tmp_path)
     assert_one_line_error(result, "now resolves to")
-    assert snapshot(existing_run) == before
+    assert tree_hashes(existing_run) == before
 
 
 def test_unreadable_source_is_named_as_such_not_as_corrupt(tmp_path, monkeypatch):
