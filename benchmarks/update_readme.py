@@ -1,18 +1,21 @@
-"""Regenerate the README's performance section from the committed benchmark results.
+"""Regenerate the performance section of ``docs/measured.md`` from the committed benchmark results.
 
     python benchmarks/update_readme.py
 
 Copies ``benchmarks/results/speed-*.md`` and ``train_step-*.md`` (newest of each)
-between the ``<!-- perf:start -->`` / ``<!-- perf:end -->`` markers, demoting headings.
+between the ``<!-- perf:start -->`` / ``<!-- perf:end -->`` markers of ``docs/measured.md``
+(the README links there), demoting headings; links are relative to that document.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+DOC = ROOT / "docs" / "measured.md"
 
 
 def newest(pattern: str) -> Path | None:
@@ -26,18 +29,18 @@ def section() -> str:
         path = newest(pattern)
         if path is not None:
             text = re.sub(r"^# ", "### ", path.read_text().strip(), flags=re.M)
-            parts.append(f"{text}\n\n(from [`{path.relative_to(ROOT)}`]({path.relative_to(ROOT)}))")
+            link = Path(os.path.relpath(path, DOC.parent)).as_posix()
+            parts.append(f"{text}\n\n(from [`{path.relative_to(ROOT).as_posix()}`]({link}))")
     return "\n\n".join(parts)
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    text = DOC.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"README.md lacks the {START} / {END} markers")
+        raise SystemExit(f"{DOC.relative_to(ROOT)} lacks the {START} / {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{section()}\n{END}{tail}")
+    DOC.write_text(f"{head}{START}\n{section()}\n{END}{tail}")
 
 
 if __name__ == "__main__":
