@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mmexport.config import TrainConfig
-from mmexport.train import train
+from mmexport.torchside.train import train
 
 ARCH = "resnet18"
 SOURCE_EPOCHS = 8
@@ -182,10 +182,10 @@ def digits_source_task(path: Path, task: str, *, seed: int = REGIME_SEED, val_fr
 
 def train_source(data: str, out: Path, *, image_size: int, epochs: int = 10, seed: int = REGIME_SEED) -> tuple[Path, dict]:
     """Train a resnet18 from scratch on ``data`` (lr 1e-3, light augmentation) and save its state dict."""
-    from mmexport.backbones import get_backbone
-    from mmexport.checkpoints import save_state_dict
-    from mmexport.data import load_task
-    from mmexport.train import resolve_device, seed_everything, train_plain
+    from mmexport.torchside.backbones import get_backbone
+    from mmexport.torchside.checkpoints import save_state_dict
+    from mmexport.torchside.data import load_task
+    from mmexport.torchside.train import resolve_device, seed_everything, train_plain
 
     seed_everything(seed)
     task = load_task(data, image_size=image_size)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import _study
 
-from mmexport.train import METHODS
+from mmexport.torchside.train import METHODS
 
 DEFAULT_EPOCHS = (8, 8)
 

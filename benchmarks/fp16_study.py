@@ -10,7 +10,7 @@ Recipes (``--recipes``):
   with its default settings (needs ``nvidia-modelopt[onnx]``; skipped with a printed reason when it is not
   importable -- run ``--phase convert --recipes modelopt-autocast`` in an environment that has it, then
   ``--phase evaluate`` here, so every recipe is *measured* by one ONNX Runtime).
-* ``recipe``: whatever ``mmexport.export.fp16_recipe`` chooses (see that module).
+* ``recipe``: whatever ``mmexport.convert.fp16_recipe`` chooses (see that module).
 
 Every model is judged two ways, each against the torch fp32 reference, on seeded random inputs (as
 ``verify_onnx_artifact``) and on labelled held-out synthetic images:
@@ -105,9 +105,9 @@ def _train(arch: str, size: int, work: Path, args):
     """A briefly trained model (cached as a state dict): 64 px from scratch, larger sizes fine-tuned from it."""
     import torch
 
-    from mmexport.backbones import get_backbone
-    from mmexport.data import load_task
-    from mmexport.train import seed_everything, train_plain
+    from mmexport.torchside.backbones import get_backbone
+    from mmexport.torchside.data import load_task
+    from mmexport.torchside.train import seed_everything, train_plain
 
     cache = work / "weights" / f"{arch}-{size}.pt"
     if cache.is_file():
@@ -138,9 +138,9 @@ def _train(arch: str, size: int, work: Path, args):
 def prepare(case: tuple[str, int, str], work: Path, args) -> None:
     import torch
 
-    from mmexport.backbones import get_backbone
-    from mmexport.data import load_task
-    from mmexport.export.onnx import export_onnx
+    from mmexport.torchside.backbones import get_backbone
+    from mmexport.torchside.data import load_task
+    from mmexport.torchside.onnx_export import export_onnx
     from mmexport.runtime.modelinfo import ModelInfo
     from mmexport.runtime.preprocess import normalize
 
@@ -261,10 +261,10 @@ def convert(case: tuple[str, int, str], recipe: str, work: Path, args) -> None:
             return
         converted = convert_to_mixed_precision(str(src), keep_io_types=True)
     elif recipe == "recipe":
-        from mmexport.export.fp16_recipe import convert_model
+        from mmexport.convert.fp16_recipe import convert_model
 
         converted, recipe_facts = convert_model(model)
-        facts["recipe_facts"] = recipe_facts
+        facts["recipe_facts"] = recipe_facts.as_dict()
     else:
         raise SystemExit(f"unknown recipe {recipe}")
     facts["seconds"] = round(time.perf_counter() - start, 2)
@@ -277,7 +277,7 @@ def convert(case: tuple[str, int, str], recipe: str, work: Path, args) -> None:
 
 
 def _types(model) -> dict[str, int]:
-    from mmexport.export.fp16_recipe import _elem_types
+    from mmexport.convert.fp16_recipe import _elem_types
 
     return _elem_types(model)
 
@@ -316,7 +316,7 @@ def graph_cost(path: Path) -> dict[str, Any]:
 
 def emulated_fp16(model):
     """float32 graph computing what the mixed graph computes on a GPU with fp32 accumulation (see the docstring)."""
-    from mmexport.export.fp16_recipe import fp16_emulation_graph
+    from mmexport.convert.fp16_recipe import fp16_emulation_graph
 
     return fp16_emulation_graph(model)
 

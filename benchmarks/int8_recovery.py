@@ -25,11 +25,11 @@ import torch
 from mmexport.config import TrainConfig
 from mmexport.demo import train_synthetic_sources
 from mmexport.errors import VerificationError
-from mmexport.export.onnxfile import read_onnx_metadata
-from mmexport.runtime.bench import BenchSettings, ModelUnderTest, benchmark
+from mmexport.convert.onnxfile import read_onnx_metadata
+from mmexport.runtime.timing import BenchSettings, ModelUnderTest, benchmark
 from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
-from mmexport.train import train
-from mmexport.workflows import export_onnx_run
+from mmexport.torchside.train import train
+from mmexport.torchside.operations import export_onnx_run
 
 
 def _stats(report) -> dict:
@@ -59,19 +59,20 @@ def run_arch(arch: str, root: Path, args) -> dict:
         result["plain"] = {**_stats(exc.report), "seconds": time.perf_counter() - start}
     plain_file = root / "plain.int8.onnx"
     # the plain graph, published or not, for the latency table
-    from mmexport.export import quantize_int8
-    from mmexport.manifest import RunDir
+    from mmexport.convert.precision import quantize_int8
+    from mmexport.runs.manifest import RunDir
 
     run_dir = RunDir.open(run)
-    calibration = __import__("mmexport.data", fromlist=["load_task"]).load_task(
+    calibration = __import__("mmexport.torchside.data", fromlist=["load_task"]).load_task(
         run_dir.manifest["config"]["data"], image_size=int(run_dir.manifest["model"]["image_size"])).arrays(
         "train", limit=256, spread=True)[0]
     quantize_int8(run / "model.onnx", plain_file, calibration)
     start = time.perf_counter()
     try:
         out = export_onnx_run(run, "int8", int8_max_float=args.max_float)["int8"]
-        aware = {**_stats(out.report), "float_nodes": out.facts.get("float_nodes", []),
-                 "attempts": (out.facts.get("int8_search") or {}).get("attempts", [])}
+        search = out.facts.int8_search
+        aware = {**_stats(out.report), "float_nodes": out.facts.float_nodes,
+                 "attempts": search.attempts if search is not None else []}
     except VerificationError as exc:
         aware = {**_stats(exc.report), "float_nodes": None}
     aware["seconds"] = time.perf_counter() - start

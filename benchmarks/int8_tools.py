@@ -5,7 +5,7 @@ here if absent) is exported to fp32 ONNX, calibrated on 256 training images of `
 on held-out test images by mmexport's int8 row (top-1 agreement ≥ 99 %, macro-F1 drop ≤ 1 pt) against the torch
 fp32 model. Tools (``--tools``):
 
-* ``ort-trt``: ``mmexport.export.precision.quantize_int8(target="tensorrt")`` -- ONNX Runtime ``quantize_static``,
+* ``ort-trt``: ``mmexport.convert.precision.quantize_int8(target="tensorrt")`` -- ONNX Runtime ``quantize_static``,
   QDQ, int8 symmetric activations and per-channel weights, min/max calibration, every Conv/Gemm/Add/pool the
   quantizer supports; the plain graph (no accuracy-aware search).
 * ``modelopt``: ``modelopt.onnx.quantization.quantize(quantize_mode="int8", calibration_data=...)`` with its
@@ -61,9 +61,9 @@ def case_dir(work: Path, arch: str, size: int) -> Path:
 def prepare(arch: str, size: int, work: Path, args) -> None:
     import torch
 
-    from mmexport.backbones import get_backbone
-    from mmexport.data import load_task
-    from mmexport.export.onnx import export_onnx
+    from mmexport.torchside.backbones import get_backbone
+    from mmexport.torchside.data import load_task
+    from mmexport.torchside.onnx_export import export_onnx
     from mmexport.runtime.modelinfo import ModelInfo
 
     directory = case_dir(work, arch, size)
@@ -158,12 +158,13 @@ def convert(arch: str, size: int, tool: str, work: Path, args) -> None:
     facts: dict[str, Any] = {"tool": tool, "env": versions()}
     start = time.perf_counter()
     if tool in ("ort-trt", "ort-trt-aware"):
-        from mmexport.export.precision import quantize_int8
+        from mmexport.convert.precision import quantize_int8
 
         judge = _judge(directory) if tool == "ort-trt-aware" else None
         result = quantize_int8(src, dst, calibration, target="tensorrt", method="minmax", judge=judge)
-        facts["mmexport"] = {k: result[k] for k in ("int8_target", "per_channel", "calibration", "float_nodes",
-                                                    "int8_search") if k in result}
+        record = result.as_record()
+        facts["mmexport"] = {k: record[k] for k in ("int8_target", "per_channel", "calibration", "float_nodes",
+                                                    "int8_search")}
     elif tool == "ort-trt-inputs":
         facts["options"] = _quantize_inputs_only(src, dst, calibration)
     else:

@@ -8,7 +8,7 @@ gap to the best single-source fine-tune (``finetune-a``/``finetune-b`` with the 
 augmentation) per regime; defaults are chosen by the worst regime, not the mean.
 
 The ``auto`` rows are the logit learning-rate probe (``--lr-logits-probe``): a probe
-run is exactly the fixed-rate run of the rate it chooses (tests/test_train_methods.py
+run is exactly the fixed-rate run of the rate it chooses (tests/torchside/test_train_methods.py
 checks this bit for bit), so its result is read off the fixed-rate runs' per-epoch
 validation scores instead of training it again; ``--check-auto`` trains real probe
 runs to confirm.

@@ -10,8 +10,8 @@ the ratios are side by side. Then:
 * the harness's measured latency vs a bare ``session.run`` loop on the same inputs
   (target: within 3 %).
 
-Results go to ``benchmarks/results/speed-<machine>-<versions>.{json,md}``; the README's
-performance section is generated from the markdown.
+Results go to ``benchmarks/results/speed-<machine>-<versions>.{json,md}``; the performance
+section of docs/measured.md is generated from the markdown (benchmarks/update_readme.py).
 
     python benchmarks/speed.py                         # resnet18, resnet50, densenet121
     python benchmarks/speed.py --archs resnet18 --batch-sizes 1 --duration 2
@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmexport.backbones import get_backbone
-from mmexport.runtime.bench import BenchSettings, ModelUnderTest, benchmark, machine_info
-from mmexport.export import export_onnx, quantize_int8
+from mmexport.torchside.backbones import get_backbone
+from mmexport.runtime.timing import BenchSettings, ModelUnderTest, benchmark, machine_info
+from mmexport.convert.precision import quantize_int8
+from mmexport.torchside.onnx_export import export_onnx
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
-from mmexport.torch_runner import TorchRunner
+from mmexport.torchside.torch_runner import TorchRunner
 from mmexport.runtime.compare import random_inputs
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmexport.backbones import get_backbone
-from mmexport.manifest import environment_info
-from mmexport.merge import MergedModel
+from mmexport.torchside.backbones import get_backbone
+from mmexport.environment import environment_info
+from mmexport.torchside.merge import MergedModel
 
 DEFAULT_CONFIGS = [("resnet18", 32, 64), ("resnet18", 16, 224), ("resnet50", 16, 224), ("densenet121", 16, 224)]
 

@@ -1,7 +1,7 @@
 """Request latency through Triton (Python backend, HTTP and gRPC) vs in-process ``mmexport.runtime``.
 
 The same run's ``model.onnx`` is served by ``tritonserver`` (the nvidia-pytriton wheel,
-127.0.0.1, the Python-backend repository of ``mmexport.triton``) and loaded in this
+127.0.0.1, the Python-backend repository of ``mmexport.serving.triton``) and loaded in this
 process with ``mmexport.runtime.load``. Requests of the stored reference inputs are sent
 one at a time, the three paths interleaved round by round (so load from other processes
 hits them alike), and p50/p99 wall-clock latency is reported per path and batch size.
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from mmexport import runtime
-from mmexport.manifest import RunDir
+from mmexport.runs.manifest import RunDir
 from mmexport.runtime.compare import compare_outputs
 from mmexport.runtime.tolerances import FP32
-from mmexport.serve import TritonServer, find_tritonserver
-from mmexport.triton import export_repository
+from mmexport.serving.server import TritonServer, find_tritonserver
+from mmexport.serving.triton import export_repository
 
 RESULTS = Path(__file__).parent / "results" / "triton"
 
@@ -42,10 +42,10 @@ def tiny_run(root: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
     from conftest import backbone_state  # noqa: E402
 
-    from mmexport.checkpoints import save_state_dict
+    from mmexport.torchside.checkpoints import save_state_dict
     from mmexport.config import TrainConfig
-    from mmexport.train import train
-    from mmexport.workflows import export_onnx_run
+    from mmexport.torchside.train import train
+    from mmexport.torchside.operations import export_onnx_run
 
     sources = []
     for name, seed in (("a", 1), ("b", 2)):

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Sequence
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from mmexport import __version__, artifacts
 from mmexport.config import TrainConfig
 from mmexport.errors import MMExportError, VerificationError
 
 from .console import (
-    RichProgress, bench_table, console, device_table, error_console, ratio_table_view, verification_table,
+    RichProgress, console, error_console, print_bench, print_comparison_model, print_demo, print_doctor,
+    print_onnx_exports, print_provenance, print_published, print_refold, print_run_summary, print_serving,
+    print_training_outcome, print_triton_export, print_written, verification_table,
 )
 
 app = typer.Typer(
@@ -33,6 +37,18 @@ _TRAIN_DEFAULTS = TrainConfig(arch="", source_a="", source_b="", data="", out=""
 RunArg = Annotated[Path, typer.Argument(help="Run directory written by `mmexport train`.")]
 
 
+@dataclass(frozen=True)
+class CliState:
+    """What the top-level options hand down to the commands (``ctx.obj``)."""
+    lock_wait: float | None = None  # --lock-wait: seconds a command that writes a run waits for another writer
+
+
+def _lock_wait(ctx: typer.Context) -> float | None:
+    """--lock-wait, for the library call that writes the run (None: the library's default, no wait)."""
+    state = ctx.find_object(CliState)
+    return state.lock_wait if state is not None else None
+
+
 def _command_line() -> str:
     return shlex.join(["mmexport", *sys.argv[1:]])
 
@@ -45,20 +61,20 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
     lock_wait: Annotated[Optional[float], typer.Option(help="Seconds to wait for another command writing the same run (default 0: stop at once with one line).")] = None,
 ) -> None:
     """MedMerge model merging, from training to verified deployable artifacts."""
     if lock_wait is not None:
-        import math
-
         if not (math.isfinite(lock_wait) and lock_wait >= 0):
             raise typer.BadParameter(f"must be a finite number of seconds >= 0, got {lock_wait}", param_hint="--lock-wait")
-        os.environ["MMEXPORT_LOCK_WAIT"] = repr(lock_wait)
+    ctx.obj = CliState(lock_wait=lock_wait)
 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     arch: Annotated[str, typer.Option(help="Architecture, e.g. resnet18, resnet50, densenet121.")],
     data: Annotated[str, typer.Option(help="Dataset: PATH[?opts] (image folder, class tree, .csv, .npz; see README) or synthetic:target.")],
     out: Annotated[Path, typer.Option(help="Run directory to create (missing parent directories are created).")],
@@ -116,86 +132,30 @@ def train(
         raise MMExportError("--seeds is the seed list of --compare: add --compare (or use --seed for one run)")
     rank = int(os.environ.get("RANK", "0"))
     progress = RichProgress() if rank == 0 else None
+    lock_wait = _lock_wait(ctx)
     try:
         if compare:
-            from mmexport.comparison import compare_methods as run_comparison
+            from mmexport.torchside.comparison import compare_methods as run_comparison
 
             methods = [m.strip() for m in compare_methods.split(",") if m.strip()]
-            run_comparison(config, methods, compare_seeds, progress, command=_command_line())
+            run_comparison(config, methods, compare_seeds, progress, command=_command_line(), lock_wait=lock_wait)
             run_dir = Path(config.out).expanduser().absolute()
         else:
-            from mmexport.train import train as run_training
+            from mmexport.torchside.train import train as run_training
 
-            run_dir = run_training(config, progress, command=_command_line())
+            run_dir = run_training(config, progress, command=_command_line(), lock_wait=lock_wait)
     finally:
         if progress is not None:
             progress.finish()
     if rank == 0:
-        _print_run_summary(run_dir)
+        from mmexport.runs.inspect import training_outcome
 
-
-def _print_run_summary(run_dir: Path) -> None:
-    from mmexport.manifest import RunDir
-
-    manifest = RunDir.open(run_dir).manifest
-    classes = manifest.get("model", {}).get("classes", [])
-    training = manifest.get("training", {})
-    final = training.get("final", {})
-    for split, metrics in final.items():
-        console.print(f"  final {split}: accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}")
-    split = "test" if "test" in final else "val"
-    if split in final and classes:
-        per_class = final[split]["per_class"]
-        table = Table(title=f"per class, {split} (confusion matrix in manifest.json)", title_justify="left")
-        for column in ("class", "precision", "recall", "F1", "support"):
-            table.add_column(column, justify="left" if column == "class" else "right")
-        for index, name in enumerate(classes):
-            table.add_row(escape(name), f"{per_class['precision'][index]:.3f}", f"{per_class['recall'][index]:.3f}",
-                          f"{per_class['f1'][index]:.3f}", f"{per_class['support'][index]:.0f}")
-        console.print(table)
-    _print_training_report(manifest)
-    console.print(f"[green]run written to[/green] {escape(str(run_dir))}")
-
-
-def _print_training_report(manifest: dict) -> None:
-    """Stage-1 diagnostics (σ saturation, head-only probes) and the --compare table, when the run has them."""
-    training = manifest.get("training", {})
-    diagnostics = training.get("diagnostics", {})
-    if "sigma_saturation" in diagnostics:
-        console.print(f"  merge coefficients beyond 0.1/0.9 after stage 1: {diagnostics['sigma_saturation']:.1%}")
-    probes = diagnostics.get("source_probes", {})
-    if probes:
-        bars = ", ".join(f"source {label} {p['val_macro_f1']:.3f}" for label, p in probes.items())
-        console.print(f"  stage 1 val macro-F1 {diagnostics.get('stage1_val_macro_f1', float('nan')):.3f}; "
-                      f"head-only probes: {bars}")
-        if diagnostics.get("stage1_below_probe"):
-            console.print(f"  [yellow]warning:[/yellow] stage 1 ended below the head-only probe of source "
-                          f"{', '.join(diagnostics['stage1_below_probe'])}")
-    comparison = manifest.get("comparison")
-    if comparison:
-        scored = comparison["split"]
-        view = Table(title=f"did the merge pay? same budget and settings, seeds {', '.join(map(str, comparison['seeds']))} "
-                           "(mean ± std)", title_justify="left")
-        columns = [f"{part} {label}" for part in (("test", "val") if scored == "test" else ("val",))
-                   for label in ("macro-F1", "accuracy")]
-        view.add_column("method")
-        for column in columns:
-            view.add_column(column, justify="right")
-        for row in comparison["methods"]:
-            cells = []
-            for column in columns:
-                part, label = column.split(" ")
-                score = row["scores"].get(f"{part}_{'macro_f1' if label == 'macro-F1' else 'accuracy'}")
-                cells.append("—" if score is None else (f"{score['mean']:.3f} ± {score['std']:.3f}"
-                                                        if len(score["values"]) > 1 else f"{score['mean']:.3f}"))
-            name = row["method"] + (" (this run)" if row["method"] == comparison["reference"] else "")
-            view.add_row(escape(name), *cells)
-        console.print(view)
-        console.print(f"  {escape(comparison['verdict'])}")
+        print_training_outcome(training_outcome(run_dir))
 
 
 @app.command("fold")
 def fold_command(
+    ctx: typer.Context,
     run: RunArg,
     to: Annotated[str, typer.Option(help=f"What to write: {', '.join(artifacts.FOLD_TARGETS)}. safetensors/pt re-fold the merge; onnx exports the final network; trt builds a TensorRT engine from the verified ONNX.")] = "safetensors",
     precision: Annotated[str, typer.Option(help="With --to onnx/trt: fp32, fp16 (fp32 I/O) or int8 (static QDQ).")] = "fp32",
@@ -226,59 +186,78 @@ def fold_command(
     """Write the run's network in a deployable format, verified before it is published."""
     if to not in artifacts.FOLD_TARGETS:
         raise MMExportError(f"unknown --to {to!r}; choose one of {', '.join(artifacts.FOLD_TARGETS)}")
+    lock_wait = _lock_wait(ctx)
     if to in ("safetensors", "pt"):
-        from mmexport.workflows import fold_run
-
-        result = fold_run(run, to)
-        console.print(verification_table(result.report))
-        reproduced = {None: "", True: " (bit-identical to the training-time fold)", False: " (differs from the previous fold!)"}
-        console.print(f"[green]wrote[/green] {escape(str(result.path))}  sha256 {result.sha256[:16]}…{reproduced[result.reproduced]}",
-                      soft_wrap=True)
-        return
-    if to == "triton":
-        from mmexport.triton import export_repository, record_in_run
-
+        _fold_to_weights(run, to, lock_wait=lock_wait)
+    elif to == "triton":
         if repo is None:
             raise MMExportError("--to triton needs --repo DIR (the Triton model repository to write into)")
-        progress = RichProgress()
-        try:
-            result = export_repository(run, repo, precision=precision, backend=backend, name=model_name,
-                                       preprocess=preprocess, max_batch=max_batch, engines=engine or (), progress=progress)
-            record_in_run(result)
-        finally:
-            progress.finish()
-        console.print(f"[green]wrote[/green] {escape(result.name)} version {result.version} ({result.backend}, "
-                      f"max_batch_size {result.max_batch_size}) into {escape(str(result.repository))}", soft_wrap=True)
-        for relative, digest in result.files.items():
-            console.print(f"  {escape(relative)}  sha256 {digest[:16]}…", soft_wrap=True)
-        if result.compute_capabilities:
-            console.print("  engines: " + ", ".join(f"sm {cc} → {escape(f)}" for cc, f in sorted(result.compute_capabilities.items())),
-                          soft_wrap=True)
-        return
-    if to == "trt":
-        from mmexport.engines import DEFAULT_TIMING_CACHE, EngineOptions, build_engine_run, trtexec_line
-
+        _fold_to_triton(run, repo, precision=precision, backend=backend, name=model_name, preprocess=preprocess,
+                        max_batch=max_batch, engines=engine or (), lock_wait=lock_wait)
+    elif to == "trt":
         for name, value in (("--min-batch", min_batch), ("--max-batch", max_batch), ("--opt-batch", opt_batch)):
             if value is not None and value < 1:
                 raise MMExportError(f"{name} must be at least 1, got {value}")
-        options = EngineOptions(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch or 32,
-                                workspace_bytes=None if workspace_mib is None else workspace_mib * 2**20,
-                                optimization_level=opt_level, timing_cache=timing_cache or DEFAULT_TIMING_CACHE,
-                                hardware_compatibility=hardware_compatibility, version_compatible=version_compatible)
-        if print_trtexec:
-            console.print(trtexec_line(run, precision, options), soft_wrap=True, markup=False, highlight=False)
-            return
-        progress = RichProgress()
-        try:
-            result = build_engine_run(run, precision, options, progress=progress)
-        finally:
-            progress.finish()
-        console.print(verification_table(result.report))
-        console.print(f"[green]wrote[/green] {escape(str(result.path))}  {result.size_bytes / 1e6:.1f} MB  sha256 "
-                      f"{result.sha256[:16]}…", soft_wrap=True)
+        _fold_to_trt(run, precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                     workspace_mib=workspace_mib, opt_level=opt_level, timing_cache=timing_cache,
+                     hardware_compatibility=hardware_compatibility, version_compatible=version_compatible,
+                     print_trtexec=print_trtexec, lock_wait=lock_wait)
+    else:
+        _fold_to_onnx(run, precision, calib_data=calib_data, calib_images=calib_images, calib_method=calib_method,
+                      int8_target=int8_target, data=data, accuracy_aware=accuracy_aware, int8_max_float=int8_max_float,
+                      allow_unverified=allow_unverified, comparisons=comparisons, lock_wait=lock_wait)
+
+
+def _fold_to_weights(run: Path, to: str, *, lock_wait: float | None) -> None:
+    """--to safetensors|pt: re-fold the merge from the unmerged checkpoint, verified against it."""
+    from mmexport.torchside.operations import fold_run
+
+    print_refold(fold_run(run, to, lock_wait=lock_wait))
+
+
+def _fold_to_triton(run: Path, repo: Path, *, precision: str, backend: str, name: str | None, preprocess: bool,
+                    max_batch: int | None, engines: Sequence[Path], lock_wait: float | None) -> None:
+    """--to triton: a new version of the run's verified artifact in a Triton model repository, recorded in the run."""
+    from mmexport.serving.triton import export_repository, record_in_run
+
+    progress = RichProgress()
+    try:
+        result = export_repository(run, repo, precision=precision, backend=backend, name=name,
+                                   preprocess=preprocess, max_batch=max_batch, engines=engines, progress=progress)
+        record_in_run(result, lock_wait=lock_wait)
+    finally:
+        progress.finish()
+    print_triton_export(result)
+
+
+def _fold_to_trt(run: Path, precision: str, *, min_batch: int, opt_batch: int | None, max_batch: int | None,
+                 workspace_mib: int | None, opt_level: int, timing_cache: Path | None,
+                 hardware_compatibility: str | None, version_compatible: bool, print_trtexec: bool,
+                 lock_wait: float | None) -> None:
+    """--to trt: a TensorRT engine built from the verified ONNX and verified itself (or only the trtexec line)."""
+    from mmexport.runs.engine_build import DEFAULT_TIMING_CACHE, EngineOptions, build_engine_run, trtexec_line
+
+    options = EngineOptions(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch or 32,
+                            workspace_bytes=None if workspace_mib is None else workspace_mib * 2**20,
+                            optimization_level=opt_level, timing_cache=timing_cache or DEFAULT_TIMING_CACHE,
+                            hardware_compatibility=hardware_compatibility, version_compatible=version_compatible)
+    if print_trtexec:
+        console.print(trtexec_line(run, precision, options), soft_wrap=True, markup=False, highlight=False)
         return
-    from mmexport.workflows import export_comparison, export_onnx_run
-    from mmexport.manifest import RunDir
+    progress = RichProgress()
+    try:
+        result = build_engine_run(run, precision, options, progress=progress, lock_wait=lock_wait)
+    finally:
+        progress.finish()
+    print_published(result)
+
+
+def _fold_to_onnx(run: Path, precision: str, *, calib_data: str | None, calib_images: int | None, calib_method: str,
+                  int8_target: str, data: str | None, accuracy_aware: bool, int8_max_float: float,
+                  allow_unverified: bool, comparisons: bool, lock_wait: float | None) -> None:
+    """--to onnx: the final network (and with ``comparisons`` the benchmark baselines) as verified ONNX."""
+    from mmexport.runs.manifest import RunDir
+    from mmexport.torchside.operations import export_comparison, export_onnx_run
 
     progress = RichProgress()
     try:
@@ -286,37 +265,26 @@ def fold_command(
             results = export_onnx_run(run, precision, calib_data=calib_data, calib_images=calib_images, data=data,
                                       int8_target=int8_target, calib_method=calib_method, progress=progress,
                                       allow_unverified=allow_unverified, accuracy_aware=accuracy_aware,
-                                      int8_max_float=int8_max_float)
+                                      int8_max_float=int8_max_float, lock_wait=lock_wait)
         except VerificationError as exc:
             if exc.report is not None:
                 console.print(verification_table(exc.report))
             raise
-        for result in results.values():
-            console.print(verification_table(result.report))
-            floats = result.facts.get("float_nodes")
-            if floats:
-                console.print(f"  int8: {len(floats)} layer(s) kept in float to meet the policy: {escape(', '.join(floats))}",
-                              soft_wrap=True)
-            if not result.report.passed:
-                console.print(f"[red]published UNVERIFIED (--allow-unverified)[/red]: {escape(str(result.path))}", soft_wrap=True)
-                continue
-            console.print(f"[green]wrote[/green] {escape(str(result.path))}  {result.size_bytes / 1e6:.1f} MB  sha256 "
-                          f"{result.sha256[:16]}…", soft_wrap=True)
+        print_onnx_exports(results.values())
         if comparisons:
             opened = RunDir.open(run)
             for kind in artifacts.COMPARISON_KINDS:
                 if kind == "unmerged" and precision != "fp32":
                     continue
-                made = export_comparison(opened, kind, precision, progress=progress)
-                state = "" if made.report is None else (" (verified)" if made.report.passed else " [red](FAILED its check)[/red]")
-                console.print(f"[green]wrote[/green] {kind} comparison model {made.name}  {made.size_bytes / 1e6:.1f} MB{state}",
-                              soft_wrap=True)
+                print_comparison_model(kind, export_comparison(opened, kind, precision, progress=progress,
+                                                               lock_wait=lock_wait))
     finally:
         progress.finish()
 
 
 @app.command()
 def verify(
+    ctx: typer.Context,
     run: RunArg,
     backend: Annotated[Optional[list[str]], typer.Option(help="torch (unmerged vs folded), onnx or trt (each artifact vs the stored reference outputs); repeatable.")] = None,
     precision: Annotated[Optional[list[str]], typer.Option(help="With --backend onnx/trt: fp32, fp16, int8 (repeatable; default: every artifact the run has).")] = None,
@@ -337,19 +305,22 @@ def verify(
     if samples is not None and samples < 0:
         raise MMExportError(f"--samples must be >= 0, got {samples}")
     failed = False
+    lock_wait = _lock_wait(ctx)
     try:
         if "torch" in backends:
-            from mmexport.workflows import verify_run
+            from mmexport.torchside.operations import verify_run
 
-            report = verify_run(run, data=data, samples=64 if samples is None else samples, seed=seed, device=device)
+            report = verify_run(run, data=data, samples=64 if samples is None else samples, seed=seed, device=device,
+                                lock_wait=lock_wait)
             console.print(verification_table(report))
         for name in ("onnx", "trt"):
             if name not in backends:
                 continue
-            from mmexport.checks import verify_artifacts
+            from mmexport.runs.verify import verify_artifacts
 
-            for report in verify_artifacts(run, name, list(precision) if precision else None, data=data, samples=samples,
-                                           device=device):
+            for report in verify_artifacts(run, name, list(precision) if precision else None,
+                                           reference_from=_data_reference(data, samples), samples=samples, device=device,
+                                           lock_wait=lock_wait):
                 console.print(verification_table(report))
                 failed = failed or not report.passed
     except VerificationError as exc:
@@ -361,34 +332,33 @@ def verify(
     console.print("[green]verification passed[/green]")
 
 
+def _data_reference(data: str | None, samples: int | None):
+    """With ``--data``: the torch side recomputes the reference on that dataset (torch is needed only then)."""
+    if data is None:
+        return None
+    from mmexport.torchside.operations import reference_on_data
+
+    return functools.partial(reference_on_data, data=data, samples=samples)
+
+
 def _verify_manifest(run: Path) -> None:
-    from mmexport.checks import verify_manifest
+    from mmexport.runs.provenance import verify_manifest
 
     report = verify_manifest(run)
-    table = Table(title=f"files of {escape(report.run)} against manifest.json", title_justify="left")
-    for column in ("file", "kind", "sha256 (manifest)", "state", "latest check"):
-        table.add_column(column)
-    for f in report.files:
-        state = "[green]intact[/green]" if f.state == "intact" else f"[red]{f.state}[/red]" + (
-            f" (now {f.actual_sha256[:12]}…)" if f.actual_sha256 else "")
-        check = {True: "[green]passed[/green]", False: "[red]FAILED[/red]", None: "—"}[f.verified]
-        table.add_row(escape(f.name), escape(f.kind), f.expected_sha256[:16] + "…", state, check)
-    console.print(table)
-    for name, recorded, state in report.inputs:
-        colour = "green" if state == "unchanged" else ("red" if state.startswith("CHANGED") else "yellow")
-        console.print(f"input {escape(name)}: sha256 {recorded[:16]}…  [{colour}]{escape(state)}[/{colour}]", soft_wrap=True)
-    for chain in report.chains:
-        console.print("chain: " + escape(" ← ".join(chain)), soft_wrap=True)
-    for target, state, detail in report.repositories:
-        colour = "green" if state == "intact" else "red"
-        console.print(f"triton {escape(target)}: [{colour}]{state}[/{colour}] {escape(detail)}", soft_wrap=True)
-    if report.untracked:
-        console.print(f"[yellow]not in the manifest[/yellow]: {escape(', '.join(report.untracked[:10]))}"
-                      + (f" and {len(report.untracked) - 10} more" if len(report.untracked) > 10 else ""), soft_wrap=True)
+    print_provenance(report)
     if not report.passed:
         bad = [f.name for f in report.files if f.state != "intact"] + [t for t, s, _ in report.repositories if s != "intact"]
         raise VerificationError(f"{len(bad)} file(s) differ from the manifest: {', '.join(bad[:5])}")
     console.print("[green]every file matches the manifest[/green]")
+
+
+def _coefficient_reader():
+    """The torch side's per-layer coefficient reader, or None where PyTorch is not installed."""
+    try:
+        from mmexport.torchside.coefficients import layer_coefficients
+    except ImportError:
+        return None
+    return layer_coefficients
 
 
 @app.command()
@@ -398,79 +368,26 @@ def inspect(
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the per-layer mean σ(λ), input to output, to this PNG.")] = None,
 ) -> None:
     """Summarise a run's manifest and the per-layer mean merge coefficient (depth-wise view)."""
-    from mmexport.checks import inspect_run
+    from mmexport.runs.inspect import inspect_run
 
     if plot is not None:
-        from mmexport.coefficients import plot_run_coefficients
+        from mmexport.torchside.coefficients import plot_run_coefficients
 
         written = plot_run_coefficients(run, plot, all_layers=all_parameters)
         console.print(f"[green]plot written to[/green] {escape(str(written))}")
 
-    summary = inspect_run(run)
-    manifest = summary.manifest
-    config = manifest.get("config", {})
-    console.print(f"[bold]{escape(summary.path)}[/bold]  created {manifest.get('created')}  by `{escape(manifest.get('command', ''))}`",
-                  soft_wrap=True)
-    model = manifest.get("model", {})
-    console.print(f"arch {model.get('arch')}  classes {escape(', '.join(model.get('classes', [])))}  image {model.get('image_size')}px  "
-                  f"granularity {config.get('granularity')}  seed {manifest.get('seed')}", soft_wrap=True)
-    if model.get("preprocessing"):
-        from mmexport.runtime.preprocess import Preprocessing
+    summary = inspect_run(run, coefficients=_coefficient_reader())
+    final_saturation = None
+    if summary.coefficients and summary.training.sigma_saturation is None:
+        from mmexport.torchside.coefficients import saturation
 
-        console.print(f"preprocessing: {escape(Preprocessing.from_dict(model['preprocessing']).describe())}", soft_wrap=True)
-    inputs = Table(title="inputs", title_justify="left")
-    for column in ("input", "spec", "sha256"):
-        inputs.add_column(column)
-    for key, value in manifest.get("inputs", {}).items():
-        inputs.add_row(escape(key), escape(str(value.get("spec", value.get("source", "")))), (value.get("sha256") or "—")[:16])
-    console.print(inputs)
-    outputs = Table(title="outputs", title_justify="left")
-    for column in ("file", "kind", "deployable", "size", "sha256", "state"):
-        outputs.add_column(column)
-    for out in summary.outputs:
-        entry = out.entry
-        state = "[green]intact[/green]" if out.state == "intact" else f"[red]{escape(out.state)}[/red]"
-        if entry.get("verified") is False:
-            state += " [yellow](unverified)[/yellow]"
-        deploy = "yes" if out.registry is not None and out.registry.deployable else ""
-        outputs.add_row(escape(out.name), escape(str(entry.get("kind"))), deploy, f"{entry.get('size_bytes', 0) / 1e6:.1f} MB",
-                        str(entry.get("sha256", ""))[:16], state)
-    console.print(outputs)
-    checks = Table(title="verification (latest check of each published artifact)", title_justify="left")
-    for column in ("artifact", "policy", "when", "max abs error", "top-1", "result"):
-        checks.add_column(column)
-    for entry in summary.verifications:
-        stats = [o for s in entry.get("input_sets", []) for o in s.get("outputs", {}).values()]
-        checks.add_row(
-            escape(str(entry.get("artifact", "?"))), entry.get("tolerance", {}).get("name", "?"), entry.get("created", ""),
-            f"{max(o['max_abs_error'] for o in stats):.3g}" if stats else "—",
-            f"{min(o['top1_agreement'] for o in stats):.1%}" if stats else "—",
-            "[green]pass[/green]" if entry.get("passed") else "[red]FAIL[/red]",
-        )
-    console.print(checks)
-    for split, metrics in manifest.get("training", {}).get("final", {}).items():
-        console.print(f"final {split}: accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}")
-    _print_training_report(manifest)
-    if summary.coefficients and "sigma_saturation" not in manifest.get("training", {}).get("diagnostics", {}):
-        from mmexport.coefficients import saturation
-
-        console.print(f"  merge coefficients beyond 0.1/0.9 (final fold): {saturation(summary.coefficients):.1%}")
-    if summary.coefficients is None and manifest.get("outputs", {}).get(artifacts.filename("unmerged")):
-        console.print("merge coefficients: PyTorch is not installed here, so the per-layer profile is not shown")
-    rows = [r for r in (summary.coefficients or []) if all_parameters or (r["layer"] == "conv" and r["name"].endswith("weight"))]
-    if rows:
-        table = Table(title="mean weight of source A, σ(λ), input → output", title_justify="left")
-        for column in ("#", "parameter", "layer", "σ(λ)", "saturated", ""):
-            table.add_column(column, justify="right" if column in ("#", "σ(λ)", "saturated") else "left")
-        for index, row in enumerate(rows):
-            bar = round(20 * row["mean"])
-            table.add_row(str(index), row["name"], row["layer"], f"{row['mean']:.3f}", f"{row['saturated']:.0%}",
-                          "A " + "█" * bar + "·" * (20 - bar) + " B")
-        console.print(table)
+        final_saturation = saturation(summary.coefficients)
+    print_run_summary(summary, all_parameters=all_parameters, final_saturation=final_saturation)
 
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     run: RunArg,
     engine: Annotated[str, typer.Option(help="torch (eager), onnx (ONNX Runtime) or trt (TensorRT engines).")] = "onnx",
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (ONNX/TensorRT; the folded artifact must be published).")] = "fp32",
@@ -488,9 +405,9 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option(help="Latency and throughput vs batch size, PNG.")] = None,
 ) -> None:
     """Latency and throughput of the folded network against the unmerged, dual-backbone and stock models."""
-    from mmexport.benchrun import BenchRequest, bench_run, plot as draw, write_json
-    from mmexport.manifest import RunDir
-    from mmexport.runtime.bench import BenchSettings
+    from mmexport.bench import BenchRequest, bench_run, plot as draw, write_json
+    from mmexport.runs.manifest import RunDir
+    from mmexport.runtime.timing import BenchSettings
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
@@ -512,21 +429,16 @@ def bench(
             opened.refuse_overwrite(target)
     progress = RichProgress()
     try:
-        report = bench_run(run, request, progress=progress)
+        report = bench_run(run, request, progress=progress, lock_wait=_lock_wait(ctx))
     finally:
         progress.finish()
-    console.print(bench_table(report))
-    if any(r.device for r in report.results):
-        console.print(device_table(report))
-    console.print(ratio_table_view(report))
-    for warning in report.warnings():
-        console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
+    print_bench(report)
     if json_path is not None:
         write_json(report, json_path)
-        console.print(f"[green]wrote[/green] {escape(str(json_path))}")
+        print_written(json_path)
     if plot is not None:
         draw(report.results, plot, f"{Path(report.run).name}: {report.engine} {report.precision}")
-        console.print(f"[green]wrote[/green] {escape(str(plot))}")
+        print_written(plot)
 
 
 @app.command()
@@ -534,22 +446,9 @@ def doctor(
     run: Annotated[Optional[Path], typer.Argument(help="Optionally a run: which of its artifacts can run here, and why not.")] = None,
 ) -> None:
     """What this machine can do: torch and CUDA, ONNX Runtime providers, TensorRT, CUDA layer, GPU."""
-    from mmexport.engines import doctor as diagnose
+    from mmexport.runs.engine_build import doctor as diagnose
 
-    report = diagnose(run)
-    table = Table(title="this machine", title_justify="left")
-    for column in ("component", "", "detail"):
-        table.add_column(column)
-    for cap in report.capabilities:
-        table.add_row(cap.name, "[green]yes[/green]" if cap.available else "[red]no[/red]", escape(cap.detail))
-    console.print(table)
-    if run is not None:
-        runs = Table(title=f"artifacts of {escape(str(run))}", title_justify="left")
-        for column in ("file", "runs here", "how / why not"):
-            runs.add_column(column)
-        for name, ok, why in report.artifacts:
-            runs.add_row(escape(name), "[green]yes[/green]" if ok else "[red]no[/red]", escape(why))
-        console.print(runs)
+    print_doctor(diagnose(run), run)
 
 
 @app.command("serve")
@@ -571,7 +470,7 @@ def serve_command(
     allow_untracked: Annotated[bool, typer.Option(help="Serve an .onnx that is not part of a run directory (its verification cannot be checked).")] = False,
 ) -> None:
     """Serve a run's verified model with Triton Inference Server on this machine, until Ctrl-C."""
-    from mmexport.serve import serve as serve_artifact
+    from mmexport.serving.server import serve as serve_artifact
 
     progress = RichProgress()
     try:
@@ -580,23 +479,7 @@ def serve_command(
                             ready_timeout=ready_timeout, log_file=log_file, prepare_python=prepare_python,
                             allow_untracked=allow_untracked, progress=progress) as session:
             progress.finish()
-            origin = f"{session.run.name}/{session.artifact}" if session.run is not None else session.artifact
-            state = ("[green]verified[/green]" if session.verified
-                     else "[yellow]untracked: not checked against a run's verification[/yellow]")
-            console.print(f"[bold]{escape(session.model)}[/bold] version {session.version} serving {escape(origin)} ({state})",
-                          soft_wrap=True)
-            table = Table(title="Triton Inference Server", title_justify="left")
-            table.add_column("endpoint")
-            table.add_column("address")
-            table.add_row("HTTP/REST (KServe v2)", escape(session.http_url))
-            table.add_row("gRPC", escape(session.grpc_url))
-            table.add_row("metrics", escape(session.metrics_url))
-            table.add_row("inference", escape(session.infer_url))
-            table.add_row("repository", escape(str(session.repository)) + (" (temporary)" if session.temporary_repository else ""))
-            console.print(table)
-            console.print("classify an image (top 3 classes as score:index:label):")
-            console.print(session.curl_example("lesion.png"), markup=False, highlight=False, soft_wrap=True)
-            console.print("Ctrl-C stops the server.")
+            print_serving(session)
             try:
                 session.wait()
             except KeyboardInterrupt:
@@ -622,55 +505,7 @@ def demo(
         summary = run_demo(DemoConfig(out=str(out), arch=arch, device=device, force=force), progress)
     finally:
         progress.finish()
-    table = Table(title="demo summary", title_justify="left")
-    table.add_column("step")
-    table.add_column("result")
-    table.add_column("time", justify="right")
-    t = summary.timings
-    for label in ("A", "B"):
-        s = summary.sources[label]
-        table.add_row(f"source {label} ({s['task']})", f"val acc {s['val_accuracy']:.3f}  macro-F1 {s['val_macro_f1']:.3f}", f"{t[f'source_{label}']:.0f} s")
-    mb = summary.merge_best
-    table.add_row("stage 1 merge (best epoch)", f"val acc {mb['val_accuracy']:.3f}  macro-F1 {mb['val_macro_f1']:.3f}", "")
-    table.add_row("MedMerge run", escape(summary.run), f"{t['train']:.0f} s")
-    for name, stats in summary.fold_stats.items():
-        table.add_row(f"fold check ({name})", f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}", "")
-    table.add_row("fold + verify", "bit-identical re-fold" if summary.fold_reproduced else "re-folded", f"{t['fold_verify']:.0f} s")
-    for export in summary.exports:
-        for name, stats in export.stats.items():
-            detail = f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}"
-            if stats.candidate_macro_f1 is not None:
-                detail += f", macro-F1 {stats.reference_macro_f1:.3f} → {stats.candidate_macro_f1:.3f}"
-            table.add_row(f"ONNX {export.precision} ({name})", detail, "")
-        if export.refused is not None:
-            table.add_row(f"ONNX {export.precision}", f"[red]refused by the {export.precision} policy, not published[/red]: "
-                          f"{escape(export.refused.split(': ')[-1])}", "")
-        else:
-            table.add_row(f"ONNX {export.precision} file", f"{export.size_bytes / 1e6:.1f} MB", "")
-    if "export" in t:
-        table.add_row("export + verify", "", f"{t['export']:.0f} s")
-    console.print(table)
-    if summary.bench is not None:
-        console.print(ratio_table_view(summary.bench))
-        for r in summary.bench.results:
-            console.print(f"  {r.model:9s} ONNX Runtime batch 1: median {r.latency.median_ms:.2f} ms, file "
-                          f"{(r.artifact_bytes or 0) / 1e6:.1f} MB", soft_wrap=True)
-    comparison = Table(title="MedMerge vs each source fine-tuned alone (same epochs), synthetic target", title_justify="left")
-    for column in ("method", "test macro-F1", "test accuracy", "val macro-F1"):
-        comparison.add_column(column, justify="left" if column == "method" else "right")
-    labels = {"medmerge": "medmerge (A+B merged)", "finetune-a": "finetune-a (source A alone)",
-              "finetune-b": "finetune-b (source B alone)"}
-    for method, metrics in summary.comparison.items():
-        test = metrics.get("test", metrics["val"])
-        comparison.add_row(labels.get(method, method), f"{test['macro_f1']:.3f}", f"{test['accuracy']:.3f}",
-                           f"{metrics['val']['macro_f1']:.3f}")
-    console.print(comparison)
-    gap = summary.merge_gap()
-    if gap is not None:
-        console.print(f"  MedMerge − best single source ({gap[0]}): {gap[1]:+.3f} test macro-F1, one seed; "
-                      "`mmexport train --compare --seeds 0,1,2` judges it against the seed spread", soft_wrap=True)
-    console.print(f"total {sum(t.values()):.0f} s; everything is in {escape(summary.out)} (see `mmexport inspect {escape(summary.run)}`)",
-                  soft_wrap=True)
+    print_demo(summary)
 
 
 def _one_line_warnings() -> None:

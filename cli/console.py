@@ -1,10 +1,15 @@
-"""Rich rendering shared by the commands: progress sink and result tables."""
+"""Rich rendering of the commands' typed results: the progress sink, the tables and the reports.
+
+Every function here takes what a library call returned and prints it (``print_*``) or
+returns a rich table (``*_table``); none computes anything the library did not.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -12,6 +17,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from mmexport.runtime.compare import VerificationReport
+
+if TYPE_CHECKING:  # the commands import the library lazily; so does the rendering of its results
+    from mmexport.bench import BenchReport
+    from mmexport.demo import DemoSummary
+    from mmexport.runs.engine_build import DoctorReport
+    from mmexport.runs.inspect import RunSummary, SplitMetrics, TrainingOutcome, TrainingReport
+    from mmexport.runs.manifest import PublishedArtifact
+    from mmexport.runs.provenance import ProvenanceReport
+    from mmexport.serving.server import ServingSession
+    from mmexport.serving.triton import RepositoryResult
 
 # Piped output (CI logs, files) would otherwise be cut at 80 columns, truncating the numbers
 # an auditor reads; an explicit COLUMNS still wins.
@@ -136,3 +151,307 @@ def ratio_table_view(report) -> Table:
     for row in report.ratios:
         table.add_row(str(row["batch_size"]), row["ratio"], f"{row['median_ratio']:.3f}", f"{row['mean_ratio']:.3f}")
     return table
+
+
+def _wrote(text: str) -> None:
+    console.print(f"[green]wrote[/green] {text}", soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def print_final_metrics(final: Mapping[str, SplitMetrics], indent: str = "") -> None:
+    for split, metrics in final.items():
+        console.print(f"{indent}final {split}: accuracy {metrics.accuracy:.3f}  macro-F1 {metrics.macro_f1:.3f}")
+
+
+def print_training_outcome(outcome: TrainingOutcome) -> None:
+    """What ``train`` prints when the run is published: final scores, the per-class table, the training report."""
+    final = outcome.final_metrics
+    print_final_metrics(final, indent="  ")
+    split = "test" if "test" in final else "val"
+    rows = final[split].per_class if split in final and outcome.classes else None
+    if rows:
+        table = Table(title=f"per class, {split} (confusion matrix in manifest.json)", title_justify="left")
+        for column in ("class", "precision", "recall", "F1", "support"):
+            table.add_column(column, justify="left" if column == "class" else "right")
+        for row in rows:
+            table.add_row(escape(row.name), f"{row.precision:.3f}", f"{row.recall:.3f}", f"{row.f1:.3f}",
+                          f"{row.support:.0f}")
+        console.print(table)
+    print_training_report(outcome.training)
+    console.print(f"[green]run written to[/green] {escape(outcome.path)}")
+
+
+def print_training_report(training: TrainingReport) -> None:
+    """Stage-1 diagnostics (σ saturation, head-only probes) and the --compare table, when the run has them."""
+    if training.sigma_saturation is not None:
+        console.print(f"  merge coefficients beyond 0.1/0.9 after stage 1: {training.sigma_saturation:.1%}")
+    if training.source_probes:
+        bars = ", ".join(f"source {label} {score:.3f}" for label, score in training.source_probes.items())
+        stage1 = float("nan") if training.stage1_val_macro_f1 is None else training.stage1_val_macro_f1
+        console.print(f"  stage 1 val macro-F1 {stage1:.3f}; head-only probes: {bars}")
+        if training.stage1_below_probe:
+            console.print(f"  [yellow]warning:[/yellow] stage 1 ended below the head-only probe of source "
+                          f"{', '.join(training.stage1_below_probe)}")
+    comparison = training.comparison
+    if comparison:
+        view = Table(title=f"did the merge pay? same budget and settings, seeds {', '.join(map(str, comparison.seeds))} "
+                           "(mean ± std)", title_justify="left")
+        columns = [f"{part} {label}" for part in (("test", "val") if comparison.split == "test" else ("val",))
+                   for label in ("macro-F1", "accuracy")]
+        view.add_column("method")
+        for column in columns:
+            view.add_column(column, justify="right")
+        for row in comparison.methods:
+            cells = []
+            for column in columns:
+                part, label = column.split(" ")
+                score = row.scores.get(f"{part}_{'macro_f1' if label == 'macro-F1' else 'accuracy'}")
+                cells.append("—" if score is None else (f"{score.mean:.3f} ± {score.std:.3f}"
+                                                        if score.n_values > 1 else f"{score.mean:.3f}"))
+            name = row.method + (" (this run)" if row.method == comparison.reference else "")
+            view.add_row(escape(name), *cells)
+        console.print(view)
+        console.print(f"  {escape(comparison.verdict)}")
+
+
+# --------------------------------------------------------------------------- fold
+
+
+def print_refold(result: PublishedArtifact) -> None:
+    """``fold --to safetensors|pt``: the check and the file, and whether it reproduced the previous fold."""
+    console.print(verification_table(result.report))
+    reproduced = {None: "", True: " (bit-identical to the training-time fold)", False: " (differs from the previous fold!)"}
+    _wrote(f"{escape(str(result.path))}  sha256 {result.sha256[:16]}…{reproduced[result.reproduced]}")
+
+
+def print_published(result: PublishedArtifact) -> None:
+    """A verified artifact (ONNX, engine): its check, then path, size and hash."""
+    console.print(verification_table(result.report))
+    _wrote(f"{escape(str(result.path))}  {result.size_bytes / 1e6:.1f} MB  sha256 {result.sha256[:16]}…")
+
+
+def print_onnx_exports(results: Iterable[PublishedArtifact]) -> None:
+    """``fold --to onnx``: each exported precision's check, the layers int8 kept in float, the file (or UNVERIFIED)."""
+    from mmexport.convert.precision import Int8Export
+
+    for result in results:
+        console.print(verification_table(result.report))
+        floats = result.facts.float_nodes if isinstance(result.facts, Int8Export) else []
+        if floats:
+            console.print(f"  int8: {len(floats)} layer(s) kept in float to meet the policy: {escape(', '.join(floats))}",
+                          soft_wrap=True)
+        if not result.report.passed:
+            console.print(f"[red]published UNVERIFIED (--allow-unverified)[/red]: {escape(str(result.path))}", soft_wrap=True)
+            continue
+        _wrote(f"{escape(str(result.path))}  {result.size_bytes / 1e6:.1f} MB  sha256 {result.sha256[:16]}…")
+
+
+def print_comparison_model(kind: str, made: PublishedArtifact) -> None:
+    state = "" if made.report is None else (" (verified)" if made.report.passed else " [red](FAILED its check)[/red]")
+    _wrote(f"{kind} comparison model {made.name}  {made.size_bytes / 1e6:.1f} MB{state}")
+
+
+def print_triton_export(result: RepositoryResult) -> None:
+    """``fold --to triton``: the version written and each file's hash."""
+    _wrote(f"{escape(result.name)} version {result.version} ({result.backend}, "
+           f"max_batch_size {result.max_batch_size}) into {escape(str(result.repository))}")
+    for relative, digest in result.files.items():
+        console.print(f"  {escape(relative)}  sha256 {digest[:16]}…", soft_wrap=True)
+    if result.compute_capabilities:
+        console.print("  engines: " + ", ".join(f"sm {cc} → {escape(f)}" for cc, f in sorted(result.compute_capabilities.items())),
+                      soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- verify --manifest, inspect
+
+
+def print_provenance(report: ProvenanceReport) -> None:
+    """``verify --manifest``: every file against its recorded sha256, the inputs, the chains, the Triton repositories."""
+    table = Table(title=f"files of {escape(report.run)} against manifest.json", title_justify="left")
+    for column in ("file", "kind", "sha256 (manifest)", "state", "latest check"):
+        table.add_column(column)
+    for f in report.files:
+        state = "[green]intact[/green]" if f.state == "intact" else f"[red]{f.state}[/red]" + (
+            f" (now {f.actual_sha256[:12]}…)" if f.actual_sha256 else "")
+        check = {True: "[green]passed[/green]", False: "[red]FAILED[/red]", None: "—"}[f.verified]
+        table.add_row(escape(f.name), escape(f.kind), f.expected_sha256[:16] + "…", state, check)
+    console.print(table)
+    for name, recorded, state in report.inputs:
+        colour = "green" if state == "unchanged" else ("red" if state.startswith("CHANGED") else "yellow")
+        console.print(f"input {escape(name)}: sha256 {recorded[:16]}…  [{colour}]{escape(state)}[/{colour}]", soft_wrap=True)
+    for chain in report.chains:
+        console.print("chain: " + escape(" ← ".join(chain)), soft_wrap=True)
+    for target, state, detail in report.repositories:
+        colour = "green" if state == "intact" else "red"
+        console.print(f"triton {escape(target)}: [{colour}]{state}[/{colour}] {escape(detail)}", soft_wrap=True)
+    if report.untracked:
+        console.print(f"[yellow]not in the manifest[/yellow]: {escape(', '.join(report.untracked[:10]))}"
+                      + (f" and {len(report.untracked) - 10} more" if len(report.untracked) > 10 else ""), soft_wrap=True)
+
+
+def print_run_summary(summary: RunSummary, *, all_parameters: bool = False,
+                      final_saturation: float | None = None) -> None:
+    """``inspect``: the run, its inputs, outputs and checks, the training report and the merge coefficients.
+
+    ``final_saturation``: the share of saturated coefficients of the final fold, shown when
+    training recorded none; ``all_parameters``: every merged parameter, not only conv weights.
+    """
+    console.print(f"[bold]{escape(summary.path)}[/bold]  created {summary.created}  by `{escape(summary.command)}`",
+                  soft_wrap=True)
+    console.print(f"arch {summary.arch}  classes {escape(', '.join(summary.classes))}  image {summary.image_size}px  "
+                  f"granularity {summary.granularity}  seed {summary.seed}", soft_wrap=True)
+    if summary.preprocessing is not None:
+        console.print(f"preprocessing: {escape(summary.preprocessing.describe())}", soft_wrap=True)
+    inputs = Table(title="inputs", title_justify="left")
+    for column in ("input", "spec", "sha256"):
+        inputs.add_column(column)
+    for record in summary.inputs:
+        inputs.add_row(escape(record.name), escape(record.spec), (record.sha256 or "—")[:16])
+    console.print(inputs)
+    outputs = Table(title="outputs", title_justify="left")
+    for column in ("file", "kind", "deployable", "size", "sha256", "state"):
+        outputs.add_column(column)
+    for out in summary.outputs:
+        state = "[green]intact[/green]" if out.intact else f"[red]{escape(out.state)}[/red]"
+        if out.verified is False:
+            state += " [yellow](unverified)[/yellow]"
+        outputs.add_row(escape(out.name), escape(out.kind), "yes" if out.deployable else "",
+                        f"{out.size_bytes / 1e6:.1f} MB", out.sha256[:16], state)
+    console.print(outputs)
+    checks = Table(title="verification (latest check of each published artifact)", title_justify="left")
+    for column in ("artifact", "policy", "when", "max abs error", "top-1", "result"):
+        checks.add_column(column)
+    for check in summary.verifications:
+        checks.add_row(
+            escape(check.artifact), check.policy, check.created,
+            "—" if check.max_abs_error is None else f"{check.max_abs_error:.3g}",
+            "—" if check.top1_agreement is None else f"{check.top1_agreement:.1%}",
+            "[green]pass[/green]" if check.passed else "[red]FAIL[/red]",
+        )
+    console.print(checks)
+    print_final_metrics(summary.final_metrics)
+    print_training_report(summary.training)
+    if final_saturation is not None:
+        console.print(f"  merge coefficients beyond 0.1/0.9 (final fold): {final_saturation:.1%}")
+    if summary.coefficients is None and summary.has_unmerged:
+        console.print("merge coefficients: PyTorch is not installed here, so the per-layer profile is not shown")
+    rows = [r for r in (summary.coefficients or []) if all_parameters or (r["layer"] == "conv" and r["name"].endswith("weight"))]
+    if rows:
+        table = Table(title="mean weight of source A, σ(λ), input → output", title_justify="left")
+        for column in ("#", "parameter", "layer", "σ(λ)", "saturated", ""):
+            table.add_column(column, justify="right" if column in ("#", "σ(λ)", "saturated") else "left")
+        for index, row in enumerate(rows):
+            bar = round(20 * row["mean"])
+            table.add_row(str(index), row["name"], row["layer"], f"{row['mean']:.3f}", f"{row['saturated']:.0%}",
+                          "A " + "█" * bar + "·" * (20 - bar) + " B")
+        console.print(table)
+
+
+# --------------------------------------------------------------------------- bench, doctor, serve, demo
+
+
+def print_bench(report: BenchReport) -> None:
+    """``bench``: the timings, trtexec's GPU statistics where there are any, the headline ratios, the warnings."""
+    console.print(bench_table(report))
+    if any(r.device for r in report.results):
+        console.print(device_table(report))
+    console.print(ratio_table_view(report))
+    for warning in report.warnings():
+        console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
+
+
+def print_written(path: str | os.PathLike[str]) -> None:
+    console.print(f"[green]wrote[/green] {escape(str(path))}")
+
+
+def print_doctor(report: DoctorReport, run: Path | None = None) -> None:
+    """``doctor``: what this machine can do and, for a run, which of its artifacts can run here."""
+    table = Table(title="this machine", title_justify="left")
+    for column in ("component", "", "detail"):
+        table.add_column(column)
+    for cap in report.capabilities:
+        table.add_row(cap.name, "[green]yes[/green]" if cap.available else "[red]no[/red]", escape(cap.detail))
+    console.print(table)
+    if run is not None:
+        runs = Table(title=f"artifacts of {escape(str(run))}", title_justify="left")
+        for column in ("file", "runs here", "how / why not"):
+            runs.add_column(column)
+        for name, ok, why in report.artifacts:
+            runs.add_row(escape(name), "[green]yes[/green]" if ok else "[red]no[/red]", escape(why))
+        console.print(runs)
+
+
+def print_serving(session: ServingSession) -> None:
+    """``serve``: what is served from where, the endpoints, and how to classify an image."""
+    origin = f"{session.run.name}/{session.artifact}" if session.run is not None else session.artifact
+    state = ("[green]verified[/green]" if session.verified
+             else "[yellow]untracked: not checked against a run's verification[/yellow]")
+    console.print(f"[bold]{escape(session.model)}[/bold] version {session.version} serving {escape(origin)} ({state})",
+                  soft_wrap=True)
+    table = Table(title="Triton Inference Server", title_justify="left")
+    table.add_column("endpoint")
+    table.add_column("address")
+    table.add_row("HTTP/REST (KServe v2)", escape(session.http_url))
+    table.add_row("gRPC", escape(session.grpc_url))
+    table.add_row("metrics", escape(session.metrics_url))
+    table.add_row("inference", escape(session.infer_url))
+    table.add_row("repository", escape(str(session.repository)) + (" (temporary)" if session.temporary_repository else ""))
+    console.print(table)
+    console.print("classify an image (top 3 classes as score:index:label):")
+    console.print(session.curl_example("lesion.png"), markup=False, highlight=False, soft_wrap=True)
+    console.print("Ctrl-C stops the server.")
+
+
+def print_demo(summary: DemoSummary) -> None:
+    """``demo``: each step's result and time, the benchmark headline, MedMerge against each source alone."""
+    table = Table(title="demo summary", title_justify="left")
+    table.add_column("step")
+    table.add_column("result")
+    table.add_column("time", justify="right")
+    t = summary.timings
+    for label in ("A", "B"):
+        s = summary.sources[label]
+        table.add_row(f"source {label} ({s['task']})", f"val acc {s['val_accuracy']:.3f}  macro-F1 {s['val_macro_f1']:.3f}", f"{t[f'source_{label}']:.0f} s")
+    mb = summary.merge_best
+    table.add_row("stage 1 merge (best epoch)", f"val acc {mb['val_accuracy']:.3f}  macro-F1 {mb['val_macro_f1']:.3f}", "")
+    table.add_row("MedMerge run", escape(summary.run), f"{t['train']:.0f} s")
+    for name, stats in summary.fold_stats.items():
+        table.add_row(f"fold check ({name})", f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}", "")
+    table.add_row("fold + verify", "bit-identical re-fold" if summary.fold_reproduced else "re-folded", f"{t['fold_verify']:.0f} s")
+    for export in summary.exports:
+        for name, stats in export.stats.items():
+            detail = f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}"
+            if stats.candidate_macro_f1 is not None:
+                detail += f", macro-F1 {stats.reference_macro_f1:.3f} → {stats.candidate_macro_f1:.3f}"
+            table.add_row(f"ONNX {export.precision} ({name})", detail, "")
+        if export.refused is not None:
+            table.add_row(f"ONNX {export.precision}", f"[red]refused by the {export.precision} policy, not published[/red]: "
+                          f"{escape(export.refused.split(': ')[-1])}", "")
+        else:
+            table.add_row(f"ONNX {export.precision} file", f"{export.size_bytes / 1e6:.1f} MB", "")
+    if "export" in t:
+        table.add_row("export + verify", "", f"{t['export']:.0f} s")
+    console.print(table)
+    if summary.bench is not None:
+        console.print(ratio_table_view(summary.bench))
+        for r in summary.bench.results:
+            console.print(f"  {r.model:9s} ONNX Runtime batch 1: median {r.latency.median_ms:.2f} ms, file "
+                          f"{(r.artifact_bytes or 0) / 1e6:.1f} MB", soft_wrap=True)
+    comparison = Table(title="MedMerge vs each source fine-tuned alone (same epochs), synthetic target", title_justify="left")
+    for column in ("method", "test macro-F1", "test accuracy", "val macro-F1"):
+        comparison.add_column(column, justify="left" if column == "method" else "right")
+    labels = {"medmerge": "medmerge (A+B merged)", "finetune-a": "finetune-a (source A alone)",
+              "finetune-b": "finetune-b (source B alone)"}
+    for method, metrics in summary.comparison.items():
+        test = metrics.get("test", metrics["val"])
+        comparison.add_row(labels.get(method, method), f"{test['macro_f1']:.3f}", f"{test['accuracy']:.3f}",
+                           f"{metrics['val']['macro_f1']:.3f}")
+    console.print(comparison)
+    gap = summary.merge_gap()
+    if gap is not None:
+        console.print(f"  MedMerge − best single source ({gap[0]}): {gap[1]:+.3f} test macro-F1, one seed; "
+                      "`mmexport train --compare --seeds 0,1,2` judges it against the seed spread", soft_wrap=True)
+    console.print(f"total {sum(t.values()):.0f} s; everything is in {escape(summary.out)} (see `mmexport inspect {escape(summary.run)}`)",
+                  soft_wrap=True)

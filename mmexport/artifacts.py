@@ -11,7 +11,8 @@ This module is torch-free: servers and the runtime read it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
 
 from mmexport.errors import MMExportError
 
@@ -22,6 +23,29 @@ COMPARISON_KINDS: tuple[str, ...] = ("unmerged", "dual", "single")
 FOLD_TARGETS: tuple[str, ...] = ("safetensors", "pt", "onnx", "trt", "triton")
 BENCH_DIR = "bench"
 RUNNER_OF_ENGINE = {"torch": "torch", "onnx": "onnxruntime", "trt": "tensorrt"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArtifactFacts:
+    """What making an artifact established, as typed fields; each maker's result extends it.
+
+    ``as_record()`` is what the manifest records beside the file's sha256 and size (which the
+    manifest entry holds itself); ``hint`` is advice for a user whose artifact failed its check.
+    """
+
+    hint: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in ("hint", "sha256", "size_bytes")}
+
+
+def _plain(value: Any) -> Any:
+    """A field as JSON data: nested results by their own ``as_dict``, else their fields."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    return value
 
 
 @dataclass(frozen=True)
@@ -118,9 +142,15 @@ def by_filename(name: str) -> Artifact | None:
     return None
 
 
-def check_precision(precision: str) -> str:
+def check_precision(precision: str, where: str = "", error: type[MMExportError] = MMExportError) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else one line (prefixed with ``where``, e.g. a file).
+
+    The one precision check of the package: the registry, the tolerance policy, engine
+    sidecars and the TensorRT builder all call it.
+    """
     if precision not in PRECISIONS:
-        raise MMExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        prefix = f"{where}: " if where else ""
+        raise error(f"{prefix}unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     return precision
 
 

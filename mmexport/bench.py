@@ -4,13 +4,13 @@ The point of folding is cost: the folded network should cost exactly one backbon
 (``single``, the stock torchvision network of the same architecture: the floor),
 the unmerged model carries two backbones and blends them on every call, and a
 dual-backbone ensemble computes two. Every model is measured on the same engine
-and precision, side by side (:mod:`mmexport.runtime.bench`), and the headline is the
+and precision, side by side (:mod:`mmexport.runtime.timing`), and the headline is the
 ratio table folded ÷ each other model.
 
 Only verified artifacts are measured as such: the folded model is the deployable
 artifact ``fold --to onnx`` published (made here only for fp32), and each
 comparison model goes through the same export-then-verify path
-(:func:`mmexport.workflows.export_comparison`), reused by hash once made. A
+(:func:`mmexport.torchside.operations.export_comparison`), reused by hash once made. A
 comparison model that failed its check is measured but its rows say so. With
 ``--engine onnx`` and the files already made, nothing here imports PyTorch.
 """
@@ -25,11 +25,16 @@ from typing import Any, Iterator
 
 from mmexport import artifacts
 from mmexport.artifacts import MODEL_KINDS
+from mmexport.config import check_int
 from mmexport.errors import MMExportError
 from mmexport.fileio import atomic_path, write_json_atomic
-from mmexport.manifest import RunDir
 from mmexport.progress import ProgressSink, sink
-from mmexport.runtime.bench import BenchResult, BenchSettings, ModelUnderTest, benchmark, machine_info, ratio_table
+from mmexport.runs.engine_build import require_tensorrt
+from mmexport.runs.lock import writing
+from mmexport.runs.manifest import RunDir
+from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
+from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
+from mmexport.runtime.timing import BenchResult, BenchSettings, ModelUnderTest, benchmark, machine_info, ratio_table
 
 
 @dataclass
@@ -49,7 +54,6 @@ class BenchRequest:
         if unknown or not self.models:
             raise MMExportError(f"unknown model {unknown[0] if unknown else '(none)'}; choose from {', '.join(MODEL_KINDS)}")
         if self.engine == "trt":
-            from mmexport.engines import require_tensorrt
 
             require_tensorrt("bench --engine trt")
         if self.engine == "torch" and self.precision != "fp32":
@@ -60,8 +64,8 @@ class BenchRequest:
                     artifacts.comparison_artifact(kind, self.precision)  # the unmerged model is fp32 only
         if self.settings.device_timing and self.engine == "onnx":
             raise MMExportError("--device-timing needs CUDA events: use --engine torch --device cuda or --engine trt")
-        if self.threads is not None and self.threads < 1:
-            raise MMExportError("--threads must be at least 1")
+        if self.threads is not None:
+            check_int(self.threads, "--threads")
         self.settings.validate()
 
 
@@ -110,9 +114,9 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def _torch_models(run: RunDir, request: BenchRequest) -> list[ModelUnderTest]:
-    from mmexport.torch_runner import TorchRunner
-    from mmexport.train import resolve_device
-    from mmexport.workflows import comparison_modules
+    from mmexport.torchside.operations import comparison_modules
+    from mmexport.torchside.torch_runner import TorchRunner
+    from mmexport.torchside.train import resolve_device
 
     modules, info = comparison_modules(run, request.models)
     device = resolve_device(request.device)
@@ -138,7 +142,7 @@ def _artifact_models(run: RunDir, request: BenchRequest, progress: ProgressSink)
             row = (artifacts.onnx_artifact if request.engine == "onnx" else artifacts.engine_artifact)(request.precision)
             if not run.has(row.filename):
                 if request.engine == "onnx" and request.precision == "fp32":
-                    from mmexport.workflows import export_onnx_run
+                    from mmexport.torchside.operations import export_onnx_run
 
                     progress.message(f"the run has no {row.filename} yet: exporting and verifying it first")
                     export_onnx_run(run.path, "fp32", progress=progress)
@@ -149,7 +153,7 @@ def _artifact_models(run: RunDir, request: BenchRequest, progress: ProgressSink)
         else:
             row = artifacts.comparison_artifact(kind, request.precision)
             if not run.has(row.filename):
-                from mmexport.workflows import export_comparison
+                from mmexport.torchside.operations import export_comparison
 
                 export_comparison(run, kind, request.precision, progress=progress)
                 run = RunDir.open(run.path)
@@ -163,13 +167,11 @@ def _artifact_models(run: RunDir, request: BenchRequest, progress: ProgressSink)
 def _runner_model(kind: str, row: artifacts.Artifact, path: Path, request: BenchRequest, image_size: int,
                   verified: bool, note: str) -> ModelUnderTest:
     if row.runner == "onnxruntime":
-        from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
 
         def make(p=path, k=kind):
             return OnnxRuntimeRunner(p, name=f"{k} (onnxruntime)", threads=request.threads)
         engine = "onnxruntime"
     else:
-        from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
 
         def make(p=path, k=kind):
             return TensorRTRunner(EngineFromPath(p), name=f"{k} (tensorrt)", cuda_graphs=request.cuda_graphs)
@@ -179,8 +181,11 @@ def _runner_model(kind: str, row: artifacts.Artifact, path: Path, request: Bench
 
 
 def bench_run(run_path: str | os.PathLike[str], request: BenchRequest,
-              progress: ProgressSink | None = None) -> BenchReport:
-    """Measure the models side by side and return the typed report."""
+              progress: ProgressSink | None = None, *, lock_wait: float | None = None) -> BenchReport:
+    """Measure the models side by side and return the typed report.
+
+    ``lock_wait``: seconds to wait for another command writing the run while comparison models are made.
+    """
     request.validate()
     progress = sink(progress)
     run = RunDir.open(run_path)
@@ -189,9 +194,8 @@ def bench_run(run_path: str | os.PathLike[str], request: BenchRequest,
             models = _torch_models(run, request)
             results = benchmark(models, request.settings, progress.message)
     else:
-        from mmexport.runlock import writing
 
-        with writing(run.path, "bench"):  # only while comparison models may be made; measuring needs no lock
+        with writing(run.path, "bench", wait=lock_wait):  # only while comparison models may be made; measuring needs no lock
             models = _artifact_models(RunDir.open(run.path), request, progress)
         results = benchmark(models, request.settings, progress.message)
     return BenchReport(str(run.path), request.engine, request.precision, asdict(request.settings), machine_info(),

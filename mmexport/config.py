@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, fields
 
 from mmexport.errors import ArchitectureError, MMExportError
 
-# Kept equal to mmexport.backbones.BACKBONES (checked there at import).
+# Kept equal to mmexport.torchside.backbones.BACKBONES (checked there at import).
 ARCHITECTURES: tuple[str, ...] = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121", "densenet169", "densenet201",
 )
@@ -16,7 +17,7 @@ METHODS = ("medmerge", "average", "finetune-a", "finetune-b", "lpft-a", "lpft-b"
 MERGE_METHODS = ("medmerge", "average")
 # Which sources each method reads.
 METHOD_SOURCES = {"medmerge": "AB", "average": "AB", "finetune-a": "A", "lpft-a": "A", "finetune-b": "B", "lpft-b": "B"}
-# Training augmentation presets (built in mmexport.data). None of the defaults may change
+# Training augmentation presets (built in mmexport.torchside.data). None of the defaults may change
 # what an image means: flips and rotations are wrong wherever orientation or laterality is
 # part of the label (chest X-rays, fundus left/right eye, text and digits).
 AUGMENTATIONS: dict[str, str] = {
@@ -81,10 +82,25 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
+def check_int(value: object, what: str, *, low: int = 1, high: int | None = None,
+              error: type[MMExportError] = MMExportError) -> int:
+    """``value`` if it is an integer in ``[low, high]`` (a bool is not), else one line naming ``what``.
+
+    The one integer validator of the package: options, settings objects and file fields all use it,
+    so every refusal reads the same way.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (high is not None and value > high):
+        if high is not None:
+            wanted = f"an integer from {low} to {high}"
+        else:
+            wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
+        what = what.replace("\r", "\\r").replace("\n", "\\n")  # a path in ``what`` must not break the one line
+        raise error(f"{what} must be {wanted}, got {value!r}")
+    return int(value)
+
+
 def check_seed(seed: object, option: str = "--seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise MMExportError(f"{option} must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {seed!r}")
-    return seed
+    return check_int(seed, option, low=0, high=MAX_SEED)
 
 
 def physical_memory() -> int | None:
@@ -107,8 +123,7 @@ def check_image_size(image_size: object, batch_size: int, option: str = "--image
     """
     if image_size is None:
         return
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
-        raise MMExportError(f"{option} must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+    check_int(image_size, option, low=MIN_IMAGE_SIZE)
     need = batch_size * 3 * image_size * image_size * 4 * ACTIVATION_FACTOR
     have = physical_memory()
     if have is not None and need > have:
@@ -192,11 +207,8 @@ class TrainConfig:
         if self.method in MERGE_METHODS and self.merge_epochs < 1:
             raise MMExportError(f"--merge-epochs must be at least 1 for --method {self.method} (stage 1 is the merge)")
         check_seed(self.seed)
-        for name, low, high in (("batch_size", 1, MAX_BATCH_SIZE), ("num_workers", 0, max_workers())):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                option = "--workers" if name == "num_workers" else "--batch-size"
-                raise MMExportError(f"{option} must be an integer from {low} to {high}, got {value!r}")
+        check_int(self.batch_size, "--batch-size", low=1, high=MAX_BATCH_SIZE)
+        check_int(self.num_workers, "--workers", low=0, high=max_workers())
         check_image_size(self.image_size, self.batch_size)
         if self.warmup_epochs < 0 or self.patience < 0:
             raise MMExportError("--warmup-epochs and --patience must be >= 0")

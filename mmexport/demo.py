@@ -15,19 +15,19 @@ from typing import Any
 
 import torch
 
-from mmexport.backbones import get_backbone
-from mmexport.benchrun import BenchReport, BenchRequest, bench_run
-from mmexport.checkpoints import save_state_dict
+from mmexport.bench import BenchReport, BenchRequest, bench_run
 from mmexport.config import TrainConfig
-from mmexport.data import load_task
 from mmexport.errors import RunDirError, VerificationError
-from mmexport.fileio import write_json_atomic
-from mmexport.modelfile import pack_metadata
+from mmexport.fileio import compare_tree, sha256_file, write_json_atomic
 from mmexport.progress import ProgressSink, SilentProgress
-from mmexport.runtime.bench import BenchSettings
 from mmexport.runtime.compare import OutputStats
-from mmexport.train import resolve_device, seed_everything, train, train_plain
-from mmexport.workflows import export_onnx_run, fold_run, verify_run
+from mmexport.runtime.timing import BenchSettings
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.checkpoints import save_state_dict
+from mmexport.torchside.data import load_task
+from mmexport.torchside.modelfile import pack_metadata
+from mmexport.torchside.operations import export_onnx_run, fold_run, verify_run
+from mmexport.torchside.train import resolve_device, seed_everything, train, train_plain
 
 DEMO_MARKER = "demo.json"
 
@@ -79,7 +79,6 @@ class DemoLedger:
 
     def record(self) -> None:
         """Hash everything under ``out`` (which was empty when the demo started) as made by the demo."""
-        from mmexport.fileio import sha256_file
 
         for path in sorted(self.out.rglob("*")):
             relative = path.relative_to(self.out).as_posix()
@@ -94,8 +93,6 @@ class DemoLedger:
 
 def _prepare(out: Path, force: bool) -> None:
     """Make ``out`` an empty directory, deleting only what an earlier demo provably made."""
-    from mmexport.fileio import compare_tree
-
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         out.mkdir(parents=True, exist_ok=True)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmexport.backbones import get_backbone
-from mmexport.checkpoints import save_state_dict
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.checkpoints import save_state_dict
 from mmexport.runtime.runners.base import BaseRunner, TensorMetadata
 
 def one_line(exc_info) -> str:
@@ -61,8 +62,8 @@ def tree_hashes(root: Path) -> dict[str, str]:
 def train_exported_run(out: Path, sources: tuple[Path, Path], *, image_size: int | None = None) -> Path:
     """A tiny merged run (1 + 1 epochs on 32 synthetic images) with its fp32 ONNX: the deployment tests' subject."""
     from mmexport.config import TrainConfig
-    from mmexport.train import train
-    from mmexport.workflows import export_onnx_run
+    from mmexport.torchside.train import train
+    from mmexport.torchside.operations import export_onnx_run
 
     run = train(TrainConfig(arch="resnet18", source_a=str(sources[0]), source_b=str(sources[1]),
                             data="synthetic:target?n_train=32&n_val=16&n_test=16", out=str(out),
@@ -147,3 +148,15 @@ class FunctionRunner(BaseRunner):
     def infer_impl(self, feed):
         self.seen.append(feed["image"])
         return {"logits": np.asarray(self.fn(feed["image"]), dtype=np.float32)}
+
+
+def load_layout_tool():
+    """``tools/check_layout.py`` as a module (the tools folder is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "tools" / "check_layout.py"
+    spec = importlib.util.spec_from_file_location("check_layout", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("check_layout", module)  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return sys.modules["check_layout"]

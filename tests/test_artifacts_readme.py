@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mmexport import artifacts
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()) / "docs" / "run-directory.md"
 
 
 def test_readme_registry_table_lists_every_registry_file():

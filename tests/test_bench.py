@@ -1,11 +1,13 @@
+"""Benchmarking: the interleaved timing harness (mmexport.runtime.timing) and `mmexport bench` on a run (mmexport.bench)."""
+
 import json
 
 import numpy as np
 import pytest
 
-from mmexport.runtime.bench import BenchSettings, LatencyStats, ModelUnderTest, benchmark, ratio_table
-from mmexport.benchrun import BenchRequest, bench_run
-from conftest import FunctionRunner
+from mmexport.runtime.timing import BenchSettings, LatencyStats, ModelUnderTest, benchmark, ratio_table
+from mmexport.bench import BenchRequest, bench_run
+from tests.conftest import FunctionRunner
 from mmexport.errors import MissingDependencyError, MMExportError
 
 
@@ -53,7 +55,7 @@ def test_interleaved_benchmark_ranks_models_by_their_real_cost():
 @pytest.mark.parametrize(
     "settings,message",
     [
-        (BenchSettings(batch_sizes=(0,)), "batch sizes"),
+        (BenchSettings(batch_sizes=(0,)), "batch size must be a positive integer"),
         (BenchSettings(duration_s=1.0, iterations=5), "exactly one"),
         (BenchSettings(duration_s=None, iterations=None), "exactly one"),
         (BenchSettings(duration_s=-1.0), "positive"),
@@ -74,8 +76,8 @@ def test_trt_engine_is_one_clear_error():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, resnet18_sources):
-    from tests.test_train import config
-    from mmexport.train import train
+    from tests.torchside.test_train import config
+    from mmexport.torchside.train import train
 
     return train(config(resnet18_sources, tmp_path_factory.mktemp("bench") / "run", finetune_epochs=0))
 
@@ -105,7 +107,7 @@ def test_onnx_bench_exports_and_records_comparison_models(tiny_run):
 
 
 def test_gpu_only_options_are_refused_on_cpu():
-    from mmexport.torch_runner import TorchRunner
+    from mmexport.torchside.torch_runner import TorchRunner
     import torch
 
     with pytest.raises(MMExportError, match="CUDA"):
@@ -144,7 +146,7 @@ def test_gpu_runners_get_trtexec_statistics_and_one_line_per_warning():
     assert gpu["queries"] == 6 and gpu["batch_size"] == 2 and gpu["data_transfers_included"] is True
     assert gpu["latency"]["min"] == pytest.approx(0.1 + 1.0 + 0.05) and gpu["enqueue"]["median"] == pytest.approx(0.2)
     assert gpu["unstable"] is True  # compute alternates 1.0 / 1.1 ms: CV ≈ 4.8 % > trtexec's 2.5 %
-    from mmexport.benchrun import BenchReport
+    from mmexport.bench import BenchReport
 
     report = BenchReport("run", "trt", "fp32", {}, {}, results, ratio_table(results))
     lines = report.warnings()

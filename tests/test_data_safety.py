@@ -9,7 +9,7 @@ import pytest
 
 from mmexport.demo import DEMO_MARKER, DemoLedger, _prepare
 from mmexport.errors import RunDirError
-from mmexport.manifest import MANIFEST_NAME, RunDir
+from mmexport.runs.manifest import MANIFEST_NAME, RunDir
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmexport.fold import fold
-from mmexport.merge import GRANULARITIES, MergedModel, coefficient_shape, mixing_weights
+from mmexport.torchside.fold import fold
+from mmexport.torchside.merge import GRANULARITIES, MergedModel, coefficient_shape, mixing_weights
 from mmexport.runtime.compare import compare_outputs
 from mmexport.runtime.preprocess import Preprocessing
 from mmexport.runtime.tolerances import FOLD
@@ -70,7 +70,7 @@ names = st.text(alphabet=string.ascii_lowercase + string.digits + "_-", min_size
        details=st.dictionaries(names, st.one_of(st.integers(-10**6, 10**6), st.booleans(), names), max_size=3))
 def test_manifest_round_trips(tmp_path_factory, files, details):
     from mmexport.fileio import sha256_file
-    from mmexport.manifest import RunDir
+    from mmexport.runs.manifest import RunDir
 
     reserved = {"kind", "sha256", "size_bytes", "created"}
     details = {k: v for k, v in details.items() if k not in reserved}

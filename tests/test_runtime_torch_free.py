@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import train_exported_run
+from tests.conftest import load_layout_tool, train_exported_run
 
 BLOCKER = textwrap.dedent(
     """
@@ -54,53 +54,56 @@ def _run_blocked(script: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
-# The module map: what may import torch. Every module of the package is in exactly one list.
-TORCH_FREE = [
-    "mmexport", "mmexport.__main__", "mmexport.errors", "mmexport.fileio", "mmexport.artifacts", "mmexport.config",
-    "mmexport.progress", "mmexport.manifest", "mmexport.runlock", "mmexport.checks", "mmexport.engines",
-    "mmexport.benchrun", "mmexport.synthetic", "mmexport.plots", "mmexport.triton", "mmexport.serve",
-    "mmexport.runtime", "mmexport.runtime.modelinfo", "mmexport.runtime.preprocess", "mmexport.runtime.predictor",
-    "mmexport.runtime.compare", "mmexport.runtime.tolerances", "mmexport.runtime.check", "mmexport.runtime.reference",
-    "mmexport.runtime.bench", "mmexport.runtime.metrics", "mmexport.runtime.cuda", "mmexport.runtime.engine",
-    "mmexport.runtime.trt_stats", "mmexport.runtime.runners", "mmexport.runtime.runners.base",
-    "mmexport.runtime.runners.onnxruntime", "mmexport.runtime.runners.tensorrt", "mmexport.export",
-    "mmexport.export.onnxfile", "mmexport.export.precision", "mmexport.export.fp16_recipe", "mmexport.export.tensorrt", "mmexport.cli",
-    "mmexport.cli.app", "mmexport.cli.console",
-]
-TORCH_SIDE = [
-    "mmexport.backbones", "mmexport.checkpoints", "mmexport.merge", "mmexport.fold", "mmexport.data", "mmexport.formats",
-    "mmexport.train", "mmexport.distributed", "mmexport.modelfile", "mmexport.torch_runner", "mmexport.verification",
-    "mmexport.workflows", "mmexport.coefficients", "mmexport.demo", "mmexport.comparison", "mmexport.export.onnx",
-]
-NOT_IMPORTABLE_ALONE = ["mmexport.triton_python_model"]  # runs inside Triton's Python backend (triton_python_backend_utils)
+# The module map is the folder layout: ``mmexport/torchside/`` may import torch; so may the demo, which
+# trains (it orchestrates both sides from the top). Every other module must import with torch blocked.
+MAY_IMPORT_TORCH_AT_TOP = {"mmexport.demo"}
+NOT_IMPORTABLE_ALONE = {"mmexport.serving.python_model"}  # runs inside Triton's Python backend (triton_python_backend_utils)
 
 
-def test_every_module_is_on_the_map():
-    import pkgutil
+def _package_modules() -> list[str]:
+    """Every module of the package from the source folders (``cli/`` installs as ``mmexport.cli``)."""
+    return sorted(load_layout_tool().module_files())
 
-    import mmexport
 
-    found = {"mmexport"} | {m.name for m in pkgutil.walk_packages(mmexport.__path__, "mmexport.")}
-    mapped = set(TORCH_FREE) | set(TORCH_SIDE) | set(NOT_IMPORTABLE_ALONE)
-    assert found - mapped == set(), "new modules must be put on the map (torch-free or torch side)"
+def _is_torch_side(module: str) -> bool:
+    return module.startswith("mmexport.torchside") or module in MAY_IMPORT_TORCH_AT_TOP
+
+
+TORCH_FREE = [m for m in _package_modules() if not _is_torch_side(m) and m not in NOT_IMPORTABLE_ALONE]
+TORCH_SIDE = [m for m in _package_modules() if _is_torch_side(m)]
+
+
+def test_the_map_follows_the_folders():
+    """The lists come from the folders; this pins that the split is real (both sides non-empty, the
+    runtime, run, conversion and serving packages torch-free, the CLI included)."""
+    for package in ("mmexport.runtime", "mmexport.runs", "mmexport.convert", "mmexport.serving", "mmexport.cli"):
+        assert package in TORCH_FREE
+    assert "mmexport.torchside.train" in TORCH_SIDE and "mmexport.torchside.data.formats" in TORCH_SIDE
+    assert len(TORCH_FREE) > 40 and len(TORCH_SIDE) > 15
 
 
 def test_torch_free_modules_import_with_torch_blocked(tmp_path):
-    present = [m for m in TORCH_FREE if m not in ("mmexport.triton", "mmexport.serve") or
-               (Path(__file__).parents[1] / "mmexport" / f"{m.split('.')[-1]}.py").exists()]
     result = _run_blocked(
         f"""
         import importlib, sys
-        for name in {present!r}:
+        for name in {TORCH_FREE!r}:
             importlib.import_module(name)
         leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))
         assert not leaked, leaked
-        print("imported", len({present!r}))
+        print("imported", len({TORCH_FREE!r}))
         """,
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"imported {len(present)}" in result.stdout
+    assert f"imported {len(TORCH_FREE)}" in result.stdout
+
+
+def test_layering_has_no_circles_and_no_upward_imports():
+    """tools/check_layout.py: no import circles (function-level imports included), no import from a higher layer."""
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "check_layout.py")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 circle, 0 upward, 0 unplaced" in result.stdout
 
 
 def test_blocker_really_blocks_torch(tmp_path):
@@ -121,7 +124,7 @@ def test_runtime_classifies_a_png_without_torch(exported_run):
         from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
         from mmexport.runtime.compare import compare_outputs
         from mmexport.runtime.tolerances import FP32
-        from mmexport.runtime.bench import BenchSettings, ModelUnderTest, benchmark
+        from mmexport.runtime.timing import BenchSettings, ModelUnderTest, benchmark
         with runtime.load({str(run / "model.onnx")!r}) as predictor:
             prediction = predictor.predict([{str(png)!r}])
         settings = BenchSettings(batch_sizes=(1,), warmup_s=0, duration_s=None, iterations=2, rounds=1)

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import torch
 
-from mmexport.workflows import stock_network
+from mmexport.torchside.operations import stock_network
 
 
 def test_building_the_stock_model_does_not_reseed_torch():
@@ -21,7 +21,7 @@ def test_building_the_stock_model_does_not_reseed_torch():
 
 
 def test_torch_bench_restores_the_thread_count():
-    from mmexport.benchrun import _torch_threads
+    from mmexport.bench import _torch_threads
 
     before = torch.get_num_threads()
     with _torch_threads(1):
@@ -30,7 +30,8 @@ def test_torch_bench_restores_the_thread_count():
 
 
 def test_quantization_leaves_the_root_logger_alone(tmp_path):
-    from mmexport.export import export_onnx, quantize_int8
+    from mmexport.convert.precision import quantize_int8
+    from mmexport.torchside.onnx_export import export_onnx
     from mmexport.runtime.modelinfo import ModelInfo
 
     model = stock_network("resnet18", 3)

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _study  # noqa: E402
 import merge_study  # noqa: E402
 
-from mmexport.data import load_task  # noqa: E402
+from mmexport.torchside.data import load_task  # noqa: E402
 
 import sklearn  # noqa: E402,F401  (the test extra installs it: CI keeps every regime generator tested)
 

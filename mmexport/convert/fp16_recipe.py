@@ -32,6 +32,7 @@ writes the output), the converter's plain result is kept and ``head_fp32`` is Fa
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict, dataclass
 from typing import Any
 
 RECIPE = "fp16-body-fp32-head"
@@ -143,14 +144,32 @@ def _restore_head(converted: Any, source: Any, head: list[str]) -> bool:
     return all(value.type.tensor_type.elem_type == TensorProto.FLOAT for value in graph.output)
 
 
-def convert_model(model: Any, *, keep_head_fp32: bool = True) -> tuple[Any, dict[str, Any]]:
-    """``model`` (float32 ModelProto) -> (mixed ModelProto, facts). ``model`` is not modified.
+@dataclass(frozen=True)
+class Fp16Conversion:
+    """What the fp16 conversion did: the recipe applied (``fp16-body-fp32-head``, or ``fp16-full`` when the
+    head could not be restored), the converter, the nodes kept in float32 (names as in the source graph),
+    how many weights the converter clamped to float16's range, and the Casts in the result."""
 
-    facts: ``recipe`` (``fp16-body-fp32-head``, or ``fp16-full`` when the head could not
-    be restored), ``tool``, ``version``, ``keep_io_types``, ``converter`` (one line of the
-    three), ``fp32_nodes`` (node names, as in the source graph), ``head_fp32``,
-    ``clamped_values`` (weights the converter clamped to float16's range), ``casts``.
-    """
+    recipe: str
+    tool: str
+    version: str
+    keep_io_types: bool
+    converter: str  # tool, version and options on one line
+    fp32_nodes: list[str]
+    head_fp32: bool
+    clamped_values: int
+    casts: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def metadata_record(self) -> dict[str, Any]:
+        """The part recorded in the file's ``fp16_recipe`` metadata entry."""
+        return {k: getattr(self, k) for k in ("tool", "version", "recipe", "keep_io_types", "fp32_nodes", "casts")}
+
+
+def convert_model(model: Any, *, keep_head_fp32: bool = True) -> tuple[Any, Fp16Conversion]:
+    """``model`` (float32 ModelProto) -> (mixed ModelProto, :class:`Fp16Conversion`). ``model`` is not modified."""
     import copy
 
     import onnx
@@ -173,18 +192,18 @@ def convert_model(model: Any, *, keep_head_fp32: bool = True) -> tuple[Any, dict
     if not restored:
         converted = backup
         head = []
-    facts = {
-        "recipe": RECIPE if restored else "fp16-full",
-        "tool": "onnxconverter-common",
-        "version": onnxconverter_common.__version__,
-        "keep_io_types": True,
-        "converter": f"onnxconverter-common {onnxconverter_common.__version__} (keep_io_types=True)",
-        "fp32_nodes": list(head),
-        "head_fp32": restored,
-        "clamped_values": clamped,
-        "casts": sum(1 for node in converted.graph.node if node.op_type == "Cast"),
-    }
-    return converted, facts
+    conversion = Fp16Conversion(
+        recipe=RECIPE if restored else "fp16-full",
+        tool="onnxconverter-common",
+        version=onnxconverter_common.__version__,
+        keep_io_types=True,
+        converter=f"onnxconverter-common {onnxconverter_common.__version__} (keep_io_types=True)",
+        fp32_nodes=list(head),
+        head_fp32=restored,
+        clamped_values=clamped,
+        casts=sum(1 for node in converted.graph.node if node.op_type == "Cast"),
+    )
+    return converted, conversion
 
 
 # -- checking fp16 arithmetic on a CPU ------------------------------------------------------------

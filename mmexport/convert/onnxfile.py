@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmexport.artifacts import ArtifactFacts
 from mmexport.errors import CheckpointError, MMExportError
 from mmexport.fileio import atomic_path, sha256_file
 from mmexport.runtime.modelinfo import ModelInfo
+from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
 
 ONNX_FORMAT = "mmexport-onnx/2"
 INPUT_NAME = "image"
@@ -73,6 +76,26 @@ def _tensor_shape(value_info: Any) -> list[int | str | None]:
     return dims
 
 
+@dataclass(frozen=True, kw_only=True)
+class OnnxFileFacts(ArtifactFacts):
+    """One ONNX file as written and checked: its hash and size, opset, node counts and I/O signature."""
+
+    format: str = "onnx"
+    sha256: str
+    size_bytes: int
+    opset: int | None
+    nodes: int
+    op_counts: dict[str, int]
+    initializers: int
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    dynamic_batch_checked: list[int]
+
+    def file_fields(self) -> dict[str, Any]:
+        """These fields by name, to build a maker's result (which extends this class) from them."""
+        return {f.name: getattr(self, f.name) for f in fields(OnnxFileFacts) if f.name != "hint"}
+
+
 def graph_facts(model: Any) -> dict[str, Any]:
     """Opset, node counts and the input/output signature of an ONNX model."""
     import onnx
@@ -101,8 +124,6 @@ def graph_facts(model: Any) -> dict[str, Any]:
 
 def _smoke_run(path: Path, num_classes: int, image_size: int) -> None:
     """Run the file in ONNX Runtime (CPU) at each of ``SMOKE_BATCHES``; any problem is an error."""
-    from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
-
     rng = np.random.default_rng(0)
     with OnnxRuntimeRunner(path, name="export check", threads=1) as runner:
         for batch in SMOKE_BATCHES:
@@ -118,7 +139,7 @@ def _smoke_run(path: Path, num_classes: int, image_size: int) -> None:
                 raise MMExportError(f"exported model gives NaN/Inf logits for batch {batch}")
 
 
-def write_onnx_checked(model: Any, path: str | os.PathLike[str], info: ModelInfo) -> dict[str, Any]:
+def write_onnx_checked(model: Any, path: str | os.PathLike[str], info: ModelInfo) -> OnnxFileFacts:
     """Serialise ``model`` to a temporary file beside ``path``, check it, then move it into place.
 
     The checks (``onnx.checker.check_model(full_check=True)`` and an ONNX Runtime run at
@@ -144,15 +165,12 @@ def write_onnx_checked(model: Any, path: str | os.PathLike[str], info: ModelInfo
     # No "path" among the facts: callers often write through a temporary name (RunDir,
     # atomic_path), and a manifest must not record that name.
     target = Path(path)
-    return {
-        "size_bytes": target.stat().st_size,
-        "sha256": sha256_file(target),
-        "dynamic_batch_checked": list(SMOKE_BATCHES),
-        **graph_facts(model),
-    }
+    return OnnxFileFacts(size_bytes=target.stat().st_size, sha256=sha256_file(target),
+                         dynamic_batch_checked=list(SMOKE_BATCHES), **graph_facts(model))
 
 
 __all__ = [
-    "INPUT_NAME", "MAX_PROTO_BYTES", "ONNX_FORMAT", "OUTPUT_NAME", "SMOKE_BATCHES", "get_metadata", "graph_facts",
+    "INPUT_NAME", "MAX_PROTO_BYTES", "ONNX_FORMAT", "OUTPUT_NAME", "SMOKE_BATCHES", "OnnxFileFacts", "get_metadata",
+    "graph_facts",
     "load_onnx", "onnx_model_info", "read_onnx_metadata", "set_metadata", "write_onnx_checked",
 ]

@@ -1,4 +1,4 @@
-"""Precision as a property of the ONNX graph (DESIGN §4): fp16 cast and int8 static QDQ.
+"""Precision as a property of the ONNX graph: fp16 cast and int8 static QDQ.
 
 TensorRT 10 deprecated and TensorRT 11 removed the builder's fp16/int8 flags and
 implicit INT8 calibration, so the types must come from the graph (strong
@@ -54,11 +54,22 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mmexport.config import check_int
+from mmexport.convert.fp16_recipe import convert_model
+from mmexport.convert.onnxfile import (
+    INPUT_NAME,
+    OnnxFileFacts,
+    get_metadata,
+    load_onnx,
+    set_metadata,
+    write_onnx_checked,
+)
 from mmexport.errors import DataError, MissingDependencyError, MMExportError
-from mmexport.export.onnxfile import INPUT_NAME, get_metadata, load_onnx, set_metadata, write_onnx_checked
 from mmexport.fileio import sha256_file
 from mmexport.progress import ProgressSink, sink
+from mmexport.runtime.compare import run_batched
 from mmexport.runtime.modelinfo import ModelInfo
+from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
 
 DEFAULT_CALIBRATION_IMAGES = 256  # enough for stable min/max and histograms on a CNN; all images if fewer
 CALIBRATION_BATCH = 8  # images per calibration run
@@ -96,10 +107,22 @@ def _check_float_io(model: Any, label: str) -> None:
 # -- fp16 ---------------------------------------------------------------------------------------
 
 
-def convert_fp16(src_path: str | os.PathLike[str], dst_path: str | os.PathLike[str]) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class Fp16Export(OnnxFileFacts):
+    """An fp16 ONNX file: the file's facts and what the conversion did."""
+
+    precision: str = "fp16"
+    source_sha256: str | None
+    fp16_clamped_values: int
+    fp16_recipe: str
+    fp32_nodes: list[str]
+    convert_seconds: float
+
+
+def convert_fp16(src_path: str | os.PathLike[str], dst_path: str | os.PathLike[str]) -> Fp16Export:
     """float16 network, float32 classifier head, float32 ``image``/``logits``.
 
-    Recipe (:mod:`mmexport.export.fp16_recipe`; measurements in ``benchmarks/results/precision``):
+    Recipe (:mod:`mmexport.convert.fp16_recipe`; measurements in ``benchmarks/results/precision``):
     ``onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)``, then the
     classifier Gemm that writes ``logits`` gets its float32 weights back and reads its input
     through one Cast: two Casts in all, as with the plain conversion, and the logits are
@@ -108,7 +131,6 @@ def convert_fp16(src_path: str | os.PathLike[str], dst_path: str | os.PathLike[s
     recipe, the tool and its version and the nodes kept in float32 are recorded
     (``fp16_recipe``, JSON).
     """
-    from mmexport.export.fp16_recipe import convert_model
 
     model, metadata, info = _source(src_path)
     start = time.perf_counter()
@@ -117,30 +139,22 @@ def convert_fp16(src_path: str | os.PathLike[str], dst_path: str | os.PathLike[s
     except ImportError:
         raise MissingDependencyError("onnxconverter-common is not installed: pip install onnxconverter-common") from None
     _check_float_io(converted, str(dst_path))
-    record = {k: recipe[k] for k in ("tool", "version", "recipe", "keep_io_types", "fp32_nodes", "casts")}
     set_metadata(
         converted,
         {
             **metadata,
             "precision": "fp16",
             "source_onnx_sha256": sha256_file(src_path),
-            "fp16_converter": recipe["converter"],
-            "fp16_clamped_values": str(recipe["clamped_values"]),
-            "fp16_recipe": json.dumps(record, sort_keys=True),
+            "fp16_converter": recipe.converter,
+            "fp16_clamped_values": str(recipe.clamped_values),
+            "fp16_recipe": json.dumps(recipe.metadata_record(), sort_keys=True),
         },
     )
     _doc(converted, "fp16")
-    facts = write_onnx_checked(converted, dst_path, info)
-    return {
-        "format": "onnx",
-        "precision": "fp16",
-        "source_sha256": metadata.get("weights_sha256"),
-        "fp16_clamped_values": recipe["clamped_values"],
-        "fp16_recipe": recipe["recipe"],
-        "fp32_nodes": list(recipe["fp32_nodes"]),
-        "convert_seconds": round(time.perf_counter() - start, 3),
-        **facts,
-    }
+    written = write_onnx_checked(converted, dst_path, info)
+    return Fp16Export(**written.file_fields(), source_sha256=metadata.get("weights_sha256"),
+                      fp16_clamped_values=recipe.clamped_values, fp16_recipe=recipe.recipe,
+                      fp32_nodes=list(recipe.fp32_nodes), convert_seconds=round(time.perf_counter() - start, 3))
 
 
 # -- int8 ---------------------------------------------------------------------------------------
@@ -230,7 +244,6 @@ def _calibration_reader(images: np.ndarray, batch_size: int, progress: ProgressS
 
 class _FromQuantizer(logging.Filter):
     """Diverts the records ONNX Runtime's quantizer logs on the *root* logger to this module's logger (DEBUG)."""
-
     def filter(self, record: logging.LogRecord) -> bool:
         if "onnxruntime" in record.pathname and "quantization" in record.pathname:
             logger.debug("onnxruntime.quantization: %s", record.getMessage())
@@ -244,7 +257,7 @@ def _quiet():
 
     The quantizer prints progress on stdout and logs advice through ``logging.info``/
     ``logging.warning`` on the root logger. Its records are filtered (by origin) and
-    re-logged at DEBUG under ``mmexport.export.precision``; the root logger's level
+    re-logged at DEBUG under ``mmexport.convert.precision``; the root logger's level
     and handlers stay as they are. One guard: ``logging.warning()`` on a root logger
     without handlers would install a stderr handler for good, so a ``NullHandler``
     sits there for the duration when (and only when) the root has none.
@@ -297,9 +310,8 @@ class _Quantizer:
                  workdir: Path, progress: ProgressSink) -> None:
         import inspect
 
-        from onnxruntime.quantization import CalibrationMethod, quantize_static
-
         import onnx
+        from onnxruntime.quantization import CalibrationMethod, quantize_static
 
         self.model = model
         # quantize_static rewrites a ModelProto it is given (external data); it gets a file, the proto stays intact
@@ -376,8 +388,6 @@ def quantizable_nodes(model: Any) -> list[str]:
 
 
 def _outputs(path: Path, images: np.ndarray) -> np.ndarray:
-    from mmexport.runtime.compare import run_batched
-    from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(path, name="int8 sensitivity") as runner:
         return next(iter(run_batched(runner, images, 16).values()))
@@ -392,7 +402,6 @@ def _relative_error(candidate: np.ndarray, reference: np.ndarray) -> float:
 @dataclass
 class Int8Search:
     """How an accuracy-aware int8 artifact was found: the float nodes and what each attempt measured."""
-
     float_nodes: list[str] = field(default_factory=list)
     sensitivity: list[tuple[str, float]] = field(default_factory=list)  # node, relative error when only it is int8
     attempts: list[dict[str, Any]] = field(default_factory=list)  # float node count -> passed, top-1, F1 drop
@@ -401,6 +410,28 @@ class Int8Search:
     def as_dict(self) -> dict[str, Any]:
         return {"float_nodes": self.float_nodes, "sensitivity": [[n, round(e, 6)] for n, e in self.sensitivity],
                 "attempts": self.attempts, "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration set an int8 file was made with: how many images, the calibrator, and their sha256."""
+
+    count: int
+    method: str
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Export(OnnxFileFacts):
+    """An int8 QDQ ONNX file: the file's facts, the calibration, and the nodes the accuracy-aware search kept in float."""
+
+    precision: str = "int8"
+    int8_target: str
+    per_channel: bool
+    calibration: Calibration
+    float_nodes: list[str]
+    int8_search: Int8Search | None
+    quantize_seconds: float
 
 
 def quantize_int8(
@@ -415,7 +446,7 @@ def quantize_int8(
     progress: ProgressSink | None = None,
     judge: Callable[[Path], Any] | None = None,
     max_float_fraction: float = 0.5,
-) -> dict[str, Any]:
+) -> Int8Export:
     """Static int8 QDQ quantization of the fp32 export, calibrated on target images; accuracy-aware with ``judge``.
 
     ``calibration_images``: float32 N x 3 x S x S, normalised like the model's input
@@ -441,8 +472,7 @@ def quantize_int8(
         raise MMExportError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
     if target not in INT8_TARGETS:
         raise MMExportError(f"unknown int8 target {target!r}; choose one of {', '.join(INT8_TARGETS)}")
-    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-        raise MMExportError(f"max_images must be a positive integer, got {max_images!r}")
+    check_int(max_images, "max_images")
     if not 0.0 <= max_float_fraction <= 1.0:
         raise MMExportError(f"max_float_fraction must be in [0, 1], got {max_float_fraction}")
     model, metadata, info = _source(src_path)
@@ -471,7 +501,7 @@ def quantize_int8(
         raise MMExportError(f"int8 quantization of {src_path} inserted no QuantizeLinear/DequantizeLinear nodes")
     _check_float_io(quantized, str(dst_path))
 
-    calibration = {"count": len(images), "method": method, "sha256": calibration_sha256(images)}
+    calibration = Calibration(count=len(images), method=method, sha256=calibration_sha256(images))
     quantized.producer_name = model.producer_name
     quantized.producer_version = model.producer_version
     quantized.doc_string = model.doc_string
@@ -489,28 +519,22 @@ def quantize_int8(
             "int8_target": target,
             "activation_type": "int8 symmetric" if target == "tensorrt" else "uint8 asymmetric",
             "weight_type": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
-            "calibration_count": str(calibration["count"]),
+            "calibration_count": str(calibration.count),
             "calibration_method": method,
-            "calibration_sha256": calibration["sha256"],
+            "calibration_sha256": calibration.sha256,
             "int8_recipe": json.dumps(recipe, sort_keys=True),
         },
     )
-    facts = write_onnx_checked(quantized, dst_path, info)
-    return {
-        "format": "onnx",
-        "precision": "int8",
-        "int8_target": target,
-        "per_channel": per_channel,
-        "calibration": calibration,
-        "float_nodes": list(search.float_nodes),
-        "int8_search": search.as_dict() if judge is not None else None,
-        "hint": None if judge is None or search.passed else (
+    written = write_onnx_checked(quantized, dst_path, info)
+    return Int8Export(
+        **written.file_fields(), int8_target=target, per_channel=per_channel, calibration=calibration,
+        float_nodes=list(search.float_nodes), int8_search=search if judge is not None else None,
+        hint=None if judge is None or search.passed else (
             f"the accuracy-aware search kept up to {int(len(quantizable_nodes(model)) * max_float_fraction)} of "
             f"{len(quantizable_nodes(model))} layers in float and int8 still fails; raise --int8-max-float (up to 1) "
             "or deploy fp16"),
-        "quantize_seconds": round(time.perf_counter() - start, 3),
-        **facts,
-    }
+        quantize_seconds=round(time.perf_counter() - start, 3),
+    )
 
 
 def _ort_version() -> str:

@@ -43,8 +43,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mmexport import __version__
+from mmexport.artifacts import check_precision
+from mmexport.config import check_int
 from mmexport.errors import CheckpointError, MMExportError, VerificationError
 from mmexport.fileio import atomic_path, sha256_file, write_json_atomic
+from mmexport.progress import sink
 from mmexport.runtime.engine import (
     GPU_INSTALL_HINT,
     HARDWARE_COMPATIBILITY,
@@ -65,6 +68,7 @@ from mmexport.runtime.engine import (
     tensorrt_version_tuple,
     utc_now,
 )
+from mmexport.runtime.runners.tensorrt import create, make_logger
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +83,8 @@ DEFAULT_OPTIMIZATION_LEVEL = 3
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BuildSettings:
-    """Validated build options (everything :func:`build_engine` decides before touching TensorRT)."""
-
+    """The one settings object of an engine build (:func:`build_engine`, :func:`trtexec_command`): precision,
+    batch profile, input size and builder options, validated before anything touches TensorRT."""
     precision: str
     profile: BatchProfile
     image_size: int
@@ -89,19 +93,20 @@ class BuildSettings:
     hardware_compatibility: str = "none"
     version_compatible: bool = False
 
+    @classmethod
+    def of(cls, precision: str, *, min_batch: int, opt_batch: int, max_batch: int, image_size: int,
+           **builder: Any) -> "BuildSettings":
+        """Settings from plain keywords (``workspace_bytes``, ``optimization_level``, ``hardware_compatibility``,
+        ``version_compatible`` as builder options); validated when a build or a trtexec line uses them."""
+        return cls(precision, BatchProfile(min_batch, opt_batch, max_batch), image_size, **builder)
+
     def validate(self) -> "BuildSettings":
-        if self.precision not in PRECISIONS:
-            raise MMExportError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         self.profile.validate()
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
-            raise MMExportError(f"image size must be a positive integer, got {self.image_size!r}")
-        if self.workspace_bytes is not None and (
-            isinstance(self.workspace_bytes, bool) or not isinstance(self.workspace_bytes, int) or self.workspace_bytes < 1
-        ):
-            raise MMExportError(f"workspace must be a positive number of bytes, got {self.workspace_bytes!r}")
-        level = self.optimization_level
-        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_OPTIMIZATION_LEVEL:
-            raise MMExportError(f"builder optimization level must be 0..{MAX_OPTIMIZATION_LEVEL}, got {level!r}")
+        check_int(self.image_size, "image size")
+        if self.workspace_bytes is not None:
+            check_int(self.workspace_bytes, "workspace (bytes)")
+        check_int(self.optimization_level, "builder optimization level", low=0, high=MAX_OPTIMIZATION_LEVEL)
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
             raise MMExportError(
                 f"unknown hardware compatibility {self.hardware_compatibility!r}; use one of {', '.join(HARDWARE_COMPATIBILITY)}"
@@ -139,7 +144,6 @@ def network_flags(trt: Any, major: int) -> int:
 @dataclass(frozen=True)
 class FlagPlan:
     """``BuilderFlag`` member names to set and to clear."""
-
     set: tuple[str, ...] = ()
     clear: tuple[str, ...] = ()
 
@@ -352,18 +356,10 @@ def _mem_pool_text(nbytes: int) -> str:
 def trtexec_command(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
+    settings: BuildSettings,
     *,
-    precision: str,
-    min_batch: int,
-    opt_batch: int,
-    max_batch: int,
-    image_size: int,
     tensorrt_major: int,
     timing_cache: str | os.PathLike[str] | None = None,
-    workspace_bytes: int | None = None,
-    optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
-    hardware_compatibility: str = "none",
-    version_compatible: bool = False,
     executable: str = "trtexec",
 ) -> list[str]:
     """The trtexec command line that builds the same engine inside a TensorRT container.
@@ -377,32 +373,30 @@ def trtexec_command(
     """
     if tensorrt_major not in (10, 11):
         raise MMExportError(f"trtexec lines are known for TensorRT 10 and 11, not {tensorrt_major}")
-    settings = BuildSettings(
-        precision, BatchProfile(min_batch, opt_batch, max_batch), image_size, workspace_bytes, optimization_level,
-        hardware_compatibility, version_compatible,
-    ).validate()
-    shape = lambda n: f"{INPUT_NAME}:{n}x{CHANNELS}x{image_size}x{image_size}"  # noqa: E731
+    settings = settings.validate()
+    size = settings.image_size
+    shape = lambda n: f"{INPUT_NAME}:{n}x{CHANNELS}x{size}x{size}"  # noqa: E731
     cmd = [
         executable,
         f"--onnx={os.fspath(onnx_path)}",
         f"--saveEngine={os.fspath(engine_path)}",
-        f"--minShapes={shape(min_batch)}",
-        f"--optShapes={shape(opt_batch)}",
-        f"--maxShapes={shape(max_batch)}",
-        f"--builderOptimizationLevel={optimization_level}",
+        f"--minShapes={shape(settings.profile.min)}",
+        f"--optShapes={shape(settings.profile.opt)}",
+        f"--maxShapes={shape(settings.profile.max)}",
+        f"--builderOptimizationLevel={settings.optimization_level}",
         "--profilingVerbosity=detailed",
     ]
     if tensorrt_major == 10:
         cmd.append("--stronglyTyped")
-    if precision == "fp32":
+    if settings.precision == "fp32":
         cmd.append("--noTF32")
-    if workspace_bytes is not None:
-        cmd.append(f"--memPoolSize=workspace:{_mem_pool_text(workspace_bytes)}")
+    if settings.workspace_bytes is not None:
+        cmd.append(f"--memPoolSize=workspace:{_mem_pool_text(settings.workspace_bytes)}")
     if timing_cache is not None:
         cmd.append(f"--timingCacheFile={os.fspath(timing_cache)}")
     if settings.hardware_compatibility != "none":
         cmd.append(f"--hardwareCompatibilityLevel={HARDWARE_COMPATIBILITY[settings.hardware_compatibility][1]}")
-    if version_compatible:
+    if settings.version_compatible:
         cmd.append("--versionCompatible")
     cmd.append("--skipInference")
     return cmd
@@ -456,17 +450,9 @@ def _onnx_metadata(path: Path) -> dict[str, str]:
 def build_engine(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
+    settings: BuildSettings,
     *,
-    precision: str,
-    min_batch: int,
-    opt_batch: int,
-    max_batch: int,
-    image_size: int,
-    workspace_bytes: int | None = None,
-    optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
     timing_cache: str | os.PathLike[str] | None = None,
-    hardware_compatibility: str | None = None,
-    version_compatible: bool = False,
     progress: Any = None,
     model_metadata: dict[str, str] | None = None,
 ) -> EngineBuildResult:
@@ -482,13 +468,10 @@ def build_engine(
     (invalid options, a failed build) and :class:`VerificationError` (an fp16/int8 engine
     whose layers do not run in that precision); nothing is written then.
     """
-    from mmexport.progress import sink
 
     say = sink(progress).message
-    settings = BuildSettings(
-        precision, BatchProfile(min_batch, opt_batch, max_batch), image_size, workspace_bytes, optimization_level,
-        hardware_compatibility or "none", bool(version_compatible),
-    ).validate()
+    settings = settings.validate()
+    precision, image_size = settings.precision, settings.image_size
     onnx_file, engine_file = Path(onnx_path), Path(engine_path)
     if not onnx_file.is_file():
         raise CheckpointError(f"{onnx_file}: no such ONNX file")
@@ -498,7 +481,6 @@ def build_engine(
     trt = import_tensorrt()
     major = tensorrt_major(trt)
     environment = current_environment()
-    from mmexport.runtime.runners.tensorrt import create, make_logger
 
     logger = make_logger(trt)
     builder = create(trt.Builder, logger, "builder")
@@ -519,7 +501,7 @@ def build_engine(
         load_timing_cache(config, cache_file)
 
     say(f"building the {precision} engine (batch {settings.profile.text()}, {image_size}x{image_size}, "
-        f"optimisation level {optimization_level})")
+        f"optimisation level {settings.optimization_level})")
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
@@ -555,7 +537,6 @@ def build_engine(
 
 
 def _inspect(trt: Any, logger: Any, data: bytes, *, version_compatible: bool = False) -> LayerPrecisionSummary:
-    from mmexport.runtime.runners.tensorrt import create
 
     runtime = create(trt.Runtime, logger, "runtime")
     if version_compatible:

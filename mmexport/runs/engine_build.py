@@ -1,6 +1,6 @@
 """TensorRT engines of a run (torch-free): build from the verified ONNX, verify against the stored reference, publish.
 
-The TensorRT API itself lives in :mod:`mmexport.export.tensorrt` (build) and
+The TensorRT API itself lives in :mod:`mmexport.convert.tensorrt` (build) and
 :mod:`mmexport.runtime.runners.tensorrt` (run); engine sidecars and every
 compatibility decision in :mod:`mmexport.runtime.engine`. This module is the
 run-level glue that ``mmexport fold RUN --to trt`` and ``mmexport doctor`` call.
@@ -24,10 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmexport import artifacts
+from mmexport.artifacts import ArtifactFacts
+from mmexport.convert.onnxfile import read_onnx_metadata
+from mmexport.convert.tensorrt import BuildSettings, build_engine, tensorrt_status, trtexec_command
 from mmexport.errors import MissingDependencyError, MMExportError, VerificationError
-from mmexport.manifest import PublishedArtifact, RunDir, published
-from mmexport.runlock import writes_run
 from mmexport.progress import ProgressSink, sink
+from mmexport.runs.lock import writes_run
+from mmexport.runs.manifest import PublishedArtifact, RunDir, published
+from mmexport.runtime.check import check_runner
+from mmexport.runtime.engine import BatchProfile, check_engine, current_environment, import_tensorrt, sidecar_path
+from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
+from mmexport.runtime.tolerances import for_precision
 
 INSTALL_HINT = "pip install 'mmexport[gpu]' on a machine with an NVIDIA GPU and driver"
 DEFAULT_TIMING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmexport" / "tensorrt-timing"
@@ -37,7 +44,6 @@ def require_tensorrt(what: str) -> None:
     """One line naming what is missing (the tensorrt package, or a GPU) and what to install."""
     if importlib.util.find_spec("tensorrt") is None:
         raise MissingDependencyError(f"{what} needs TensorRT, which is not installed: {INSTALL_HINT}")
-    from mmexport.export.tensorrt import tensorrt_status
 
     available, reason = tensorrt_status()
     if not available:
@@ -47,7 +53,6 @@ def require_tensorrt(what: str) -> None:
 @dataclass(frozen=True)
 class EngineOptions:
     """What shapes and how hard TensorRT builds (``fold --to trt`` options)."""
-
     min_batch: int = 1
     opt_batch: int | None = None  # None: 8, or max_batch when smaller
     max_batch: int = 32
@@ -65,11 +70,15 @@ class EngineOptions:
             )
         return self.min_batch, opt, self.max_batch
 
+    def settings(self, precision: str, image_size: int) -> BuildSettings:
+        """These options as the builder's settings for one precision and input size."""
+        low, opt, high = self.batches()
+        return BuildSettings(precision, BatchProfile(low, opt, high), image_size, self.workspace_bytes,
+                             self.optimization_level, self.hardware_compatibility or "none", self.version_compatible)
+
 
 def _source_onnx(run: RunDir, precision: str) -> tuple[artifacts.Artifact, Path, dict[str, str]]:
     """The verified ONNX the engine is built from, with its metadata; int8 must be the symmetric TensorRT flavour."""
-    from mmexport.export.onnxfile import read_onnx_metadata
-
     onnx_row = artifacts.onnx_artifact(precision)
     if not run.has(onnx_row.filename):
         raise MMExportError(
@@ -90,25 +99,18 @@ def _source_onnx(run: RunDir, precision: str) -> tuple[artifacts.Artifact, Path,
 def trtexec_line(run_path: str | os.PathLike[str], precision: str, options: EngineOptions | None = None, *,
                  tensorrt_major: int | None = None) -> str:
     """The trtexec command that builds the same engine inside a TensorRT container (no sidecar: use fold --to trt)."""
-    from mmexport.export.tensorrt import trtexec_command
-
     options = options or EngineOptions()
     run = RunDir.open(run_path)
     _, onnx_path, metadata = _source_onnx(run, precision)
     if tensorrt_major is None:
         tensorrt_major = 11
         if importlib.util.find_spec("tensorrt") is not None:
-            from mmexport.runtime.engine import import_tensorrt
 
             tensorrt_major = int(str(import_tensorrt().__version__).split(".")[0])
-    low, opt, high = options.batches()
     engine = run.file(artifacts.engine_artifact(precision).filename)
     command = trtexec_command(
-        onnx_path, engine, precision=precision, min_batch=low, opt_batch=opt, max_batch=high,
-        image_size=int(metadata["image_size"]), tensorrt_major=tensorrt_major,
+        onnx_path, engine, options.settings(precision, int(metadata["image_size"])), tensorrt_major=tensorrt_major,
         timing_cache=(options.timing_cache / "trtexec.cache") if options.timing_cache else None,
-        workspace_bytes=options.workspace_bytes, optimization_level=options.optimization_level,
-        hardware_compatibility=options.hardware_compatibility or "none", version_compatible=options.version_compatible,
     )
     return shlex.join(command)
 
@@ -119,12 +121,6 @@ def build_engine_run(
     samples: int | None = None, progress: ProgressSink | None = None,
 ) -> PublishedArtifact:
     """Build, verify and publish ``model[.<precision>].plan`` with its sidecar."""
-    from mmexport.export.tensorrt import build_engine
-    from mmexport.runtime.check import check_runner
-    from mmexport.runtime.engine import sidecar_path
-    from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
-    from mmexport.runtime.tolerances import for_precision
-
     artifacts.check_precision(precision)
     require_tensorrt("fold --to trt")
     options = options or EngineOptions()
@@ -138,13 +134,8 @@ def build_engine_run(
     workdir = Path(tempfile.mkdtemp(prefix=".trt-build-", dir=run.path))
     try:
         built = workdir / row.filename
-        result = build_engine(
-            onnx_path, built, precision=precision, min_batch=low, opt_batch=opt, max_batch=high,
-            image_size=int(metadata["image_size"]), workspace_bytes=options.workspace_bytes,
-            optimization_level=options.optimization_level, timing_cache=options.timing_cache,
-            hardware_compatibility=options.hardware_compatibility, version_compatible=options.version_compatible,
-            progress=progress, model_metadata=metadata,
-        )
+        result = build_engine(onnx_path, built, options.settings(precision, int(metadata["image_size"])),
+                              timing_cache=options.timing_cache, progress=progress, model_metadata=metadata)
         progress.message(f"verifying {row.filename} against the stored reference ({precision} policy)")
         with TensorRTRunner(EngineFromPath(built), name=f"tensorrt {precision} ({row.filename})") as runner:
             report = check_runner(runner, reference, for_precision(precision), random_limit=samples)
@@ -168,7 +159,14 @@ def build_engine_run(
         shutil.rmtree(workdir, ignore_errors=True)
     run.settle_pending(sidecar_name, renamed=True)
     run.settle_pending(row.filename, renamed=True)
-    return published(run, row.filename, report, {"warnings": list(result.warnings)})
+    return published(run, row.filename, report, EngineBuild(warnings=list(result.warnings)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineBuild(ArtifactFacts):
+    """What building an engine established beyond its sidecar: the builder's warnings."""
+
+    warnings: list[str]
 
 
 # -- doctor ------------------------------------------------------------------------------------------------------
@@ -225,7 +223,6 @@ def doctor(run_path: str | os.PathLike[str] | None = None) -> DoctorReport:
     if importlib.util.find_spec("tensorrt") is None:
         trt_ok, trt_detail = False, f"not installed: {INSTALL_HINT}"
     else:
-        from mmexport.export.tensorrt import tensorrt_status
 
         trt_ok, trt_detail = tensorrt_status()
     caps.append(Capability("tensorrt", trt_ok, trt_detail))
@@ -234,7 +231,6 @@ def doctor(run_path: str | os.PathLike[str] | None = None) -> DoctorReport:
         present = version is not None and importlib.util.find_spec(module.split(".")[0]) is not None
         caps.append(Capability(package, present, version or "not installed"))
     try:
-        from mmexport.runtime.engine import current_environment
 
         environment = current_environment(require_tensorrt=False)
         cc = environment.compute_capability
@@ -260,7 +256,6 @@ def doctor(run_path: str | os.PathLike[str] | None = None) -> DoctorReport:
                 if not trt_ok:
                     report.artifacts.append((row.filename, False, trt_detail))
                     continue
-                from mmexport.runtime.engine import check_engine
 
                 try:
                     check_engine(run.file(row.filename))

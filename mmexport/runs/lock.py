@@ -2,13 +2,15 @@
 
 Every command that changes a run (fold, export, verify -- which appends its results --,
 bench when it makes comparison models, train when it replaces a run) holds the lock
-for as long as it writes; a second writer waits up to ``wait`` seconds (``mmexport
---lock-wait``, or ``MMEXPORT_LOCK_WAIT``) and then stops with one line naming the
-holder. The lock file lives *beside* the run (``.RUN.lock``), so it survives the run
-directory being replaced. Within one process the lock is re-entrant (a command that
-calls another writer keeps the lock it has). Readers (inspect, the runtime) need no
-lock: every manifest write is an atomic replace, so a reader sees the old or the new
-manifest, never a mix.
+for as long as it writes; a second writer waits up to ``wait`` seconds (default 0: it
+stops at once) and then stops with one line naming the holder. The wait is a parameter,
+never ambient state: ``writing(run, command, wait=...)``, or the ``lock_wait`` keyword that
+every function decorated with :func:`writes_run` accepts (the CLI hands ``mmexport
+--lock-wait SECONDS`` down so). The lock file lives *beside* the run (``.RUN.lock``), so
+it survives the run directory being replaced. Within one process the lock is re-entrant
+(a command that calls another writer keeps the lock it has). Readers (inspect, the
+runtime) need no lock: every manifest write is an atomic replace, so a reader sees the
+old or the new manifest, never a mix.
 """
 
 from __future__ import annotations
@@ -33,14 +35,19 @@ def lock_path(run_path: str | os.PathLike[str]) -> Path:
     return run.parent / f".{run.name}.lock"
 
 
-def default_wait() -> float:
-    text = os.environ.get("MMEXPORT_LOCK_WAIT", "0")
+DEFAULT_WAIT = 0.0  # seconds a writer waits for another one when no wait is given: none, it stops at once
+
+
+def check_wait(wait: float | None) -> float:
+    """``wait`` as seconds to wait for another writer (``None``: :data:`DEFAULT_WAIT`); refused unless finite and >= 0."""
+    if wait is None:
+        return DEFAULT_WAIT
     try:
-        value = float(text)
-    except ValueError:
-        raise RunDirError(f"MMEXPORT_LOCK_WAIT must be a number of seconds, got {text!r}") from None
+        value = float(wait)
+    except (TypeError, ValueError):
+        raise RunDirError(f"the lock wait must be a number of seconds, got {wait!r}") from None
     if not (value >= 0 and value != float("inf")):
-        raise RunDirError(f"MMEXPORT_LOCK_WAIT must be a finite number of seconds >= 0, got {text!r}")
+        raise RunDirError(f"the lock wait must be a finite number of seconds >= 0, got {wait!r}")
     return value
 
 
@@ -58,7 +65,11 @@ def is_held_here(run_path: str | os.PathLike[str]) -> bool:
 
 @contextlib.contextmanager
 def writing(run_path: str | os.PathLike[str], command: str, wait: float | None = None) -> Iterator[None]:
-    """Hold the run's write lock for the duration of the block (re-entrant within this process)."""
+    """Hold the run's write lock for the duration of the block (re-entrant within this process).
+
+    ``wait``: seconds to wait for another process writing the run (``None``: :data:`DEFAULT_WAIT`);
+    a re-entered lock is already held, so it never waits.
+    """
     path = lock_path(run_path)
     key = str(path)
     if key in _HELD:
@@ -70,7 +81,7 @@ def writing(run_path: str | os.PathLike[str], command: str, wait: float | None =
         return
     if not path.parent.is_dir():
         raise RunDirError(f"{path.parent}: no such directory")
-    wait = default_wait() if wait is None else wait
+    wait = check_wait(wait)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -107,7 +118,7 @@ def writing(run_path: str | os.PathLike[str], command: str, wait: float | None =
         os.close(fd)
 
 
-__all__ = ["default_wait", "is_held_here", "lock_path", "writing"]
+__all__ = ["DEFAULT_WAIT", "check_wait", "is_held_here", "lock_path", "writing"]
 
 
 def _remove_orphans(run: Path) -> None:
@@ -126,16 +137,21 @@ def _remove_orphans(run: Path) -> None:
 
 
 def writes_run(command: str):
-    """Decorator: the function's first argument (a run path or a RunDir) is written under the run's lock."""
+    """Decorator: the function's first argument (a run path or a RunDir) is written under the run's lock.
+
+    The decorated function accepts one more keyword argument, ``lock_wait`` (seconds to wait
+    for another process writing the run; default :data:`DEFAULT_WAIT`), taken here and not
+    passed on: ``fold_run(run, "pt", lock_wait=30)``.
+    """
     import functools
 
     def decorate(function):
         @functools.wraps(function)
-        def wrapper(run, *args, **kwargs):
+        def wrapper(run, *args, lock_wait: float | None = None, **kwargs):
             path = getattr(run, "path", run)
             if not Path(path).is_dir():  # no run to protect: no lock file dropped beside a mistyped path
                 raise RunDirError(f"{path}: no such run directory")
-            with writing(path, command):
+            with writing(path, command, wait=lock_wait):
                 return function(run, *args, **kwargs)
 
         return wrapper

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
-import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from mmexport import __version__
-from mmexport.artifacts import REGISTRY
-from mmexport.errors import RunDirError
+from mmexport.artifacts import REGISTRY, ArtifactFacts, filename
+from mmexport.environment import environment_info
+from mmexport.errors import RunDirError, VerificationError
 from mmexport.fileio import atomic_path, compare_tree, sha256_file, write_json_atomic
+from mmexport.runs.lock import is_held_here, writing
+from mmexport.runtime.compare import VerificationReport
+from mmexport.runtime.reference import ReferenceData
 
 PENDING = "pending"  # manifest key: writes recorded before their rename, settled by the next writer
 
@@ -33,42 +34,16 @@ def _output_entry(kind: str, sha256: str, size_bytes: int, details: dict[str, An
     """One ``outputs`` entry of the manifest."""
     return {"kind": kind, "sha256": sha256, "size_bytes": size_bytes, "created": _now(), **details}
 
-if TYPE_CHECKING:
-    from mmexport.runtime.compare import VerificationReport
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mmexport-run/2"
-_VERSIONED_PACKAGES = ("torch", "torchvision", "numpy", "safetensors", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def environment_info() -> dict[str, Any]:
-    """Versions of everything that shapes the numbers (read from metadata, nothing imported)."""
-    versions: dict[str, str | None] = {}
-    for package in _VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    torch = sys.modules.get("torch")  # imported by then in every command that writes a manifest
-    build = {}
-    if torch is not None:
-        build = {"torch_build": torch.__version__, "cuda_runtime": torch.version.cuda,
-                 "cuda_available": torch.cuda.is_available()}
-    return {
-        "mmexport": __version__,
-        "python": sys.version.split()[0],
-        **build,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "packages": versions,
-    }
-
-
-SCHEMA_FILE = Path(__file__).with_name("schemas") / "run-manifest.schema.json"
+SCHEMA_FILE = Path(__file__).parents[1] / "schemas" / "run-manifest.schema.json"
 
 
 def manifest_schema() -> dict[str, Any]:
@@ -126,7 +101,6 @@ def check_replaceable(path: Path) -> None:
 
 class RunDir:
     """A run directory and its manifest; every write goes through here."""
-
     def __init__(self, path: Path, manifest: dict[str, Any], final_path: Path | None = None) -> None:
         self.path = path
         self.manifest = manifest
@@ -215,7 +189,6 @@ class RunDir:
         validate_manifest(manifest, manifest_path)
         run = cls(run_path, manifest)
         if manifest.get(PENDING):
-            from mmexport.runlock import is_held_here
 
             if is_held_here(run_path):  # only a writer settles what a killed writer left; readers ignore it
                 run.settle_pending()
@@ -225,8 +198,11 @@ class RunDir:
     def staging(self) -> bool:
         return self._final_path is not None
 
-    def publish(self) -> Path:
-        """Move a completed staging directory into place (replacing a previous run)."""
+    def publish(self, *, lock_wait: float | None = None) -> Path:
+        """Move a completed staging directory into place (replacing a previous run).
+
+        ``lock_wait``: seconds to wait for another command writing the run it replaces.
+        """
         if self._final_path is None:
             return self.path
         final = self._final_path
@@ -235,10 +211,9 @@ class RunDir:
             if row.transient:
                 self.file(row.filename).unlink(missing_ok=True)
         self.save()
-        from mmexport.runlock import writing
 
         retired = None
-        with writing(final, "train (publishing the run)"):
+        with writing(final, "train (publishing the run)", wait=lock_wait):
             if final.exists() and any(final.iterdir()):
                 check_replaceable(final)  # again: files may have appeared while the new run trained
             if final.exists():
@@ -263,7 +238,6 @@ class RunDir:
     @contextlib.contextmanager
     def writer(cls, path: str | os.PathLike[str], command: str, wait: float | None = None) -> Iterator["RunDir"]:
         """Open a published run for writing: the run's lock is held for the block, the manifest read under it."""
-        from mmexport.runlock import writing
 
         with writing(path, command, wait):
             yield cls.open(path)
@@ -309,7 +283,7 @@ class RunDir:
         ``renamed``: the caller has just renamed ``relative`` into place (no need to re-hash).
         A record whose rename never happened (the writer was killed) is dropped: the run is
         left exactly as before that write, and the orphaned temporary file is removed by the
-        next writer (:mod:`mmexport.runlock`).
+        next writer (:mod:`mmexport.runs.lock`).
         """
         pending = self.manifest.get(PENDING) or {}
         for name in [relative] if relative is not None else list(pending):
@@ -361,20 +335,21 @@ class RunDir:
         self.manifest["verification"].append(report)
         self.save()
 
-    def publish_verified(self, relative: str, write: Callable[[Path], dict], check: Callable[[Path], Any], kind: str,
-                         details: dict[str, Any], command: str, *,
-                         mark_unverified: Callable[[Path, str], None] | None = None) -> tuple[dict, Any]:
+    def publish_verified(self, relative: str, write: Callable[[Path], ArtifactFacts | None],
+                         check: Callable[[Path], VerificationReport], kind: str, details: dict[str, Any], command: str, *,
+                         mark_unverified: Callable[[Path, str], None] | None = None,
+                         previous_sha256: str | None = None) -> PublishedArtifact:
         """Write ``relative`` under a hidden temporary name, verify it there, and only then publish it.
 
-        ``check(tmp)`` returns a verification report (``.passed``, ``.as_dict()``). A failed
-        check removes the temporary file: nothing is published, the previous artifact (if
-        any) stays, the failed report is recorded, and :class:`VerificationError` is raised.
-        Only with ``mark_unverified`` (the user's explicit ``--allow-unverified``) is a failed
-        artifact published: ``mark_unverified(tmp, reason)`` first writes the failure into
-        the file itself, and the manifest records ``verified: false`` with the reason.
+        ``write(tmp)`` makes the file and returns what making it established (recorded in the
+        manifest); ``check(tmp)`` returns its verification report. A failed check removes the
+        temporary file: nothing is published, the previous artifact (if any) stays, the failed
+        report is recorded, and :class:`VerificationError` is raised. Only with ``mark_unverified``
+        (the user's explicit ``--allow-unverified``) is a failed artifact published:
+        ``mark_unverified(tmp, reason)`` first writes the failure into the file itself, and the
+        manifest records ``verified: false`` with the reason. ``previous_sha256``: the hash of the
+        file this one replaces, to report whether the new one reproduces it bit for bit.
         """
-        from mmexport.errors import VerificationError
-
         target = self.file(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
@@ -385,21 +360,20 @@ class RunDir:
             if not report.passed:
                 if mark_unverified is None:
                     self.add_verification(record)  # the failed check is history; nothing is published
-                    hint = f"; {facts['hint']}" if isinstance(facts, dict) and facts.get("hint") else ""
+                    hint = f"; {facts.hint}" if facts is not None and facts.hint else ""
                     raise VerificationError(f"{relative}: verification failed, nothing published: {reason}{hint}", report)
                 mark_unverified(tmp, reason)
-            recorded = {k: v for k, v in (facts or {}).items() if k not in ("sha256", "size_bytes")}
+            recorded = facts.as_record() if facts is not None else {}
             status = {"verified": True} if report.passed else {"verified": False, "unverified_reason": reason,
                                                                 "published_unverified_by": command + " --allow-unverified"}
             # the check's record and the output entry land together, after the rename (or not at all)
             self.stage(relative, tmp, kind, {**recorded, **details, **status}, verification=record)
         self.settle_pending(relative, renamed=True)
-        return facts, report
+        sha = self.manifest["outputs"][relative]["sha256"]
+        return published(self, relative, report, facts, reproduced=None if previous_sha256 is None else previous_sha256 == sha)
 
     def reference(self):
         """The run's stored reference set, hash-checked, and checked to belong to its final network."""
-        from mmexport.artifacts import filename
-        from mmexport.runtime.reference import ReferenceData
 
         name = filename("reference")
         if not self.has(name):
@@ -414,18 +388,17 @@ class RunDir:
 @dataclass
 class PublishedArtifact:
     """A file a command wrote into a run: where, its hash, the facts of making it, and its verification."""
-
     name: str
     path: Path
     sha256: str
     size_bytes: int
     report: VerificationReport | None = None
-    facts: dict[str, Any] = field(default_factory=dict)
+    facts: ArtifactFacts | None = None
     reproduced: bool | None = None  # a re-fold: bit-identical to the file it replaced (None: nothing replaced)
 
 
-def published(run: RunDir, name: str, report: VerificationReport | None, facts: dict | None = None,
+def published(run: RunDir, name: str, report: VerificationReport | None, facts: ArtifactFacts | None = None,
                reproduced: bool | None = None) -> PublishedArtifact:
+    """The run's record of ``name`` as a :class:`PublishedArtifact`."""
     entry = run.manifest["outputs"][name]
-    return PublishedArtifact(name, run.file(name), entry["sha256"], entry["size_bytes"], report, dict(facts or {}),
-                             reproduced)
+    return PublishedArtifact(name, run.file(name), entry["sha256"], entry["size_bytes"], report, facts, reproduced)

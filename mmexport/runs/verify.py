@@ -1,4 +1,4 @@
-"""Run-level checks that need no PyTorch: verify deployed artifacts against the stored reference, inspect a run.
+"""Verify a run's deployed artifacts against the stored reference (no PyTorch needed).
 
 A GPU host with TensorRT and no torch runs ``mmexport verify RUN --backend trt``
 through here: every artifact is hash-checked against the manifest, run on the
@@ -9,15 +9,20 @@ reference inputs of ``reference.npz``, and judged by
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable
 
 from mmexport import artifacts
+from mmexport.convert.fp16_recipe import fp16_emulation_graph
+from mmexport.convert.onnxfile import load_onnx, read_onnx_metadata
 from mmexport.errors import MMExportError
-from mmexport.manifest import RunDir
-from mmexport.runlock import writes_run
+from mmexport.runs.lock import writes_run
+from mmexport.runs.manifest import RunDir
 from mmexport.runtime.check import check_runner
-from mmexport.runtime.compare import VerificationReport
+from mmexport.runtime.compare import InputSetReport, VerificationReport
+from mmexport.runtime.engine import check_engine
+from mmexport.runtime.reference import ReferenceData
+from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner, SessionFromOnnx
+from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
 from mmexport.runtime.tolerances import for_precision
 
 
@@ -25,8 +30,6 @@ def refuse_external_data(path) -> None:
     """mmexport writes every ONNX file self-contained; a run artifact that points at external data files
     (which the manifest does not hash) has been altered and is refused before anything reads those files."""
     from onnx.external_data_helper import uses_external_data
-
-    from mmexport.export.onnxfile import load_onnx
 
     model = load_onnx(path)
     external = [t.name for t in model.graph.initializer if uses_external_data(t)]
@@ -38,8 +41,6 @@ def refuse_external_data(path) -> None:
 def _merge_reports(first: VerificationReport, second: VerificationReport, label: str) -> VerificationReport:
     """One report judging both: ``second``'s input sets are added with ``label`` in their names."""
     from dataclasses import replace
-
-    from mmexport.runtime.compare import InputSetReport
 
     extra = [InputSetReport(f"{s.name} ({label})", s.outputs) for s in second.input_sets]
     return replace(first, input_sets=first.input_sets + extra, notes=first.notes + second.notes)
@@ -54,7 +55,7 @@ def check_onnx_file(path, reference, precision: str, label: str, samples: int | 
 
     * fp16: ONNX Runtime's x86 CPU provider has no float16 kernels for these ops and
       runs a float16 graph in float32, so the plain run sees only the weights' rounding.
-      The file is also run as :func:`~mmexport.export.fp16_recipe.fp16_emulation_graph`
+      The file is also run as :func:`~mmexport.convert.fp16_recipe.fp16_emulation_graph`
       (float16 storage, float32 accumulation, as GPU kernels compute; overflow is Inf)
       with graph optimisation off, and both runs must pass.
     * int8 for TensorRT (symmetric Q/DQ): ONNX Runtime's optimised CPU graph differs
@@ -62,9 +63,6 @@ def check_onnx_file(path, reference, precision: str, label: str, samples: int | 
       off — the arithmetic TensorRT implements.
     """
     from pathlib import Path
-
-    from mmexport.export.onnxfile import read_onnx_metadata
-    from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner, SessionFromOnnx
 
     tolerance = for_precision(precision)
     metadata = read_onnx_metadata(path)
@@ -75,8 +73,6 @@ def check_onnx_file(path, reference, precision: str, label: str, samples: int | 
                            name=name) as runner:
         report = check_runner(runner, reference, tolerance, random_limit=samples)
     if precision == "fp16" and providers == "cpu":
-        from mmexport.export.fp16_recipe import fp16_emulation_graph
-        from mmexport.export.onnxfile import load_onnx
 
         emulated = fp16_emulation_graph(load_onnx(path)).SerializeToString()
         with OnnxRuntimeRunner(SessionFromOnnx(emulated, providers="cpu", graph_optimization_level="disable"),
@@ -89,13 +85,10 @@ def check_onnx_file(path, reference, precision: str, label: str, samples: int | 
 def _runner_for(row: artifacts.Artifact, path, device: str = "cpu"):
     if row.runner == "onnxruntime":
         refuse_external_data(path)
-        from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(path, name=f"onnxruntime {row.precision} ({row.filename})",
                                  providers="cuda" if device.startswith("cuda") else "cpu")
     if row.runner == "tensorrt":
-        from mmexport.runtime.engine import check_engine
-        from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
 
         check_engine(path)
         return TensorRTRunner(EngineFromPath(path), name=f"tensorrt {row.precision} ({row.filename})")
@@ -114,13 +107,14 @@ def check_deployables_intact(run: RunDir) -> list[str]:
 
 @writes_run("verify")
 def verify_artifacts(
-    run_path: str | os.PathLike[str], backend: str, precisions: list[str] | None = None, *, data: str | None = None,
-    samples: int | None = None, device: str = "cpu",
+    run_path: str | os.PathLike[str], backend: str, precisions: list[str] | None = None, *,
+    reference_from: Callable[[RunDir], ReferenceData] | None = None, samples: int | None = None, device: str = "cpu",
 ) -> list[VerificationReport]:
     """Each published artifact of ``backend`` (onnx, trt) at ``precisions`` against the stored reference.
 
-    With ``data``, the reference is recomputed on that dataset's held-out images by the
-    run's torch model (which needs PyTorch); without it nothing here imports torch.
+    ``reference_from(run)`` replaces the stored reference (the CLI's ``--data`` hands in the torch
+    side's :func:`mmexport.torchside.operations.reference_on_data`); it is called only once the run
+    and its artifacts have passed their checks. Without it nothing here imports torch.
     """
     if samples is not None and samples < 0:
         raise MMExportError(f"--samples must be >= 0, got {samples}")
@@ -141,14 +135,7 @@ def verify_artifacts(
     if not present:
         command = "mmexport fold RUN --to onnx" if backend == "onnx" else "mmexport fold RUN --to trt"
         raise MMExportError(f"{run.path}: no {backend} artifact yet; make one with `{command}`")
-    if data is not None:
-        from mmexport.workflows import _reference_for  # torch side: recompute the reference on --data
-        from mmexport.modelfile import load_model
-
-        model, info = load_model(run.checked_file(artifacts.filename("model")))
-        reference = _reference_for(run, model, info, data, samples)
-    else:
-        reference = run.reference()
+    reference = reference_from(run) if reference_from is not None else run.reference()
     reports = []
     for row in present:
         path = run.checked_file(row.filename)
@@ -163,158 +150,4 @@ def verify_artifacts(
     return reports
 
 
-@dataclass
-class OutputState:
-    name: str
-    entry: dict[str, Any]
-    state: str  # "intact" or why not
-    registry: artifacts.Artifact | None
-
-
-@dataclass
-class RunSummary:
-    path: str
-    manifest: dict[str, Any]
-    outputs: list[OutputState]
-    verifications: list[dict[str, Any]]
-    coefficients: list[dict[str, Any]] | None = None  # None: needs PyTorch, which is not installed
-    warnings: list[str] = field(default_factory=list)
-
-
-def inspect_run(run_path: str | os.PathLike[str], *, coefficients: bool = True) -> RunSummary:
-    """The manifest, each output's state (hash-checked), the verifications of published artifacts,
-    and the per-layer merge coefficients (when torch is installed)."""
-    run = RunDir.open(run_path)
-    outputs = []
-    for name, entry in run.manifest.get("outputs", {}).items():
-        try:
-            run.checked_file(name)
-            state = "intact"
-        except MMExportError as exc:
-            state = str(exc)
-        outputs.append(OutputState(name, entry, state, artifacts.by_filename(name)))
-    published = set(run.manifest.get("outputs", {}))
-    # A failed check of a file that was never published is history, not a state of the run:
-    # show the latest record of each artifact that exists, and failures only of files that exist.
-    latest: dict[str, dict[str, Any]] = {}
-    for record in run.manifest.get("verification", []):
-        latest[record.get("artifact", "?")] = record
-    verifications = [r for name, r in latest.items() if name in published]
-    rows = None
-    if coefficients and run.has(artifacts.filename("unmerged")):
-        try:
-            from mmexport.coefficients import layer_coefficients
-        except ImportError:
-            rows = None
-        else:
-            rows = layer_coefficients(run)
-    return RunSummary(str(run.path), run.manifest, outputs, verifications, rows)
-
-
-__all__ = ["OutputState", "RunSummary", "check_deployables_intact", "inspect_run", "verify_artifacts"]
-
-
-# -- provenance ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FileState:
-    name: str
-    kind: str
-    state: str  # intact, altered, missing
-    expected_sha256: str
-    actual_sha256: str | None
-    verified: bool | None  # the latest check of this file passed (None: never checked)
-
-
-@dataclass
-class ProvenanceReport:
-    run: str
-    files: list[FileState]
-    inputs: list[tuple[str, str, str]]  # (input, sha256 recorded, state now: unchanged / changed / not reachable here)
-    chains: list[list[str]]  # per deployable artifact: itself, what it was made from, ... down to the sources
-    repositories: list[tuple[str, str, str]] = field(default_factory=list)  # (repository file, state, detail)
-    untracked: list[str] = field(default_factory=list)  # files in the run the manifest does not list
-
-    @property
-    def passed(self) -> bool:
-        return all(f.state == "intact" for f in self.files) and all(state == "intact" for _, state, _ in self.repositories)
-
-
-def _latest_verification(manifest: dict[str, Any]) -> dict[str, bool]:
-    latest: dict[str, bool] = {}
-    for record in manifest.get("verification", []):
-        latest[record.get("artifact", "?")] = bool(record.get("passed"))
-    return latest
-
-
-def _chain(manifest: dict[str, Any], name: str) -> list[str]:
-    """``name`` and everything it was made from, by the manifest's ``source`` fields and the registry's rows."""
-    outputs = manifest.get("outputs", {})
-    chain, seen = [], set()
-    current: str | None = name
-    while current and current not in seen:
-        seen.add(current)
-        chain.append(current)
-        entry = outputs.get(current, {})
-        row = artifacts.by_filename(current)
-        parent = entry.get("source")
-        if parent is None and row is not None:
-            made_from = [artifacts.REGISTRY[key].filename for key in row.made_from if key in artifacts.REGISTRY]
-            parent = next((f for f in made_from if f in outputs and f != artifacts.filename("reference")), None)
-            if parent is None and any(key.startswith("source") for key in row.made_from):
-                chain.append("sources: " + ", ".join(
-                    f"{k} {str(manifest.get('inputs', {}).get(k, {}).get('sha256') or '?')[:12]}"
-                    for k in ("source_a", "source_b") if k in manifest.get("inputs", {})))
-        current = parent
-    return chain
-
-
-def _input_state(entry: dict[str, Any]) -> str:
-    from pathlib import Path
-
-    from mmexport.fileio import sha256_file
-
-    spec, recorded = entry.get("path") or entry.get("spec"), entry.get("sha256")
-    if not recorded or not spec or not Path(str(spec)).is_file():
-        return "not reachable here"
-    return "unchanged" if sha256_file(spec) == recorded else "CHANGED since the run was trained"
-
-
-def verify_manifest(run_path: str | os.PathLike[str]) -> ProvenanceReport:
-    """Re-hash every file the manifest lists (and every Triton repository the run exported) and trace each
-    deployable artifact back to the source checkpoints. Reads only; nothing is written."""
-    from pathlib import Path
-
-    from mmexport.fileio import sha256_file
-    from mmexport.manifest import MANIFEST_NAME
-
-    run = RunDir.open(run_path)
-    manifest = run.manifest
-    latest = _latest_verification(manifest)
-    files = []
-    for name, entry in manifest["outputs"].items():
-        path = run.file(name)
-        actual = sha256_file(path) if path.is_file() else None
-        state = "missing" if actual is None else ("intact" if actual == entry["sha256"] else "altered")
-        files.append(FileState(name, entry.get("kind", "?"), state, entry["sha256"], actual, latest.get(name)))
-    listed = set(manifest["outputs"]) | {MANIFEST_NAME}
-    untracked = sorted(str(p.relative_to(run.path)) for p in run.path.rglob("*")
-                       if p.is_file() and str(p.relative_to(run.path)) not in listed)
-    inputs = [(key, str(value.get("sha256") or "—"), _input_state(value))
-              for key, value in manifest.get("inputs", {}).items() if isinstance(value, dict) and "sha256" in value]
-    chains = [_chain(manifest, row.filename) for row in artifacts.deployable() if row.filename in manifest["outputs"]]
-    repositories = []
-    for repo in manifest.get("triton_repositories", []):
-        base = Path(repo["path"]) / repo["model"]  # files are recorded relative to the model folder
-        for relative, expected in repo["files"].items():
-            target = base / relative
-            if not target.is_file():
-                repositories.append((str(target), "missing", ""))
-            else:
-                ok = sha256_file(target) == expected
-                repositories.append((str(target), "intact" if ok else "altered", "" if ok else f"expected {expected[:12]}…"))
-    return ProvenanceReport(str(run.path), files, inputs, chains, repositories, untracked)
-
-
-__all__ += ["FileState", "ProvenanceReport", "verify_manifest"]
+__all__ = ["check_deployables_intact", "check_onnx_file", "refuse_external_data", "verify_artifacts"]

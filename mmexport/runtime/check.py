@@ -25,7 +25,7 @@ def check_runner(
     limits = {RANDOM_SET: random_limit} if random_limit is not None else {}
     references = reference.reference_sets(limits)
     names, _ = judged_sets(references, tolerance)
-    cap = getattr(runner, "max_batch", None)
+    cap = runner.max_batch
     step = min(batch_size, cap) if cap else batch_size
     produced = {}
     for name in names:

@@ -49,8 +49,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mmexport import __version__
-from mmexport.artifacts import PRECISIONS, engine_artifact
+from mmexport.artifacts import PRECISIONS, check_precision, engine_artifact
 from mmexport.errors import CheckpointError, MissingDependencyError, MMExportError
+from mmexport.fileio import sha256_file
 
 SIDECAR_FORMAT = "mmexport-engine/1"
 ENGINE_SUFFIX = ".plan"
@@ -74,7 +75,7 @@ HARDWARE_COMPATIBILITY: dict[str, tuple[str, str]] = {
 # --------------------------------------------------------------------------------------------
 def engine_filename(precision: str) -> str:
     """``model.plan`` (fp32), ``model.fp16.plan``, ``model.int8.plan`` (the registry's names)."""
-    _check_precision(precision)
+    check_precision(precision)
     return engine_artifact(precision).filename
 
 
@@ -82,11 +83,6 @@ def sidecar_path(engine_path: str | Path) -> Path:
     """The sidecar of an engine: the engine's file name + ``.json`` (``model.fp16.plan.json``)."""
     path = Path(engine_path)
     return path.with_name(path.name + ".json")
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise MMExportError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
 
 
 def rebuild_command(engine_path: str | Path, precision: str) -> str:
@@ -166,7 +162,6 @@ def read_plan_header_file(path: str | Path) -> PlanHeader:
 @dataclass(frozen=True)
 class BatchProfile:
     """The optimisation profile of the dynamic batch dimension of input ``image``."""
-
     min: int
     opt: int
     max: int
@@ -191,7 +186,6 @@ class BatchProfile:
 @dataclass(frozen=True)
 class BuildFlags:
     """The builder settings that change what an engine is or where it runs."""
-
     optimization_level: int = 3
     tf32: bool = False
     hardware_compatibility: str = "none"  # a key of HARDWARE_COMPATIBILITY
@@ -203,7 +197,6 @@ class BuildFlags:
 @dataclass(frozen=True)
 class PrecisionSummary:
     """The sidecar's record of the built engine's layer precisions (see :class:`LayerPrecisionSummary`)."""
-
     layout: str  # "10.x", "11.x" or "unknown": the inspector JSON layout that was read
     counts: dict[str, int]  # layers per precision (all layers)
     compute_counts: dict[str, int]  # layers per precision, compute layers only
@@ -213,7 +206,6 @@ class PrecisionSummary:
 @dataclass(frozen=True)
 class EngineSidecar:
     """Everything needed to decide, without TensorRT, whether an engine may be loaded here."""
-
     tensorrt_version: str  # trt.__version__ of the builder, e.g. "10.16.1.11"
     plan_tensorrt_version: str | None  # what the plan header says (see read_plan_header)
     plan_layout: int
@@ -291,8 +283,7 @@ class EngineSidecar:
             raise CheckpointError(f"{source}: engine sidecar is missing {exc.args[0]!r}") from None
         except (TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{source}: engine sidecar is malformed ({_one_line(exc)})") from None
-        if sidecar.precision not in PRECISIONS:
-            raise CheckpointError(f"{source}: engine sidecar has unknown precision {sidecar.precision!r}")
+        check_precision(sidecar.precision, f"{source}: engine sidecar", CheckpointError)
         if sidecar.build_flags.hardware_compatibility not in HARDWARE_COMPATIBILITY:
             raise CheckpointError(
                 f"{source}: engine sidecar has unknown hardware compatibility {sidecar.build_flags.hardware_compatibility!r}"
@@ -336,7 +327,6 @@ def utc_now() -> str:
 @dataclass(frozen=True)
 class EngineEnvironment:
     """The TensorRT/CUDA/GPU this process would load an engine with."""
-
     tensorrt_version: str | None
     cuda_runtime_version: int | None
     cuda_driver_version: int | None
@@ -564,8 +554,6 @@ def check_engine(
     """
     import hashlib
 
-    from mmexport.fileio import sha256_file
-
     path = Path(engine_path)
     if not path.is_file():
         raise CheckpointError(f"{path}: engine not found")
@@ -685,7 +673,7 @@ class LayerPrecisionSummary:
 
     def unexpected(self, requested: str) -> list[LayerRecord]:
         """Compute layers that do not run in the requested precision (the rule: :data:`PRECISION_RULE`)."""
-        _check_precision(requested)
+        check_precision(requested)
         bad: list[LayerRecord] = []
         for layer in self.layers:
             if layer.category != "compute":
@@ -810,7 +798,7 @@ def layer_precisions(inspector_json: str) -> LayerPrecisionSummary:
 
 def precision_problems(summary: LayerPrecisionSummary, requested_precision: str) -> list[str]:
     """Why an engine does not run in the requested precision (empty when it does); the rule is :data:`PRECISION_RULE`."""
-    _check_precision(requested_precision)
+    check_precision(requested_precision)
     if not summary.detailed:
         return [
             "the engine has no per-layer types (built without ProfilingVerbosity.DETAILED), "

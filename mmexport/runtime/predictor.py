@@ -19,9 +19,12 @@ from typing import Any
 import numpy as np
 
 from mmexport.errors import CheckpointError, DataError, MMExportError
+from mmexport.runtime.engine import check_engine
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.preprocess import preprocess_image
 from mmexport.runtime.runners.base import BaseRunner
+from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
+from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
 
 DEFAULT_BATCH = 32  # images per inference call when the model's batch dimension is unbounded
 ONNX_SUFFIXES = (".onnx",)
@@ -31,7 +34,6 @@ ENGINE_SUFFIXES = (".plan", ".engine")
 @dataclass
 class Prediction:
     """Logits, softmax probabilities and predicted labels of a batch (row i = input i)."""
-
     logits: np.ndarray
     probabilities: np.ndarray
     indices: np.ndarray
@@ -56,7 +58,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class Predictor:
     """A runner (activated on construction) plus the :class:`ModelInfo` of the file it runs."""
-
     def __init__(self, runner: BaseRunner, info: ModelInfo, *, path: str = "", batch_size: int | None = None) -> None:
         self.runner = runner
         self.info = info
@@ -71,7 +72,7 @@ class Predictor:
         expected = (3, size, size)
         if len(meta.shape) != 4 or any(d is not None and d != e for d, e in zip(meta.shape[1:], expected)):
             raise CheckpointError(f"{path}: the model takes {meta.shape_text()}, its metadata says N x 3 x {size} x {size}")
-        limit = getattr(runner, "max_batch", None) or meta.shape[0]
+        limit = runner.max_batch or meta.shape[0]
         self.max_batch = int(limit) if limit else None
         chosen = batch_size or self.max_batch or DEFAULT_BATCH
         if self.max_batch is not None:
@@ -162,7 +163,6 @@ def load(
         raise CheckpointError(f"{target}: no such model file")
     suffix = target.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
 
         if providers is None:
             providers = "cuda" if device.startswith("cuda") else "cpu"
@@ -177,8 +177,6 @@ def load(
             runner.deactivate()
             raise
     if suffix in ENGINE_SUFFIXES:
-        from mmexport.runtime.engine import check_engine
-        from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
 
         sidecar = check_engine(target)
         _refuse_unverified(sidecar.model_metadata, target, allow_unverified)

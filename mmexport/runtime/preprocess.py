@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mmexport.errors import CheckpointError, DataError
+from mmexport.errors import CheckpointError, DataError, MissingDependencyError
 
 PREPROCESSING_FORMAT = "mmexport-preprocessing/1"
 RESIZE_MODES = ("shorter_side", "exact", "none")
@@ -157,7 +157,6 @@ def _pil():
     try:
         from PIL import Image
     except ImportError:
-        from mmexport.errors import MissingDependencyError
 
         raise MissingDependencyError("decoding images needs Pillow: pip install pillow") from None
     return Image

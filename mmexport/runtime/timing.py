@@ -21,8 +21,11 @@ from typing import Callable
 
 import numpy as np
 
+from mmexport.config import check_int
+from mmexport.environment import environment_info
 from mmexport.errors import MMExportError
 from mmexport.runtime.runners.base import BaseRunner
+from mmexport.runtime.trt_stats import trtexec_summary
 
 UNSTABLE_CV = 0.10  # host wall clock on a shared CPU; TensorRT runs use trtexec's own 2.5 % of GPU compute (trt_stats)
 
@@ -42,14 +45,16 @@ class BenchSettings:
     device_timing: str | None = None
 
     def validate(self) -> None:
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise MMExportError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
+        if not self.batch_sizes:
+            raise MMExportError("give at least one batch size")
+        for batch in self.batch_sizes:
+            check_int(batch, "batch size")
         if (self.duration_s is None) == (self.iterations is None):
             raise MMExportError("give exactly one of --duration and --iterations")
         if self.duration_s is not None and not (math.isfinite(self.duration_s) and self.duration_s > 0):
             raise MMExportError(f"--duration must be a positive number of seconds, got {self.duration_s}")
-        if self.iterations is not None and self.iterations < 1:
-            raise MMExportError("--iterations must be at least 1")
+        if self.iterations is not None:
+            check_int(self.iterations, "--iterations")
         if self.device_timing not in (None, "compute", "total"):
             raise MMExportError(f"device timing must be compute or total, got {self.device_timing!r}")
         if not math.isfinite(self.warmup_s):
@@ -108,7 +113,6 @@ class BenchResult:
 @dataclass
 class ModelUnderTest:
     """A named model and how to make its runner (a fresh one per batch size)."""
-
     name: str
     make_runner: Callable[[], BaseRunner]
     artifact_bytes: int | None = None
@@ -215,7 +219,6 @@ def _device_summary(device: _DeviceSamples, batch_size: int, seconds: list[float
     n = len(seconds)
     if not n or len(device.compute) < n:
         return None
-    from mmexport.runtime.trt_stats import trtexec_summary
 
     enqueue = device.enqueue[:n] if all(v == v for v in device.enqueue[:n]) else device.compute[:n]
     summary = trtexec_summary(device.h2d[:n], device.compute[:n], device.d2h[:n], enqueue, batch_size=batch_size,
@@ -312,8 +315,6 @@ def ratio_table(results: list[BenchResult], numerator: str = "folded") -> list[d
 def machine_info() -> dict:
     """What the numbers were measured on."""
     import platform
-
-    from mmexport.manifest import environment_info
 
     info = {**environment_info(), "cpu_count": os.cpu_count(), "processor": platform.processor()}
     try:

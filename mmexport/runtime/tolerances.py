@@ -27,7 +27,7 @@ Why each row is what it is:
   range plus 1e-3, together with a per-sample cosine ≥ 0.999 and top-1 ≥ 99.5 %.
   A real fault still fails it: a saturated/overflowing layer gives Inf/NaN or a
   collapsed output (cosine, range), and a wrong constant moves logits by a
-  visible fraction of their range (tests/test_precision_policy.py plants both).
+  visible fraction of their range (tests/convert/test_export_onnx.py plants both).
 * ``int8`` is judged as a classifier, not element-wise: quantisation moves logits
   by several percent by design. It needs top-1 agreement ≥ 99 % and a macro-F1
   drop ≤ 1 point, and only on labelled held-out target images: random inputs
@@ -37,6 +37,8 @@ Why each row is what it is:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from mmexport.artifacts import check_precision
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,4 @@ TOLERANCES: dict[str, Tolerance] = {t.name: t for t in (FOLD, FP32, FP16, INT8)}
 
 def for_precision(precision: str) -> Tolerance:
     """The row that judges an artifact of ``precision`` against the fp32 reference."""
-    from mmexport.errors import MMExportError
-
-    if precision not in ("fp32", "fp16", "int8"):
-        raise MMExportError(f"unknown precision {precision!r}; choose one of fp32, fp16, int8")
-    return TOLERANCES[precision]
+    return TOLERANCES[check_precision(precision)]

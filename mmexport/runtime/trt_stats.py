@@ -27,6 +27,7 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+from mmexport.config import check_int
 from mmexport.errors import MMExportError
 
 PERCENTILES: tuple[float, ...] = (90.0, 95.0, 99.0)
@@ -163,8 +164,7 @@ def trtexec_summary(
             "one H2D, compute, D2H and enqueue time per query is needed, "
             f"got {len(h2d_ms)}, {n}, {len(d2h_ms)}, {len(enqueue_ms)}"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise MMExportError(f"batch size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch size")
     if data_transfers_included:
         latencies = [a + b + c for a, b, c in zip(h2d_ms, compute_ms, d2h_ms)]
     else:

@@ -1,6 +1,6 @@
 """Triton Python-backend model: an mmexport artifact served through :mod:`mmexport.runtime`.
 
-``mmexport fold RUN --to triton --backend python`` (:func:`mmexport.triton.export_repository`)
+``mmexport fold RUN --to triton --backend python`` (:func:`mmexport.serving.triton.export_repository`)
 copies this file into a model repository as ``<name>/<version>/model.py``, beside the
 artifact it serves (``model.onnx``, or ``model.plan`` with its sidecar) and the version's
 ``mmexport.json``, which names that artifact. It imports nothing but

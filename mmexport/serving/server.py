@@ -30,7 +30,7 @@ environment with numpy<2 that sees every package of the running interpreter
 (:func:`prepare_python_environment`).
 
 :func:`serve` exports a run's verified artifact as a Python-backend repository
-(:func:`mmexport.triton.export_repository`; a temporary one unless ``repo`` is given)
+(:func:`mmexport.serving.triton.export_repository`; a temporary one unless ``repo`` is given)
 and yields a :class:`ServingSession` with the endpoints while the server runs.
 """
 
@@ -57,6 +57,7 @@ from typing import Iterator, Sequence
 
 from mmexport.errors import MissingDependencyError, MMExportError
 from mmexport.progress import ProgressSink, sink
+from mmexport.serving.triton import export_repository, read_version_record
 
 PYTRITON_HINT = "pip install nvidia-pytriton (it ships tritonserver with the Python backend, Linux x86-64/aarch64)"
 ENV_BINARY = "MMEXPORT_TRITONSERVER"
@@ -74,7 +75,6 @@ _STANDARD_LIBDIRS = {"/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/lib/x86_6
 @dataclass(frozen=True)
 class TritonInstallation:
     """Where the server binary, its backends and (for the pytriton wheel) the per-Python stubs and libraries are."""
-
     binary: Path
     backends: Path  # a directory with one folder per backend (python/ holds libtriton_python.so)
     stub: Path | None  # the Python-backend stub to use; None: backends/python/ already has one
@@ -283,7 +283,7 @@ def stub_python_bin(installation: TritonInstallation, *, prepare: bool = False,
                 raise MissingDependencyError(
                     f"Triton's Python-backend stub ({installation.source}) needs {', '.join(requirements)} and this Python "
                     f"has numpy {__import__('numpy').__version__}: prepare its environment once with "
-                    "`mmexport serve --prepare-python` (or mmexport.serve.prepare_python_environment()), "
+                    "`mmexport serve --prepare-python` (or mmexport.serving.server.prepare_python_environment()), "
                     f"or set ${ENV_PYTHON} to a virtual environment that has them"
                 )
             path = prepare_python_environment(installation, progress=progress)
@@ -373,7 +373,6 @@ def _parent_death_signal():
 
 class _Terminated(SystemExit):
     """SIGTERM/SIGHUP while waiting on a server: unwinds the stack so the server is stopped."""
-
 
 def _raise_terminated(signum, frame) -> None:
     raise _Terminated(128 + signum)
@@ -702,7 +701,6 @@ class TritonServer:
 @dataclass
 class ServingSession:
     """A running server and the model it serves: endpoints, and what to send them."""
-
     server: TritonServer
     model: str
     version: int
@@ -780,7 +778,7 @@ def serve(
 ) -> Iterator[ServingSession]:
     """Serve a run's verified artifact (or an artifact file of a run) with Triton on this machine.
 
-    Exports a Python-backend repository (:func:`mmexport.triton.export_repository`,
+    Exports a Python-backend repository (:func:`mmexport.serving.triton.export_repository`,
     with the encoded-image input unless ``preprocess=False``) into ``repo`` -- a new
     version of ``name`` -- or into a temporary repository removed afterwards, starts
     :class:`TritonServer` on it (``host`` defaults to loopback), waits until the model is
@@ -788,7 +786,6 @@ def serve(
     by Ctrl-C) stops the server. ``prepare_python`` creates the stub's Python
     environment if it is needed and missing (see :func:`prepare_python_environment`).
     """
-    from mmexport.triton import export_repository, read_version_record
 
     progress = sink(progress)
     temporary = repo is None

@@ -24,7 +24,7 @@ Backends:
   engine's optimisation-profile maximum (Triton refuses a larger one); engines for
   several GPUs are mapped with ``cc_model_filenames`` (compute capability -> plan);
 * ``python`` -- Triton's Python backend running ``model.py``
-  (:mod:`mmexport.triton_python_model`), which serves the artifact through
+  (:mod:`mmexport.serving.python_model`), which serves the artifact through
   :mod:`mmexport.runtime` (ONNX Runtime, or TensorRT for an engine). With
   ``preprocess=True`` the same model also takes encoded PNG/JPEG bytes and applies the
   model's own recorded preprocessing on the server.
@@ -61,10 +61,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mmexport import __version__, artifacts
+from mmexport.convert.onnxfile import OUTPUT_NAME, get_metadata, load_onnx
 from mmexport.errors import CheckpointError, MissingDependencyError, MMExportError, RunDirError
 from mmexport.fileio import sha256_file, write_bytes_atomic
-from mmexport.manifest import MANIFEST_NAME, RunDir
 from mmexport.progress import ProgressSink, sink
+from mmexport.runs.lock import writing
+from mmexport.runs.manifest import MANIFEST_NAME, RunDir, _now
+from mmexport.runtime.engine import EngineSidecar
 from mmexport.runtime.modelinfo import ModelInfo
 
 BACKENDS: tuple[str, ...] = ("onnxruntime", "tensorrt", "python")
@@ -76,7 +79,7 @@ CONFIG_FILE = "config.pbtxt"
 VERSION_RECORD = "mmexport.json"
 RECORD_FORMAT = "mmexport-triton/1"
 PYTHON_MODEL_FILE = "model.py"
-PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
+PYTHON_MODEL_SOURCE = Path(__file__).with_name("python_model.py")
 IMAGE_INPUT = "image"
 BYTES_INPUT = "image_bytes"
 OUTPUT = "logits"
@@ -113,7 +116,6 @@ def check_name(name: str) -> str:
 @dataclass(frozen=True)
 class TensorSpec:
     """One input or output of a model config; ``dims`` exclude the batch dimension when max_batch_size > 0."""
-
     name: str
     data_type: str
     dims: tuple[int, ...]
@@ -128,7 +130,6 @@ class TensorSpec:
 @dataclass(frozen=True)
 class ModelConfigSpec:
     """Everything :func:`config_text` writes; a plain value, easy to compare and test."""
-
     name: str
     backend: str
     max_batch_size: int
@@ -211,7 +212,6 @@ def parse_config(text: str) -> Any:
 @dataclass
 class SourceArtifact:
     """A deployable file, what it takes and gives, and where its verification is recorded."""
-
     path: Path
     kind: str  # "onnx" or "plan"
     sha256: str
@@ -244,7 +244,6 @@ class SourceArtifact:
 
 
 def _onnx_signature(path: Path) -> tuple[dict[str, str], tuple, tuple]:
-    from mmexport.export.onnxfile import get_metadata, load_onnx
 
     model = load_onnx(path)
     initializers = {init.name for init in model.graph.initializer}
@@ -292,8 +291,6 @@ def _read_onnx(path: Path) -> dict[str, Any]:
 
 
 def _read_plan(path: Path, sidecar_file: Path, sha: str) -> dict[str, Any]:
-    from mmexport.export.onnxfile import OUTPUT_NAME
-    from mmexport.runtime.engine import EngineSidecar
 
     sidecar = EngineSidecar.read(sidecar_file)
     if sidecar.engine_sha256 != sha:
@@ -395,7 +392,6 @@ def _check_backend(backend: str) -> str:
 @dataclass(frozen=True)
 class RepositoryResult:
     """One exported model version: where it is, what it serves, and the files it holds (path -> sha256)."""
-
     repository: Path
     name: str
     version: int
@@ -504,6 +500,395 @@ def _plan_name(cc: str) -> str:
     return f"model.sm{cc.replace('.', '')}.plan"
 
 
+# --------------------------------------------------------------------------------------------
+# the plan: every check of an export, before anything is written
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackendLayout:
+    """What one backend puts into a version folder, and the config fields that name it."""
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    copies: Mapping[str, Path]  # version-relative file name -> the file copied there, in copy order
+    served: str  # the copy of the source artifact (hashed against the manifest's sha256 once copied)
+    default_model_filename: str | None = None
+    cc_model_filenames: Mapping[str, str] = field(default_factory=dict)  # "8.6" -> plan file (tensorrt)
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """Where the new version goes: the repository, the model's folder in it and the versions already there."""
+    repository: Path
+    model_dir: Path
+    existing_versions: tuple[int, ...]
+
+    @property
+    def next_version(self) -> int:
+        """The first version number to try (the rename moves past one another export took meanwhile)."""
+        return (self.existing_versions[-1] if self.existing_versions else 0) + 1
+
+
+@dataclass(frozen=True)
+class RepositoryPlan:
+    """A checked export: the config, labels and files of the new version, computed without writing anything."""
+    source: SourceArtifact
+    engines: tuple[SourceArtifact, ...]  # engines of the same model for other GPUs (tensorrt)
+    spec: ModelConfigSpec
+    layout: BackendLayout
+    preprocess: bool
+    config_text: str
+    labels_text: str
+    interface: dict[str, Any]  # what every version of the model shares (compared with the newest version's record)
+    folder: ModelFolder
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def backend(self) -> str:
+        return self.spec.backend
+
+
+def plan_repository(
+    source: str | os.PathLike[str],
+    repo_dir: str | os.PathLike[str],
+    *,
+    precision: str = "fp32",
+    backend: str = "onnxruntime",
+    name: str | None = None,
+    preprocess: bool = False,
+    max_batch: int | None = None,
+    instance_kind: str | None = None,
+    instance_count: int = 1,
+    artifact: str | None = None,
+    engines: Sequence[str | os.PathLike[str]] = (),
+    threads: int | None = None,
+    allow_untracked: bool = False,
+) -> RepositoryPlan:
+    """What :func:`export_repository` would write, after every check it makes; writes nothing.
+
+    Takes :func:`export_repository`'s arguments (less ``progress``); raises
+    :class:`MMExportError` (one line) for an export it would refuse.
+    """
+    _check_options(backend, preprocess=preprocess, engines=engines, instance_count=instance_count, threads=threads)
+    found = resolve_artifact(source, backend=backend, precision=precision, artifact=artifact, allow_untracked=allow_untracked)
+    extra = tuple(_engine_set(found, engines, allow_untracked)) if engines else ()
+    name = check_name(name if name is not None else _default_name(found))
+    kind = _instance_kind(instance_kind, backend, found)
+    batch = _max_batch(found, extra, max_batch, backend)
+    _check_labels(found.info.classes)
+    layout = _LAYOUTS[backend](found, extra, batch, preprocess=preprocess, threads=threads)
+    spec = ModelConfigSpec(
+        name=name, backend=backend, max_batch_size=batch, inputs=layout.inputs, outputs=layout.outputs,
+        instance_kind=kind, instance_count=instance_count, default_model_filename=layout.default_model_filename,
+        cc_model_filenames=dict(layout.cc_model_filenames), dynamic_batching=True, parameters=dict(layout.parameters),
+    )
+    text = config_text(spec)
+    interface = _interface(backend, layout.inputs, layout.outputs, found.info.classes)
+    folder = _model_folder(repo_dir, name, interface)
+    return RepositoryPlan(
+        source=found, engines=extra, spec=spec, layout=layout, preprocess=preprocess, config_text=text,
+        labels_text="".join(f"{label}\n" for label in found.info.classes), interface=interface, folder=folder,
+    )
+
+
+def _check_options(backend: str, *, preprocess: bool, engines: Sequence[Any], instance_count: Any, threads: Any) -> None:
+    """The options checkable on their own, refused before any file is read."""
+    _check_backend(backend)
+    if preprocess and backend != "python":
+        raise MMExportError("preprocess (encoded images in, preprocessing on the server) needs backend python")
+    if engines and backend != "tensorrt":
+        raise MMExportError("engines for several GPUs (cc_model_filenames) need backend tensorrt")
+    if isinstance(instance_count, bool) or not isinstance(instance_count, int) or instance_count < 1:
+        raise MMExportError(f"instance count must be a positive integer, got {instance_count!r}")
+    if threads is not None and (backend != "python" or isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise MMExportError("threads is a positive integer, for the python backend only")
+
+
+def _default_name(found: SourceArtifact) -> str:
+    return sanitize_name(found.run.path.name if found.run is not None else found.path.stem)
+
+
+def _check_labels(classes: Sequence[str]) -> None:
+    # Triton maps output index i to line i of labels.txt: a class must be exactly one non-blank line.
+    for label in classes:
+        if "\n" in label or "\r" in label or not label.strip():
+            raise MMExportError(f"class name {label!r} cannot be a line of {LABELS_FILE}")
+
+
+# -- per backend: the tensors the config declares and the files the version holds ----------
+def _artifact_tensors(found: SourceArtifact, batch: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The artifact's own input and output (native backends); with max_batch_size 0 the dims keep the fixed batch."""
+    size = found.info.image_size
+    lead = (found.fixed_batch,) if batch == 0 else ()
+    inputs = (TensorSpec(found.input_name, found.input_type, (*lead, 3, size, size)),)
+    outputs = (TensorSpec(found.output_name, found.output_type, (*lead, found.info.num_classes), label_filename=LABELS_FILE),)
+    return inputs, outputs
+
+
+def _single_artifact_copies(found: SourceArtifact) -> dict[str, Path]:
+    """The artifact under Triton's default file name (an engine with its sidecar, which check_model_folder reads)."""
+    if found.kind == "onnx":
+        return {ONNX_FILE: found.path}
+    return {PLAN_FILE: found.path, PLAN_FILE + ".json": found.sidecar}
+
+
+def _served_name(found: SourceArtifact) -> str:
+    return ONNX_FILE if found.kind == "onnx" else PLAN_FILE
+
+
+def _onnxruntime_layout(found: SourceArtifact, engines: Sequence[SourceArtifact], batch: int, *,
+                        preprocess: bool, threads: int | None) -> BackendLayout:
+    inputs, outputs = _artifact_tensors(found, batch)
+    return BackendLayout(inputs, outputs, _single_artifact_copies(found), _served_name(found))
+
+
+def _tensorrt_layout(found: SourceArtifact, engines: Sequence[SourceArtifact], batch: int, *,
+                     preprocess: bool, threads: int | None) -> BackendLayout:
+    inputs, outputs = _artifact_tensors(found, batch)
+    if not engines:
+        return BackendLayout(inputs, outputs, _single_artifact_copies(found), _served_name(found))
+    # An engine only runs on the GPU architecture it was built for: one plan per compute capability,
+    # mapped by cc_model_filenames; the source's own plan is the default for any other GPU.
+    copies: dict[str, Path] = {}
+    cc_files: dict[str, str] = {}
+    for engine in (found, *engines):
+        filename = _plan_name(engine.compute_capability)
+        copies[filename] = engine.path
+        copies[filename + ".json"] = engine.sidecar
+        cc_files[engine.compute_capability] = filename
+    served = cc_files[found.compute_capability]
+    return BackendLayout(inputs, outputs, copies, served, default_model_filename=served, cc_model_filenames=cc_files)
+
+
+def _python_layout(found: SourceArtifact, engines: Sequence[SourceArtifact], batch: int, *,
+                   preprocess: bool, threads: int | None) -> BackendLayout:
+    """model.py's interface (FP32 images, logits), whatever the artifact's own tensor names, plus the artifact."""
+    size = found.info.image_size
+    # With preprocess a request carries either decoded images or encoded bytes, so both inputs are optional.
+    inputs = [TensorSpec(IMAGE_INPUT, "TYPE_FP32", (3, size, size), optional=preprocess)]
+    if preprocess:
+        inputs.append(TensorSpec(BYTES_INPUT, "TYPE_STRING", (1,), optional=True))
+    outputs = (TensorSpec(OUTPUT, "TYPE_FP32", (found.info.num_classes,), label_filename=LABELS_FILE),)
+    copies = {**_single_artifact_copies(found), PYTHON_MODEL_FILE: PYTHON_MODEL_SOURCE}
+    return BackendLayout(tuple(inputs), outputs, copies, _served_name(found),
+                         parameters={"threads": str(threads)} if threads else {})
+
+
+_LAYOUTS = {"onnxruntime": _onnxruntime_layout, "tensorrt": _tensorrt_layout, "python": _python_layout}
+
+
+# -- the destination -------------------------------------------------------------------------
+def _model_folder(repo_dir: str | os.PathLike[str], name: str, interface: dict[str, Any]) -> ModelFolder:
+    """The model's folder, checked to take a new version of this interface (read only: nothing is created yet)."""
+    repo = Path(repo_dir).expanduser().absolute()
+    if repo.exists() and not repo.is_dir():
+        raise RunDirError(f"{repo}: exists and is not a directory")
+    if not repo.parent.is_dir():
+        raise RunDirError(f"{repo.parent}: parent directory does not exist")
+    model_dir = repo / name
+    existing = _versions(model_dir)
+    if model_dir.exists():
+        if not model_dir.is_dir():
+            raise RunDirError(f"{model_dir}: exists and is not a directory")
+        if existing or (model_dir / CONFIG_FILE).exists():
+            _check_same_interface(model_dir, existing, interface)
+    return ModelFolder(repository=repo, model_dir=model_dir, existing_versions=tuple(existing))
+
+
+def _check_same_interface(model_dir: Path, existing: Sequence[int], interface: dict[str, Any]) -> None:
+    # config.pbtxt and labels.txt belong to the model, not to a version: every version must fit them.
+    if not existing:
+        raise RunDirError(f"{model_dir}: has a {CONFIG_FILE} but no version mmexport wrote; refusing to change it")
+    latest = read_version_record(model_dir / str(existing[-1]))
+    if latest.get("interface") != interface:
+        raise MMExportError(f"{model_dir}: version {existing[-1]} has another interface (backend, inputs, outputs "
+                            f"or classes) than this export; the config is shared by all versions: use another name")
+
+
+# --------------------------------------------------------------------------------------------
+# the write: stage the version, then rename it into place
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WrittenVersion:
+    """A version in place: its number and folder, the sha256 of the files copied into it, and whether the config changed."""
+    version: int
+    version_dir: Path
+    copied: dict[str, str]  # version-relative file name -> sha256
+    config_changed: bool  # config.pbtxt was created or its text changed
+
+
+def _write_version(plan: RepositoryPlan, progress: ProgressSink) -> WrittenVersion:
+    model_dir = plan.folder.model_dir
+    _make_model_dir(model_dir)
+    # Built in a hidden folder and renamed into place when complete, so Triton never sees half a version;
+    # a failure anywhere removes the staging folder and leaves the model folder as it was found.
+    staging = model_dir / f"{_PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
+    try:
+        staging.mkdir()
+        copied = _copy_files(plan, staging, progress)
+        record = _version_record(plan, copied)
+        write_bytes_atomic(staging / VERSION_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+        config_changed = _write_model_files(plan)
+        version = _rename_into_place(staging, model_dir, plan.folder.next_version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return WrittenVersion(version=version, version_dir=model_dir / str(version), copied=copied,
+                          config_changed=config_changed)
+
+
+def _make_model_dir(model_dir: Path) -> None:
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"{model_dir}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(model_dir, os.W_OK):
+        raise RunDirError(f"{model_dir}: directory is not writable")
+
+
+def _copy_files(plan: RepositoryPlan, staging: Path, progress: ProgressSink) -> dict[str, str]:
+    """Copy the version's files into ``staging``; returns their sha256, checked against the manifest's."""
+    hashes: dict[str, str] = {}
+    for filename, origin in plan.layout.copies.items():
+        progress.message(f"copying {origin.name} -> {plan.name}/<version>/{filename} ({origin.stat().st_size / 1e6:.1f} MB)")
+        shutil.copyfile(origin, staging / filename)
+        hashes[filename] = sha256_file(staging / filename)
+    # The copies are hashed, not the originals: what Triton loads must be the bytes that were verified.
+    if hashes.get(plan.layout.served) != plan.source.sha256:
+        raise RunDirError(f"{plan.source.path}: changed while it was copied (sha256 differs from the manifest's)")
+    for engine in plan.engines:
+        if hashes[plan.layout.cc_model_filenames[engine.compute_capability]] != engine.sha256:
+            raise RunDirError(f"{engine.path}: changed while it was copied")
+    return hashes
+
+
+def _write_model_files(plan: RepositoryPlan) -> bool:
+    """Write labels.txt and config.pbtxt (only when its text changed); returns whether the config changed."""
+    # The model-level files first (same interface as every version there), then the version appears at once.
+    config_path = plan.folder.model_dir / CONFIG_FILE
+    previous = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
+    write_bytes_atomic(plan.folder.model_dir / LABELS_FILE, plan.labels_text.encode("utf-8"))
+    if previous != plan.config_text:
+        write_bytes_atomic(config_path, plan.config_text.encode("utf-8"))
+    return previous != plan.config_text
+
+
+def _rename_into_place(staging: Path, model_dir: Path, first: int) -> int:
+    """Rename ``staging`` to the first free version number from ``first``; returns the number taken."""
+    version = first
+    while True:
+        target = model_dir / str(version)
+        if not target.exists():
+            try:
+                os.rename(staging, target)
+                return version
+            except OSError:
+                # Another export renamed its version to this number first: try the next one.
+                if not target.exists():
+                    raise
+        version += 1
+
+
+# --------------------------------------------------------------------------------------------
+# the records: the version's mmexport.json, the result, the run manifest's entry
+# --------------------------------------------------------------------------------------------
+def _version_record(plan: RepositoryPlan, copied: Mapping[str, str]) -> dict[str, Any]:
+    """The content of the version's ``mmexport.json``: where it came from and what it holds."""
+    return {
+        "format": RECORD_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "mmexport_version": __version__,
+        "model_name": plan.name,
+        "backend": plan.backend,
+        "platform": plan.spec.platform,
+        "preprocess": plan.preprocess,
+        "served_artifact": plan.layout.served,
+        "source": _source_record(plan.source),
+        "verification": plan.source.verification,
+        "engines": _engine_records(plan),
+        "files": copied,
+        "model_files": {CONFIG_FILE: _sha_text(plan.config_text), LABELS_FILE: _sha_text(plan.labels_text)},
+        "interface": plan.interface,
+        "max_batch_size": plan.spec.max_batch_size,
+        "model_metadata": dict(plan.source.metadata),
+        "config_pbtxt": plan.config_text,
+    }
+
+
+def _source_record(found: SourceArtifact) -> dict[str, Any]:
+    return {
+        "run": str(found.run.path) if found.run is not None else None,
+        "artifact": found.name,
+        "registry_key": found.registry_key,
+        "path": str(found.path),
+        "sha256": found.sha256,
+        "verified": found.verified,
+        "manifest_entry": found.entry,
+    }
+
+
+def _engine_records(plan: RepositoryPlan) -> list[dict[str, Any]]:
+    """One entry per TensorRT engine in the version (none for an ONNX artifact)."""
+    if plan.source.kind != "plan":
+        return []
+    cc_files = plan.layout.cc_model_filenames
+    single_file = PLAN_FILE if not plan.engines else None
+    return [
+        {"file": cc_files.get(e.compute_capability, single_file), "source": str(e.path),
+         "run": str(e.run.path) if e.run is not None else None, "sha256": e.sha256, "verified": e.verified,
+         "compute_capability": e.compute_capability, "gpu": e.engine.gpu_name,
+         "tensorrt_version": e.engine.tensorrt_version, "batch_profile": [e.engine.batch_profile.min,
+         e.engine.batch_profile.opt, e.engine.batch_profile.max],
+         "verification": e.verification}
+        for e in (plan.source, *plan.engines)
+    ]
+
+
+def _result(plan: RepositoryPlan, written: WrittenVersion) -> RepositoryResult:
+    model_dir, version, version_dir = plan.folder.model_dir, written.version, written.version_dir
+    files = {f"{version}/{k}": v for k, v in written.copied.items()}
+    files[f"{version}/{VERSION_RECORD}"] = sha256_file(version_dir / VERSION_RECORD)
+    files[CONFIG_FILE] = _sha_text(plan.config_text)
+    files[LABELS_FILE] = _sha_text(plan.labels_text)
+    found = plan.source
+    return RepositoryResult(
+        repository=plan.folder.repository, name=plan.name, version=version, model_dir=model_dir, version_dir=version_dir,
+        config_path=model_dir / CONFIG_FILE, labels_path=model_dir / LABELS_FILE, record_path=version_dir / VERSION_RECORD,
+        backend=plan.backend, platform=plan.spec.platform, max_batch_size=plan.spec.max_batch_size,
+        preprocess=plan.preprocess, source=found.path, run=found.run.path if found.run is not None else None,
+        artifact=found.name, verified=found.verified, files=files, config_text=plan.config_text,
+        config_changed=written.config_changed, inputs=plan.spec.inputs, outputs=plan.spec.outputs,
+        compute_capabilities=dict(plan.layout.cc_model_filenames),
+    )
+
+
+def record_in_run(result: RepositoryResult, *, lock_wait: float | None = None) -> None:
+    """Write the exported version into the run's manifest (``triton_repositories``): ``verify --manifest``
+    then re-hashes the repository's files with the run's own, completing the chain sources → engine → repository.
+
+    ``lock_wait``: seconds to wait for another command writing the run."""
+    if result.run is None:
+        return
+
+    with writing(result.run, "fold --to triton", wait=lock_wait):
+        run = RunDir.open(result.run)
+        run.manifest.setdefault("triton_repositories", []).append(_manifest_entry(result))
+        run.save()
+
+
+def _manifest_entry(result: RepositoryResult) -> dict[str, Any]:
+    return {
+        "path": str(Path(result.repository).absolute()), "model": result.name, "version": result.version,
+        "backend": result.backend, "artifact": result.artifact, "preprocess": result.preprocess,
+        "max_batch_size": result.max_batch_size, "files": dict(result.files), "created": _now(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the export
+# --------------------------------------------------------------------------------------------
 def export_repository(
     source: str | os.PathLike[str],
     repo_dir: str | os.PathLike[str],
@@ -532,177 +917,15 @@ def export_repository(
     ``preprocess`` (python backend only) adds the encoded-image input ``image_bytes``.
     ``threads`` (python backend) is ONNX Runtime's intra-op thread count per instance.
     Returns the written version; raises :class:`MMExportError` (one line) otherwise.
+    The run's manifest is not touched: :func:`record_in_run` records the result there.
     """
     progress = sink(progress)
-    _check_backend(backend)
-    if preprocess and backend != "python":
-        raise MMExportError("preprocess (encoded images in, preprocessing on the server) needs backend python")
-    if engines and backend != "tensorrt":
-        raise MMExportError("engines for several GPUs (cc_model_filenames) need backend tensorrt")
-    if isinstance(instance_count, bool) or not isinstance(instance_count, int) or instance_count < 1:
-        raise MMExportError(f"instance count must be a positive integer, got {instance_count!r}")
-    if threads is not None and (backend != "python" or isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise MMExportError("threads is a positive integer, for the python backend only")
-    found = resolve_artifact(source, backend=backend, precision=precision, artifact=artifact, allow_untracked=allow_untracked)
-    extra = _engine_set(found, engines, allow_untracked) if engines else []
-    if name is None:
-        base = found.run.path.name if found.run is not None else found.path.stem
-        name = sanitize_name(base)
-    check_name(name)
-    kind = _instance_kind(instance_kind, backend, found)
-    batch = _max_batch(found, extra, max_batch, backend)
-    info = found.info
-    size = info.image_size
-    if backend == "python":
-        inputs = [TensorSpec(IMAGE_INPUT, "TYPE_FP32", (3, size, size), optional=preprocess)]
-        if preprocess:
-            inputs.append(TensorSpec(BYTES_INPUT, "TYPE_STRING", (1,), optional=True))
-        outputs = [TensorSpec(OUTPUT, "TYPE_FP32", (info.num_classes,), label_filename=LABELS_FILE)]
-    else:
-        lead = (found.fixed_batch,) if batch == 0 else ()
-        inputs = [TensorSpec(found.input_name, found.input_type, (*lead, 3, size, size))]
-        outputs = [TensorSpec(found.output_name, found.output_type, (*lead, info.num_classes), label_filename=LABELS_FILE)]
-    for label in info.classes:
-        if "\n" in label or "\r" in label or not label.strip():
-            raise MMExportError(f"class name {label!r} cannot be a line of {LABELS_FILE}")
-
-    # Files of the version: what is copied from where.
-    copies: dict[str, Path] = {}
-    cc_files: dict[str, str] = {}
-    default_file = None
-    if found.kind == "onnx":
-        copies[ONNX_FILE] = found.path
-        served = ONNX_FILE
-    elif extra:
-        for engine in (found, *extra):
-            filename = _plan_name(engine.compute_capability)
-            copies[filename] = engine.path
-            copies[filename + ".json"] = engine.sidecar
-            cc_files[engine.compute_capability] = filename
-        served = default_file = cc_files[found.compute_capability]
-    else:
-        copies[PLAN_FILE] = found.path
-        copies[PLAN_FILE + ".json"] = found.sidecar
-        served = PLAN_FILE
-    if backend == "python":
-        copies[PYTHON_MODEL_FILE] = PYTHON_MODEL_SOURCE
-
-    spec = ModelConfigSpec(
-        name=name, backend=backend, max_batch_size=batch, inputs=tuple(inputs), outputs=tuple(outputs),
-        instance_kind=kind, instance_count=instance_count,
-        default_model_filename=default_file if backend == "tensorrt" else None,
-        cc_model_filenames=cc_files if backend == "tensorrt" else {},
-        dynamic_batching=True, parameters={"threads": str(threads)} if threads else {},
+    plan = plan_repository(
+        source, repo_dir, precision=precision, backend=backend, name=name, preprocess=preprocess, max_batch=max_batch,
+        instance_kind=instance_kind, instance_count=instance_count, artifact=artifact, engines=engines, threads=threads,
+        allow_untracked=allow_untracked,
     )
-    text = config_text(spec)
-    labels = "".join(f"{label}\n" for label in info.classes)
-    interface = _interface(backend, inputs, outputs, info.classes)
-
-    repo = Path(repo_dir).expanduser().absolute()
-    if repo.exists() and not repo.is_dir():
-        raise RunDirError(f"{repo}: exists and is not a directory")
-    if not repo.parent.is_dir():
-        raise RunDirError(f"{repo.parent}: parent directory does not exist")
-    model_dir = repo / name
-    existing = _versions(model_dir)
-    if model_dir.exists():
-        if not model_dir.is_dir():
-            raise RunDirError(f"{model_dir}: exists and is not a directory")
-        if existing or (model_dir / CONFIG_FILE).exists():
-            if not existing:
-                raise RunDirError(f"{model_dir}: has a {CONFIG_FILE} but no version mmexport wrote; refusing to change it")
-            latest = read_version_record(model_dir / str(existing[-1]))
-            if latest.get("interface") != interface:
-                raise MMExportError(f"{model_dir}: version {existing[-1]} has another interface (backend, inputs, outputs "
-                                    f"or classes) than this export; the config is shared by all versions: use another name")
-    try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunDirError(f"{model_dir}: cannot create it ({exc.strerror or exc})") from None
-    if not os.access(model_dir, os.W_OK):
-        raise RunDirError(f"{model_dir}: directory is not writable")
-
-    staging = model_dir / f"{_PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
-    try:
-        staging.mkdir()
-        hashes: dict[str, str] = {}
-        for filename, origin in copies.items():
-            progress.message(f"copying {origin.name} -> {name}/<version>/{filename} ({origin.stat().st_size / 1e6:.1f} MB)")
-            shutil.copyfile(origin, staging / filename)
-            hashes[filename] = sha256_file(staging / filename)
-        if hashes.get(served) != found.sha256:
-            raise RunDirError(f"{found.path}: changed while it was copied (sha256 differs from the manifest's)")
-        for engine in extra:
-            if hashes[cc_files[engine.compute_capability]] != engine.sha256:
-                raise RunDirError(f"{engine.path}: changed while it was copied")
-        record = {
-            "format": RECORD_FORMAT,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "mmexport_version": __version__,
-            "model_name": name,
-            "backend": backend,
-            "platform": spec.platform,
-            "preprocess": preprocess,
-            "served_artifact": served,
-            "source": {
-                "run": str(found.run.path) if found.run is not None else None,
-                "artifact": found.name,
-                "registry_key": found.registry_key,
-                "path": str(found.path),
-                "sha256": found.sha256,
-                "verified": found.verified,
-                "manifest_entry": found.entry,
-            },
-            "verification": found.verification,
-            "engines": [
-                {"file": cc_files.get(e.compute_capability, PLAN_FILE if not extra else None), "source": str(e.path),
-                 "run": str(e.run.path) if e.run is not None else None, "sha256": e.sha256, "verified": e.verified,
-                 "compute_capability": e.compute_capability, "gpu": e.engine.gpu_name,
-                 "tensorrt_version": e.engine.tensorrt_version, "batch_profile": [e.engine.batch_profile.min,
-                 e.engine.batch_profile.opt, e.engine.batch_profile.max],
-                 "verification": e.verification}
-                for e in ((found, *extra) if found.kind == "plan" else ())
-            ],
-            "files": hashes,
-            "model_files": {CONFIG_FILE: _sha_text(text), LABELS_FILE: _sha_text(labels)},
-            "interface": interface,
-            "max_batch_size": batch,
-            "model_metadata": dict(found.metadata),
-            "config_pbtxt": text,
-        }
-        write_bytes_atomic(staging / VERSION_RECORD, (json.dumps(record, indent=2) + "\n").encode())
-        # The model-level files first (same interface as every version there), then the version appears at once.
-        config_path = model_dir / CONFIG_FILE
-        previous = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
-        write_bytes_atomic(model_dir / LABELS_FILE, labels.encode("utf-8"))
-        if previous != text:
-            write_bytes_atomic(config_path, text.encode("utf-8"))
-        version = (existing[-1] if existing else 0) + 1
-        while True:
-            target = model_dir / str(version)
-            if not target.exists():
-                try:
-                    os.rename(staging, target)
-                    break
-                except OSError:
-                    if not target.exists():
-                        raise
-            version += 1
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    files = {f"{version}/{k}": v for k, v in hashes.items()}
-    files[f"{version}/{VERSION_RECORD}"] = sha256_file(target / VERSION_RECORD)
-    files[CONFIG_FILE] = _sha_text(text)
-    files[LABELS_FILE] = _sha_text(labels)
-    return RepositoryResult(
-        repository=repo, name=name, version=version, model_dir=model_dir, version_dir=target,
-        config_path=model_dir / CONFIG_FILE, labels_path=model_dir / LABELS_FILE, record_path=target / VERSION_RECORD,
-        backend=backend, platform=spec.platform, max_batch_size=batch, preprocess=preprocess, source=found.path,
-        run=found.run.path if found.run is not None else None, artifact=found.name, verified=found.verified,
-        files=files, config_text=text, config_changed=previous != text, inputs=tuple(inputs), outputs=tuple(outputs),
-        compute_capabilities=dict(cc_files),
-    )
+    return _result(plan, _write_version(plan, progress))
 
 
 def _sha_text(text: str) -> str:
@@ -736,24 +959,10 @@ def check_model_folder(model_dir: str | os.PathLike[str]) -> list[str]:
         return problems + [f"{folder}: no version folder"]
     labels_path = folder / LABELS_FILE
     labels = labels_path.read_text(encoding="utf-8").splitlines() if labels_path.is_file() else None
-    for version in versions:
-        record = read_version_record(folder / str(version))
-        for filename, digest in record.get("files", {}).items():
-            path = folder / str(version) / filename
-            if not path.is_file():
-                problems.append(f"version {version}: {filename} is missing")
-            elif sha256_file(path) != digest:
-                problems.append(f"version {version}: {filename} differs from its recorded sha256")
+    problems += _version_file_problems(folder, versions)
     record = read_version_record(folder / str(versions[-1]))
     classes = record["interface"]["classes"]
-    for output in config.output:
-        if output.label_filename:
-            if labels is None:
-                problems.append(f"output {output.name}: label file {output.label_filename} is missing")
-            elif len(labels) != len(classes) or labels != classes:
-                problems.append(f"{LABELS_FILE} has {len(labels)} lines, the model {len(classes)} classes")
-            if list(output.dims)[-1:] != [len(classes)]:
-                problems.append(f"output {output.name} dims {list(output.dims)} do not end in the {len(classes)} classes")
+    problems += _label_problems(config, labels, classes)
     version_dir = folder / str(versions[-1])
     served = version_dir / record["served_artifact"]
     batch = config.max_batch_size
@@ -769,27 +978,59 @@ def check_model_folder(model_dir: str | os.PathLike[str]) -> list[str]:
     for kind, declared, actual in (("input", config.input, model_inputs), ("output", config.output, model_outputs)):
         for tensor in declared:
             if tensor.name == BYTES_INPUT and config.backend == "python":
-                continue
-            if tensor.name not in actual:
-                problems.append(f"{kind} {tensor.name}: the model has no such {kind} (it has {', '.join(actual)})")
-                continue
-            dtype, shape = actual[tensor.name]
-            expected = list(shape[1:]) if batch > 0 else list(shape)
-            if batch > 0 and shape and shape[0] is not None and shape[0] > 0:
-                problems.append(f"{kind} {tensor.name}: max_batch_size {batch} but the model's batch is fixed at {shape[0]}")
-            dims = list(tensor.dims)
-            if len(dims) != len(expected) or any(e is not None and d != e for d, e in zip(dims, expected)):
-                problems.append(f"{kind} {tensor.name}: dims {dims}, the model file has {expected}")
-            wanted = _type_name(tensor.data_type)
-            if dtype is not None and wanted != dtype:
-                problems.append(f"{kind} {tensor.name}: data type {wanted}, the model file has {dtype}")
+                continue  # encoded bytes are model.py's own input: the model file has no counterpart
+            problems += _tensor_problems(kind, tensor, actual, batch)
+    return problems
+
+
+def _version_file_problems(folder: Path, versions: Sequence[int]) -> list[str]:
+    """Every version's files against the sha256 its ``mmexport.json`` records."""
+    problems: list[str] = []
+    for version in versions:
+        record = read_version_record(folder / str(version))
+        for filename, digest in record.get("files", {}).items():
+            path = folder / str(version) / filename
+            if not path.is_file():
+                problems.append(f"version {version}: {filename} is missing")
+            elif sha256_file(path) != digest:
+                problems.append(f"version {version}: {filename} differs from its recorded sha256")
+    return problems
+
+
+def _label_problems(config: Any, labels: list[str] | None, classes: Sequence[str]) -> list[str]:
+    """Each labelled output against the labels file and the model's classes (one line, one logit per class)."""
+    problems: list[str] = []
+    for output in config.output:
+        if output.label_filename:
+            if labels is None:
+                problems.append(f"output {output.name}: label file {output.label_filename} is missing")
+            elif len(labels) != len(classes) or labels != classes:
+                problems.append(f"{LABELS_FILE} has {len(labels)} lines, the model {len(classes)} classes")
+            if list(output.dims)[-1:] != [len(classes)]:
+                problems.append(f"output {output.name} dims {list(output.dims)} do not end in the {len(classes)} classes")
+    return problems
+
+
+def _tensor_problems(kind: str, tensor: Any, actual: Mapping[str, tuple], batch: int) -> list[str]:
+    """One declared tensor against the model file's: present, same dims (without the batch when batching), same type."""
+    if tensor.name not in actual:
+        return [f"{kind} {tensor.name}: the model has no such {kind} (it has {', '.join(actual)})"]
+    problems: list[str] = []
+    dtype, shape = actual[tensor.name]
+    expected = list(shape[1:]) if batch > 0 else list(shape)
+    if batch > 0 and shape and shape[0] is not None and shape[0] > 0:
+        problems.append(f"{kind} {tensor.name}: max_batch_size {batch} but the model's batch is fixed at {shape[0]}")
+    dims = list(tensor.dims)
+    if len(dims) != len(expected) or any(e is not None and d != e for d, e in zip(dims, expected)):
+        problems.append(f"{kind} {tensor.name}: dims {dims}, the model file has {expected}")
+    wanted = _type_name(tensor.data_type)
+    if dtype is not None and wanted != dtype:
+        problems.append(f"{kind} {tensor.name}: data type {wanted}, the model file has {dtype}")
     return problems
 
 
 def _model_io(served: Path, version_dir: Path, config: Any, classes: Sequence[str], problems: list[str]):
     """What the served file takes and gives: name -> (Triton type, shape with batch), and its batch limit."""
-    from mmexport.runtime.engine import EngineSidecar
-
     if served.suffix == ".onnx":
         _, (in_name, in_type, in_dims), (out_name, out_type, out_dims) = _onnx_signature(served)
         model_inputs = {in_name: (_ONNX_TO_TRITON.get(in_type), in_dims)}
@@ -820,29 +1061,8 @@ def _type_name(value: int) -> str:
 
 __all__ = [
     "BACKENDS", "BYTES_INPUT", "CONFIG_FILE", "DEFAULT_MAX_BATCH", "IMAGE_INPUT", "LABELS_FILE", "ModelConfigSpec",
-    "OUTPUT", "RECORD_FORMAT", "RepositoryResult", "SourceArtifact", "TensorSpec", "VERSION_RECORD", "check_model_folder",
-    "check_name", "config_text", "export_repository", "parse_config", "read_version_record", "resolve_artifact",
-    "sanitize_name",
+    "OUTPUT", "RECORD_FORMAT", "RepositoryPlan", "RepositoryResult", "SourceArtifact", "TensorSpec", "VERSION_RECORD",
+    "check_model_folder", "check_name", "config_text", "export_repository", "parse_config", "plan_repository",
+    "read_version_record", "record_in_run", "resolve_artifact", "sanitize_name",
 ]
 
-
-def record_in_run(result: RepositoryResult) -> None:
-    """Write the exported version into the run's manifest (``triton_repositories``): ``verify --manifest``
-    then re-hashes the repository's files with the run's own, completing the chain sources → engine → repository."""
-    if result.run is None:
-        return
-    from mmexport.manifest import RunDir, _now
-    from mmexport.runlock import writing
-
-    with writing(result.run, "fold --to triton"):
-        run = RunDir.open(result.run)
-        entries = run.manifest.setdefault("triton_repositories", [])
-        entries.append({
-            "path": str(Path(result.repository).absolute()), "model": result.name, "version": result.version,
-            "backend": result.backend, "artifact": result.artifact, "preprocess": result.preprocess,
-            "max_batch_size": result.max_batch_size, "files": dict(result.files), "created": _now(),
-        })
-        run.save()
-
-
-__all__ += ["record_in_run"]

@@ -33,7 +33,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from mmexport.backbones import BACKBONES, backbone_state_keys, get_backbone
+from mmexport.torchside.backbones import BACKBONES, backbone_state_keys, get_backbone
 from mmexport.errors import ArchitectureError, CheckpointError
 from mmexport.fileio import atomic_path, sha256_file
 

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 
 from mmexport import artifacts
-from mmexport.backbones import get_backbone
-from mmexport.checkpoints import load_safetensors_with_metadata
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.checkpoints import load_safetensors_with_metadata
 from mmexport.errors import MMExportError
 from mmexport.fileio import atomic_path
-from mmexport.manifest import RunDir
-from mmexport.merge import mixing_weights
-from mmexport.modelfile import unpack_metadata
+from mmexport.runs.manifest import RunDir
+from mmexport.torchside.merge import mixing_weights
+from mmexport.torchside.modelfile import unpack_metadata
 
 SATURATION = (0.1, 0.9)  # σ beyond these is "saturated": one source all but switched off
 

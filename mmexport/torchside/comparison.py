@@ -24,7 +24,7 @@ from mmexport import artifacts
 from mmexport.config import METHOD_SOURCES, METHODS, TrainConfig, check_seed
 from mmexport.errors import MMExportError
 from mmexport.fileio import write_json_atomic
-from mmexport.manifest import RunDir
+from mmexport.runs.manifest import RunDir
 from mmexport.progress import ProgressSink, SilentProgress
 
 COMPARISON_FILE = artifacts.filename("comparison")
@@ -151,15 +151,17 @@ def _check_methods(config: TrainConfig, methods: Sequence[str]) -> list[str]:
 def compare_methods(
     config: TrainConfig, methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] | None = None,
     progress: ProgressSink | None = None, *, command: str = "", keep_runs: str | os.PathLike[str] | None = None,
+    lock_wait: float | None = None,
 ) -> ComparisonTable:
     """Train ``config`` into ``config.out`` and ``methods`` × ``seeds`` alike; write the table into the run.
 
     The run in ``config.out`` uses ``config.seed``, which is added to ``seeds`` if missing.
     Every other run is trained into ``keep_runs`` (kept) or a hidden sibling directory of
     ``config.out`` (removed afterwards). Returns the table also written to the run's
-    ``comparison.json`` and the manifest's ``comparison`` entry.
+    ``comparison.json`` and the manifest's ``comparison`` entry. ``lock_wait``: seconds to wait for
+    another command writing the run.
     """
-    from mmexport.train import train  # lazy: torch
+    from mmexport.torchside.train import train  # lazy: torch
 
     progress = progress or SilentProgress()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -174,14 +176,15 @@ def compare_methods(
     jobs = [(config.method, s) for s in seeds[1:]] + [(m, s) for m in others for s in seeds]
     progress.message(f"compare: {config.method} against {', '.join(others) or 'nothing'} on seeds "
                      f"{', '.join(map(str, seeds))} ({1 + len(jobs)} runs, same budget and settings)")
-    main = train(config, progress, command=command)
+    main = train(config, progress, command=command, lock_wait=lock_wait)
     runs: dict[str, dict[int, Path]] = {config.method: {config.seed: main}}
     try:
         for index, (method, seed) in enumerate(jobs, start=2):
             progress.message(f"compare: run {index}/{1 + len(jobs)}: {method}, seed {seed}")
             job = replace(config, method=method, seed=seed, out=str(work / f"{method}-seed{seed}"), force=True,
                           resume=False)
-            runs.setdefault(method, {})[seed] = train(job, progress, command=f"{command} (compare: {method} seed {seed})")
+            runs.setdefault(method, {})[seed] = train(job, progress, command=f"{command} (compare: {method} seed {seed})",
+                                                      lock_wait=lock_wait)
         settings = {"merge_epochs": config.merge_epochs, "finetune_epochs": config.finetune_epochs,
                     "augmentation": config.augmentation, "data": config.data, "arch": config.arch}
         table = table_from_runs(runs, config.method, settings, keep_paths=keep_runs is not None)
@@ -191,7 +194,7 @@ def compare_methods(
     if keep_runs is None:  # the main run stays, the others are gone
         table.method(config.method).runs = [str(main)]
     data = table.as_dict()
-    with RunDir.writer(main, f"{command or 'compare_methods'} (comparison table)") as run:
+    with RunDir.writer(main, f"{command or 'compare_methods'} (comparison table)", lock_wait) as run:
         run.write_output(COMPARISON_FILE, lambda p: write_json_atomic(p, data), "comparison",
                          methods=[r.method for r in table.methods], seeds=list(table.seeds))
         run.manifest["comparison"] = {k: v for k, v in data.items() if k != "format"}

@@ -2,10 +2,10 @@
 
 ``train`` works unchanged under ``torchrun --nproc_per_node=N``: the environment
 variables torchrun sets select the process group (gloo on CPU, nccl on CUDA),
-each rank trains on its shard of every epoch (:func:`mmexport.train.epoch_indices`:
+each rank trains on its shard of every epoch (:func:`mmexport.torchside.train.epoch_indices`:
 the epoch's order padded by wrapping to equal shards, so every rank takes the same
 number of steps; a shard's last batch of one image joins the batch before it, see
-:func:`mmexport.train.batches`), and only rank 0 touches the run directory.
+:func:`mmexport.torchside.train.batches`), and only rank 0 touches the run directory.
 """
 
 from __future__ import annotations

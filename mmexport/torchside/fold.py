@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmexport.backbones import get_backbone
-from mmexport.merge import MergedModel
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.merge import MergedModel
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ The unmerged model keeps one stock torchvision module as a *template* (it owns
 the target head and the BatchNorm running statistics) plus frozen copies of
 every source's backbone parameters. Each forward pass computes the blended
 parameter dict and runs the template with ``torch.func.functional_call``, so
-the fold (``mmexport.fold``) is literally "compute the same dict once and
+the fold (``mmexport.torchside.fold``) is literally "compute the same dict once and
 ``load_state_dict`` it" — equivalence by construction, still verified by
 measurement.
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mmexport.backbones import get_backbone
+from mmexport.torchside.backbones import get_backbone
 from mmexport.errors import ArchitectureError, CheckpointError
 
 Granularity = Literal["kernel", "filter", "layer"]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from torch import nn
 
-from mmexport.backbones import get_backbone
-from mmexport.checkpoints import load_safetensors_with_metadata, save_state_dict
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.checkpoints import load_safetensors_with_metadata, save_state_dict
 from mmexport.errors import CheckpointError
-from mmexport.merge import MergedModel
+from mmexport.torchside.merge import MergedModel
 from mmexport.runtime.modelinfo import ModelInfo
 
 MODEL_FORMAT = "mmexport-model/2"

@@ -62,20 +62,31 @@ import io
 import os
 import time
 import warnings
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from mmexport import __version__
-from mmexport.backbones import get_backbone
-from mmexport.errors import ArchitectureError, MMExportError
-from mmexport.export.onnxfile import (
-    INPUT_NAME, ONNX_FORMAT, OUTPUT_NAME, get_metadata, graph_facts, load_onnx, onnx_model_info, read_onnx_metadata,
-    set_metadata, write_onnx_checked,
+from mmexport.config import check_int
+from mmexport.convert.onnxfile import (
+    INPUT_NAME,
+    ONNX_FORMAT,
+    OUTPUT_NAME,
+    OnnxFileFacts,
+    get_metadata,
+    graph_facts,
+    load_onnx,
+    onnx_model_info,
+    read_onnx_metadata,
+    set_metadata,
+    write_onnx_checked,
 )
-from mmexport.merge import MergedModel
+from mmexport.errors import ArchitectureError, MMExportError
 from mmexport.runtime.modelinfo import ModelInfo
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.merge import MergedModel
 
 DEFAULT_OPSET = 18
 BATCH_DIM = "batch"
@@ -157,8 +168,7 @@ def _check_weights_sha(weights_sha256: str) -> None:
 
 
 def _check_opset(opset: int) -> None:
-    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= 23:
-        raise MMExportError(f"opset must be an integer from 13 to 23 (recommended {DEFAULT_OPSET}), got {opset!r}")
+    check_int(opset, f"opset (recommended {DEFAULT_OPSET})", low=13, high=23)
 
 
 def _check_plain(model: nn.Module, info: ModelInfo, label: str) -> None:
@@ -167,7 +177,7 @@ def _check_plain(model: nn.Module, info: ModelInfo, label: str) -> None:
         raise MMExportError(f"{label}: this is the unmerged model; fold it first or use export_unmerged_onnx")
     if not isinstance(model, nn.Module):
         raise MMExportError(f"{label}: expected a torch nn.Module, got {type(model).__name__}")
-    from mmexport.checkpoints import fit_report
+    from mmexport.torchside.checkpoints import fit_report
 
     with torch.device("meta"):
         expected = {k: v.shape for k, v in get_backbone(info.arch).build(info.num_classes).state_dict().items()}
@@ -226,10 +236,21 @@ def _trace_to_onnx(module: nn.Module, info: ModelInfo, opset: int, *, keep_blend
     return model
 
 
+@dataclass(frozen=True, kw_only=True)
+class OnnxExport(OnnxFileFacts):
+    """An fp32 ONNX export: the file's facts, what kind of network it holds, and how it was exported."""
+
+    model_kind: str
+    precision: str = "fp32"
+    exporter: str
+    torch_version: str
+    export_seconds: float
+
+
 def _export(
     module: nn.Module, info: ModelInfo, path: str | os.PathLike[str], *, kind: ModelKind, opset: int,
     weights_sha256: str, extra_metadata: dict[str, str] | None, kind_metadata: dict[str, str] | None = None,
-) -> dict[str, Any]:
+) -> OnnxExport:
     _check_opset(opset)
     _check_weights_sha(weights_sha256)
     metadata = _merge_extra({**_base_metadata(info, kind, weights_sha256, opset), **(kind_metadata or {})}, extra_metadata)
@@ -239,16 +260,9 @@ def _export(
     model.producer_version = __version__
     model.doc_string = _doc_string(info, kind, "fp32")
     set_metadata(model, metadata)
-    facts = write_onnx_checked(model, path, info)
-    return {
-        "format": "onnx",
-        "model_kind": kind,
-        "precision": "fp32",
-        "exporter": EXPORTER,
-        "torch_version": torch.__version__,
-        "export_seconds": round(time.perf_counter() - start, 3),
-        **facts,
-    }
+    written = write_onnx_checked(model, path, info)
+    return OnnxExport(**written.file_fields(), model_kind=kind, exporter=EXPORTER, torch_version=torch.__version__,
+                      export_seconds=round(time.perf_counter() - start, 3))
 
 
 def export_onnx(
@@ -260,7 +274,7 @@ def export_onnx(
     weights_sha256: str,
     extra_metadata: dict[str, str] | None = None,
     kind: ModelKind = "folded",
-) -> dict[str, Any]:
+) -> OnnxExport:
     """Export the plain (folded or fine-tuned) torchvision network to one self-contained fp32 ONNX file.
 
     Input ``image`` float32 (N, 3, S, S), output ``logits`` float32 (N, K), N dynamic.
@@ -268,8 +282,8 @@ def export_onnx(
     is written into the metadata with the :class:`ModelInfo`, the preprocessing, the
     precision (``fp32``) and the exporter. The file is checked (``check_model`` with
     ``full_check``, an ONNX Runtime run at batch 1 and 3) before it replaces ``path``.
-    Returns facts for the manifest: opset, exporter, node counts, size, sha256, and the
-    input/output names, dtypes and shapes.
+    Returns the :class:`OnnxExport` facts: opset, exporter, node counts, size, sha256, and
+    the input/output names, dtypes and shapes.
     """
     _check_plain(model, info, "export_onnx")
     return _export(model, info, path, kind=kind, opset=opset, weights_sha256=weights_sha256,
@@ -284,7 +298,7 @@ def export_unmerged_onnx(
     opset: int = DEFAULT_OPSET,
     weights_sha256: str,
     extra_metadata: dict[str, str] | None = None,
-) -> dict[str, Any]:
+) -> OnnxExport:
     """Export the unmerged MedMerge model (both sources, the merge logits and the blend in the graph).
 
     A comparison model for the benchmark, not a deployment artifact; ``weights_sha256``
@@ -313,7 +327,7 @@ def export_dual_onnx(
     opset: int = DEFAULT_OPSET,
     weights_sha256: str,
     extra_metadata: dict[str, str] | None = None,
-) -> dict[str, Any]:
+) -> OnnxExport:
     """Export two plain networks run side by side, logits averaged (the ensemble baseline).
 
     ``weights_sha256`` identifies both weight files, e.g. ``"<sha A>+<sha B>"``.
@@ -329,7 +343,7 @@ def export_dual_onnx(
 
 
 __all__ = [
-    "DEFAULT_OPSET", "DualBackbone", "EXPORTER", "INPUT_NAME", "ONNX_FORMAT", "OUTPUT_NAME", "export_dual_onnx",
+    "DEFAULT_OPSET", "DualBackbone", "EXPORTER", "OnnxExport", "INPUT_NAME", "ONNX_FORMAT", "OUTPUT_NAME", "export_dual_onnx",
     "export_onnx", "export_unmerged_onnx", "get_metadata", "graph_facts", "load_onnx", "onnx_model_info",
     "read_onnx_metadata", "set_metadata", "write_onnx_checked",
 ]

@@ -17,20 +17,25 @@ from torch import nn
 
 from mmexport import artifacts
 from mmexport.artifacts import COMPARISON_KINDS
-from mmexport.backbones import get_backbone
-from mmexport.data import TaskData, check_recorded_data, load_task, recorded_spec
+from mmexport.config import check_int
+from mmexport.convert.onnxfile import get_metadata, load_onnx, set_metadata
+from mmexport.convert.precision import DEFAULT_CALIBRATION_IMAGES, convert_fp16, quantize_int8
 from mmexport.errors import DataError, MMExportError, VerificationError
-from mmexport.fold import fold
-from mmexport.manifest import PublishedArtifact, RunDir, published
-from mmexport.merge import MergedModel
-from mmexport.modelfile import load_model, load_unmerged, save_model
-from mmexport.runlock import writes_run
+from mmexport.fileio import write_bytes_atomic
 from mmexport.progress import ProgressSink, sink
+from mmexport.runs.lock import writes_run
+from mmexport.runs.manifest import PublishedArtifact, RunDir, published
+from mmexport.runs.verify import check_deployables_intact, check_onnx_file
 from mmexport.runtime.compare import VerificationReport
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.reference import ReferenceData
-from mmexport.train import resolve_device
-from mmexport.verification import make_reference, verify_fold, with_outputs
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.data import TaskData, check_recorded_data, load_task, recorded_spec
+from mmexport.torchside.fold import fold
+from mmexport.torchside.merge import MergedModel
+from mmexport.torchside.modelfile import load_model, load_unmerged, save_model
+from mmexport.torchside.reference import make_reference, verify_fold, with_outputs
+from mmexport.torchside.train import resolve_device
 
 FOLD_FORMATS = ("safetensors", "pt")
 
@@ -65,19 +70,16 @@ def fold_run(run_path: str | os.PathLike[str], to: str = "safetensors", samples:
     name = artifacts.filename(key)
     previous = run.manifest["outputs"].get(name, {}).get("sha256")
 
-    def write(tmp: Path) -> dict:
+    def write(tmp: Path) -> None:
         if to == "safetensors":
             save_model(tmp, folded, info, "folded")
         else:
             _save_pt(tmp, folded, info)
-        return {}
 
     details = {"stage": "folded"} if to == "safetensors" else {"stage": "folded", "format": "torch-state-dict"}
-    _, report = run.publish_verified(
+    return run.publish_verified(
         name, write, lambda tmp: verify_fold(merged, folded, None, info, samples, seed=0, device=torch.device("cpu")),
-        "model", details, command="fold")
-    entry = run.manifest["outputs"][name]
-    return published(run, name, report, reproduced=None if previous is None else previous == entry["sha256"])
+        "model", details, command="fold", previous_sha256=previous)
 
 
 @writes_run("verify")
@@ -85,8 +87,6 @@ def verify_run(
     run_path: str | os.PathLike[str], data: str | None = None, samples: int = 64, seed: int = 0, device: str = "cpu"
 ) -> VerificationReport:
     """Unmerged vs folded of a run, on random inputs and optionally real images; recorded in the manifest."""
-    from mmexport.checks import check_deployables_intact
-
     run = merge_run(run_path)
     check_deployables_intact(run)  # every verify hash-checks every deployable artifact, whatever it compares
     unmerged_name, folded_name = artifacts.filename("unmerged"), artifacts.filename("folded")
@@ -132,8 +132,13 @@ def _reference_for(run: RunDir, model: nn.Module, info: ModelInfo, data: str | N
                           random_count=samples if samples is not None else 64)
 
 
+def reference_on_data(run: RunDir, data: str, samples: int | None) -> ReferenceData:
+    """A fresh reference on ``data``'s held-out images, computed by the run's final network (``verify --data``)."""
+    model, info = load_model(run.checked_file(artifacts.filename("model")))
+    return _reference_for(run, model, info, data, samples)
+
+
 def _check_onnx(path: Path, reference: ReferenceData, precision: str, label: str, samples: int | None) -> VerificationReport:
-    from mmexport.checks import check_onnx_file
 
     return check_onnx_file(path, reference, precision, label, samples)
 
@@ -155,10 +160,10 @@ def export_onnx_run(
     model's size will do, labels are not used) and judged on the labelled held-out
     images of the reference (or of ``data``). With ``accuracy_aware`` (default) an int8
     graph that fails the policy keeps its most sensitive layers in float until it holds
-    (:func:`mmexport.export.precision.quantize_int8`). ``allow_unverified`` publishes an
+    (:func:`mmexport.convert.precision.quantize_int8`). ``allow_unverified`` publishes an
     artifact that failed its check, marked unverified in its metadata and the manifest.
     """
-    from mmexport.export import DEFAULT_CALIBRATION_IMAGES, convert_fp16, export_onnx, quantize_int8
+    from mmexport.torchside.onnx_export import export_onnx
 
     artifacts.check_precision(precision)
     progress = sink(progress)
@@ -173,29 +178,26 @@ def export_onnx_run(
     fp32 = artifacts.onnx_artifact("fp32")
     if precision == "fp32" or not run.has(fp32.filename):
         progress.message(f"exporting {fp32.filename} (torch.onnx, dynamo)")
-        facts, report = run.publish_verified(
+        results["fp32"] = run.publish_verified(
             fp32.filename, lambda tmp: export_onnx(model, info, tmp, weights_sha256=weights_sha),
             lambda tmp: _check_onnx(tmp, reference, "fp32", fp32.filename, samples),
             "onnx", {"precision": "fp32", "source": model_name}, command="export", mark_unverified=mark)
-        results["fp32"] = published(run, fp32.filename, report, facts)
     fp32_path = run.checked_file(fp32.filename)
 
     if precision == "fp16":
         target = artifacts.onnx_artifact("fp16")
         progress.message(f"converting to fp16: {target.filename}")
-        facts, report = run.publish_verified(
+        results["fp16"] = run.publish_verified(
             target.filename, lambda tmp: convert_fp16(fp32_path, tmp),
             lambda tmp: _check_onnx(tmp, reference, "fp16", target.filename, samples),
             "onnx", {"precision": "fp16", "source": fp32.filename}, command="export", mark_unverified=mark)
-        results["fp16"] = published(run, target.filename, report, facts)
     elif precision == "int8":
         target = artifacts.onnx_artifact("int8")
         calib_spec = calib_data or run_data_spec(run)
         if not calib_spec:
             raise DataError("int8 needs calibration images: pass --calib-data")
         limit = DEFAULT_CALIBRATION_IMAGES if calib_images is None else calib_images
-        if limit < 1:
-            raise MMExportError(f"--calib-images must be at least 1, got {limit}")
+        check_int(limit, "--calib-images")
         calib_task = task_for(calib_spec, info, "--calib-data", same_classes=False, run=run)
         calibration, _ = calib_task.arrays("train", limit=limit, spread=True)
         if reference.labelled_set is None:
@@ -203,7 +205,7 @@ def export_onnx_run(
 
         def judge(path: Path) -> VerificationReport:
             return _check_onnx(path, reference, "int8", target.filename, samples)
-        facts, report = run.publish_verified(
+        results["int8"] = run.publish_verified(
             target.filename,
             lambda tmp: quantize_int8(fp32_path, tmp, calibration, target=int8_target, method=calib_method,
                                       max_images=limit, progress=progress, judge=judge if accuracy_aware else None,
@@ -211,15 +213,11 @@ def export_onnx_run(
             lambda tmp: _check_onnx(tmp, reference, "int8", target.filename, samples),
             "onnx", {"precision": "int8", "source": fp32.filename, "calibration_data": calib_spec}, command="export",
             mark_unverified=mark)
-        results["int8"] = published(run, target.filename, report, facts)
     return results
 
 
 def mark_onnx_unverified(path: Path, reason: str) -> None:
     """Write the failed check into the ONNX file itself (``mmexport_unverified``), so no copy of it looks verified."""
-    from mmexport.export.onnxfile import get_metadata, load_onnx, set_metadata
-    from mmexport.fileio import write_bytes_atomic
-
     model = load_onnx(path)
     set_metadata(model, {**get_metadata(model), "mmexport_unverified": reason[:2000]})
     write_bytes_atomic(path, model.SerializeToString())
@@ -230,7 +228,7 @@ def mark_onnx_unverified(path: Path, reason: str) -> None:
 
 def dual_from_merged(merged: MergedModel) -> nn.Module:
     """Sources A and B side by side, each with the run's head, logits averaged (an ensemble's cost)."""
-    from mmexport.export.onnx import DualBackbone
+    from mmexport.torchside.onnx_export import DualBackbone
 
     template_state = merged.template.state_dict()
     members = []
@@ -279,7 +277,7 @@ def export_comparison(run: RunDir, kind: str, precision: str, *, progress: Progr
     A comparison model that fails its check is still written (it is not deployable) but
     recorded as unverified, and the benchmark labels its rows so.
     """
-    from mmexport.export import convert_fp16, export_dual_onnx, export_onnx, export_unmerged_onnx, quantize_int8
+    from mmexport.torchside.onnx_export import export_dual_onnx, export_onnx, export_unmerged_onnx
 
     progress = sink(progress)
     row = artifacts.comparison_artifact(kind, precision)
@@ -305,14 +303,13 @@ def export_comparison(run: RunDir, kind: str, precision: str, *, progress: Progr
             write = lambda tmp: quantize_int8(source, tmp, calib, max_images=64, progress=progress)  # noqa: E731
     details = {"precision": precision, "model_kind": kind, "note": "benchmark comparison model, not deployable"}
     try:
-        facts, report = run.publish_verified(
+        return run.publish_verified(
             row.filename, write, lambda tmp: _check_onnx(tmp, reference, precision, row.filename, None), "bench-model",
             details, command="bench")
     except VerificationError as exc:
         progress.message(f"the {kind} {precision} comparison model failed its check; its rows are marked unverified")
         run.write_output(row.filename, write, "bench-model", **details, verified=False)
         return published(run, row.filename, exc.report)
-    return published(run, row.filename, report, facts)
 
 
 __all__ = [

@@ -12,14 +12,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmexport.data import TaskData
-from mmexport.merge import MergedModel
+from mmexport.artifacts import check_precision
+from mmexport.convert.onnxfile import read_onnx_metadata
+from mmexport.errors import DataError, MMExportError
 from mmexport.runtime.compare import VerificationReport, random_images, run_batched, verify_runners
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.preprocess import normalize
 from mmexport.runtime.reference import RANDOM_SET, ReferenceData, StoredSet
-from mmexport.runtime.tolerances import FOLD
-from mmexport.torch_runner import TorchRunner
+from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
+from mmexport.runtime.tolerances import FOLD, for_precision
+from mmexport.torchside.data import TaskData
+from mmexport.torchside.merge import MergedModel
+from mmexport.torchside.torch_runner import TorchRunner
 
 DEFAULT_RANDOM_SAMPLES = 64
 DEFAULT_DATA_SAMPLES = 512  # held-out images kept in the reference (all if fewer): int8 is judged on them
@@ -90,12 +94,6 @@ def verify_onnx_artifact(
     the input set ``data_name``. The row of ``precision`` judges (int8: labelled data only).
     """
     from pathlib import Path
-
-    from mmexport.artifacts import check_precision
-    from mmexport.errors import DataError, MMExportError
-    from mmexport.export.onnxfile import read_onnx_metadata
-    from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
-    from mmexport.runtime.tolerances import for_precision
 
     check_precision(precision)
     stated = read_onnx_metadata(onnx_path).get("precision")

@@ -46,23 +46,38 @@ import torch
 from torch import nn
 
 from mmexport import artifacts
-from mmexport.backbones import get_backbone
-from mmexport.checkpoints import SourceCheckpoint, check_compatible, load_source
-from mmexport.config import AUGMENTATIONS, MERGE_METHODS, METHODS, RESUME_FREE, SCRATCH, TrainConfig, check_seed
-from mmexport.data import TaskData, load_task
-from mmexport.distributed import (
-    DistContext, average_batchnorm_statistics, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp,
+from mmexport.config import (
+    AUGMENTATIONS,
+    DEFAULT_AUGMENTATION,
+    MERGE_METHODS,
+    METHODS,
+    RESUME_FREE,
+    SCRATCH,
+    TrainConfig,
+    check_seed,
 )
 from mmexport.errors import DataError, MMExportError, RunDirError, VerificationError
 from mmexport.fileio import atomic_path
-from mmexport.fold import fold
-from mmexport.manifest import RunDir
-from mmexport.merge import MergedModel, mixing_weights, reestimate_bn_statistics
-from mmexport.modelfile import save_model, save_unmerged
 from mmexport.progress import ProgressSink, SilentProgress
+from mmexport.runs.manifest import RunDir
 from mmexport.runtime.metrics import classification_metrics
 from mmexport.runtime.modelinfo import ModelInfo
-from mmexport.verification import make_reference, verify_fold
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.checkpoints import SourceCheckpoint, check_compatible, load_source
+from mmexport.torchside.data import TaskData, load_task
+from mmexport.torchside.distributed import (
+    DistContext,
+    average_batchnorm_statistics,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    wrap_ddp,
+)
+from mmexport.torchside.fold import fold
+from mmexport.torchside.merge import MergedModel, mixing_weights, reestimate_bn_statistics
+from mmexport.torchside.modelfile import save_model, save_unmerged
+from mmexport.torchside.reference import make_reference, verify_fold
 
 UNMERGED_FILE = artifacts.filename("unmerged")
 FOLDED_FILE = artifacts.filename("folded")
@@ -71,7 +86,7 @@ FIGURE_FILE = artifacts.filename("figure")
 CHECKPOINT_FILE = artifacts.filename("checkpoint")
 REFERENCE_FILE = artifacts.filename("reference")
 CHECKPOINT_FORMAT = "mmexport-checkpoint/2"
-SATURATION = (0.1, 0.9)  # σ beyond these counts as saturated (as in mmexport.coefficients)
+SATURATION = (0.1, 0.9)  # σ beyond these counts as saturated (as in mmexport.torchside.coefficients)
 PROBE_IMAGES = 2048  # the source head-only probes look at most at this many training images
 
 __all__ = [
@@ -95,7 +110,6 @@ class StageResult:
 @dataclass(frozen=True)
 class LoopOptions:
     """How the loop trains, independent of methods and sources."""
-
     batch_size: int
     seed: int
     sampler: str = "none"  # or "balanced"
@@ -105,7 +119,7 @@ class LoopOptions:
     patience: int = 0  # epochs without val macro-F1 gain before a stage stops; 0 = never
     amp: bool = True
     num_workers: int = 0
-    augmentation: str = "none"  # a preset of mmexport.data.PRESETS
+    augmentation: str = "none"  # a preset of mmexport.torchside.data.tasks.PRESETS
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "LoopOptions":
@@ -118,7 +132,6 @@ class LoopOptions:
 @dataclass
 class StagePlan:
     """One stage: which parameters train, with which optimiser, for how many epochs."""
-
     name: str  # "merge", "probe", "finetune", or any label (train_plain)
     epochs: int
     param_groups: list[dict[str, Any]]
@@ -130,7 +143,6 @@ class StagePlan:
 @dataclass
 class StageState:
     """Everything needed to continue a stage after ``epoch``: the payload of a checkpoint."""
-
     epoch: int
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
@@ -154,7 +166,6 @@ class StageState:
 @dataclass
 class Checkpoint:
     """The resume file: the stage in progress, its state, and what the run decided before it."""
-
     stage: str
     state: StageState
     lr_logits: float | None = None  # the logit learning rate in use (chosen by the probe, if any)
@@ -449,7 +460,6 @@ def train_plain(
 
     ``augmentation`` is a preset name (default: the library default, which never flips).
     """
-    from mmexport.config import DEFAULT_AUGMENTATION
 
     model.to(device)
     options = LoopOptions(batch_size=batch_size, seed=seed, warmup_epochs=0.0, schedule="cosine",
@@ -600,7 +610,6 @@ def _describe_task(task: TaskData, augmentation: str) -> str:
 @dataclass
 class _Session:
     """What every step of one training run needs: its config, data, sources, device and run directory."""
-
     config: TrainConfig
     task: TaskData
     sources: dict[str, SourceCheckpoint]
@@ -637,12 +646,13 @@ class _Session:
 
 def train(
     config: TrainConfig, progress: ProgressSink | None = None, command: str = "",
-    after_epoch: Callable[[str, int], None] | None = None,
+    after_epoch: Callable[[str, int], None] | None = None, *, lock_wait: float | None = None,
 ) -> Path:
     """Run a method's two stages into ``config.out`` and return the published run directory.
 
     ``after_epoch(stage, epoch)`` is called after each epoch's checkpoint is saved (tests
-    use it to interrupt a run). Under torchrun only rank 0 writes; it returns the same path
+    use it to interrupt a run). ``lock_wait``: seconds to wait, when publishing, for another
+    command writing the run this one replaces. Under torchrun only rank 0 writes; it returns the same path
     on every rank.
     """
     progress = progress or SilentProgress()
@@ -652,13 +662,13 @@ def train(
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     try:
-        return _train(config, progress, command, after_epoch, device, ctx)
+        return _train(config, progress, command, after_epoch, device, ctx, lock_wait=lock_wait)
     finally:
         cleanup(ctx)
 
 
 def _train(config: TrainConfig, progress: ProgressSink, command: str, after_epoch, device: torch.device,
-           ctx: DistContext) -> Path:
+           ctx: DistContext, *, lock_wait: float | None = None) -> Path:
     seed_everything(config.seed)
     task = load_task(config.data, image_size=config.image_size)
     check_trainable(len(task.labels("train")), ctx)
@@ -705,7 +715,7 @@ def _train(config: TrainConfig, progress: ProgressSink, command: str, after_epoc
             evaluation["test"] = evaluate(final, task.loader("test", config.batch_size), task.num_classes, device)
         run.manifest["training"]["final"] = evaluation
         run.save()
-        published = run.publish()
+        published = run.publish(lock_wait=lock_wait)
         barrier(ctx)
         return published
     except MMExportError:

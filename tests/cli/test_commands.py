@@ -27,11 +27,11 @@ import torch
 import torchvision
 
 from mmexport import __version__
-from mmexport.checkpoints import save_state_dict
+from mmexport.torchside.checkpoints import save_state_dict
 from mmexport.errors import VerificationError
-from mmexport.manifest import RunDir
-from mmexport.modelfile import load_model, save_model
-from mmexport.workflows import verify_run
+from mmexport.runs.manifest import RunDir
+from mmexport.torchside.modelfile import load_model, save_model
+from mmexport.torchside.operations import verify_run
 from tests.conftest import TINY_TARGET, backbone_state, tree_hashes, write_image_folder
 
 TINY = [

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from mmexport.config import TrainConfig
-from mmexport.train import train
+from mmexport.torchside.train import train
 from tests.conftest import tree_hashes
 
 TIMEOUT = 300
@@ -126,8 +126,8 @@ def test_kill_during_write_keeps_the_previous_state_and_the_next_command_works(b
 
 @pytest.mark.parametrize("renamed", [True, False], ids=["killed after the rename", "killed before the rename"])
 def test_the_next_writer_settles_a_pending_write(base_run, tmp_path, renamed):
-    from mmexport.manifest import RunDir
-    from mmexport.runlock import writing
+    from mmexport.runs.manifest import RunDir
+    from mmexport.runs.lock import writing
 
     run_path = Path(shutil.copytree(base_run, tmp_path / "run"))
     before = json.loads((run_path / "manifest.json").read_text())

@@ -38,8 +38,8 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from mmexport.backbones import get_backbone
-from mmexport.data import check_recorded_data, load_task, recorded_spec
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.data import check_recorded_data, load_task, recorded_spec
 from mmexport.errors import DataError
 from tests.conftest import tree_hashes
 
@@ -81,7 +81,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, co
 
 FORK_SERVER = r"""
 import json, os, signal, sys, traceback
-import mmexport.train, mmexport.formats, mmexport.checkpoints  # the expensive imports, once, before forking
+import mmexport.torchside.train, mmexport.torchside.data.formats, mmexport.torchside.checkpoints  # the expensive imports, once, before forking
 from mmexport.cli.app import main
 
 jobs, width = json.load(sys.stdin), int(sys.argv[1])
@@ -671,7 +671,7 @@ def test_verify_with_the_same_relative_data_from_another_directory_is_refused(su
 
 def test_unreadable_source_is_named_as_such_not_as_corrupt(tmp_path, monkeypatch):
     """The mode-000 case above, where root cannot make a file unreadable: the access check itself."""
-    from mmexport.checkpoints import load_source
+    from mmexport.torchside.checkpoints import load_source
     from mmexport.errors import CheckpointError
 
     path = save_st(tmp_path / "locked.safetensors", resnet18_state())
@@ -683,7 +683,7 @@ def test_unreadable_source_is_named_as_such_not_as_corrupt(tmp_path, monkeypatch
 
 
 def test_hub_cache_file_is_checked_against_the_hash_prefix_in_its_name(tmp_path):
-    from mmexport.checkpoints import _check_cached_hash
+    from mmexport.torchside.checkpoints import _check_cached_hash
     from mmexport.errors import CheckpointError
     from mmexport.fileio import sha256_file
 

@@ -9,7 +9,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxconverter_common")
 from onnx import TensorProto, helper, numpy_helper
 
-from mmexport.export.fp16_recipe import (
+from mmexport.convert.fp16_recipe import (
     RECIPE,
     classifier_head,
     convert_model,
@@ -85,10 +85,10 @@ def test_fp16_body_fp32_head_structure():
     model = _tiny()
     converted, facts = convert_model(model)
     onnx.checker.check_model(converted)
-    assert facts["recipe"] == RECIPE and facts["head_fp32"] and facts["fp32_nodes"] == ["fc"]
-    assert facts["converter"].startswith("onnxconverter-common ")
+    assert facts.recipe == RECIPE and facts.head_fp32 and facts.fp32_nodes == ["fc"]
+    assert facts.converter.startswith("onnxconverter-common ")
     casts = [n for n in converted.graph.node if n.op_type == "Cast"]
-    assert len(casts) == facts["casts"] == 2  # the input's, and the one before the head: as many as a full conversion
+    assert len(casts) == facts.casts == 2  # the input's, and the one before the head: as many as a full conversion
     types = _types(converted)
     assert converted.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert converted.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
@@ -126,7 +126,7 @@ def test_matmul_add_head():
     model = _tiny("matmul")
     converted, facts = convert_model(model)
     onnx.checker.check_model(converted)
-    assert facts["head_fp32"] and facts["fp32_nodes"] == ["fc_matmul", "fc_add"]
+    assert facts.head_fp32 and facts.fp32_nodes == ["fc_matmul", "fc_add"]
     assert sum(n.op_type == "Cast" for n in converted.graph.node) == 2
     types = _types(converted)
     assert types["mm"] == TensorProto.FLOAT
@@ -144,7 +144,7 @@ def test_falls_back_to_the_full_conversion(kind):
         model, options = _tiny(), {"keep_head_fp32": False}
     converted, facts = convert_model(model, **options)
     onnx.checker.check_model(converted)
-    assert facts["recipe"] == "fp16-full" and not facts["head_fp32"] and facts["fp32_nodes"] == []
+    assert facts.recipe == "fp16-full" and not facts.head_fp32 and facts.fp32_nodes == []
     assert converted.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
     assert _run(converted, x).dtype == np.float32
@@ -154,7 +154,7 @@ def test_falls_back_to_the_full_conversion(kind):
 
 
 def test_emulation_of_a_float32_graph_changes_nothing():
-    from mmexport.export.fp16_recipe import fp16_emulation_graph
+    from mmexport.convert.fp16_recipe import fp16_emulation_graph
 
     model = _tiny()
     emulated = fp16_emulation_graph(model)
@@ -164,7 +164,7 @@ def test_emulation_of_a_float32_graph_changes_nothing():
 
 
 def test_emulation_rounds_every_float16_tensor():
-    from mmexport.export.fp16_recipe import fp16_emulation_graph
+    from mmexport.convert.fp16_recipe import fp16_emulation_graph
 
     converted, _ = convert_model(_tiny(), keep_head_fp32=False)
     emulated = fp16_emulation_graph(converted)
@@ -179,7 +179,7 @@ def test_emulation_rounds_every_float16_tensor():
 
 def test_emulation_overflows_where_a_gpu_would():
     """Activations past ±65504 are Inf in float16; the emulation shows it (ONNX Runtime's x86 CPU runs fp16 as fp32)."""
-    from mmexport.export.fp16_recipe import fp16_emulation_graph
+    from mmexport.convert.fp16_recipe import fp16_emulation_graph
 
     model = _tiny()
     weight = next(i for i in model.graph.initializer if i.name == "conv.weight")

@@ -10,14 +10,14 @@ import pytest
 
 from mmexport.errors import RunDirError, VerificationError
 from mmexport.fileio import sha256_file
-from mmexport.train import train
+from mmexport.torchside.train import train
 from mmexport import artifacts
-from mmexport.checks import verify_artifacts
-from mmexport.manifest import RunDir
-from mmexport.workflows import export_comparison, export_onnx_run
+from mmexport.runs.verify import verify_artifacts
+from mmexport.runs.manifest import RunDir
+from mmexport.torchside.operations import export_comparison, export_onnx_run
 
 ONNX_FILES = {p: artifacts.onnx_artifact(p).filename for p in artifacts.PRECISIONS}
-from tests.test_train import config
+from tests.torchside.test_train import config
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_allow_unverified_publishes_marked_and_loaders_refuse_it(run_copy, monke
         runtime.load(result.path)
     with runtime.load(result.path, allow_unverified=True) as predictor:
         assert predictor.info.arch == "resnet18"
-    from mmexport.triton import export_repository
+    from mmexport.serving.triton import export_repository
 
     with pytest.raises(MMExportError, match="verified"):
         export_repository(run_copy, tmp_path / "repo", backend="onnxruntime")

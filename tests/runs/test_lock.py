@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from mmexport.errors import RunDirError
-from mmexport.manifest import RunDir
-from mmexport.runlock import lock_path, writing
+from mmexport.runs.manifest import RunDir
+from mmexport.runs.lock import lock_path, writing
 
 
 def _run(tmp_path: Path) -> Path:
@@ -25,7 +25,7 @@ def _run(tmp_path: Path) -> Path:
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from mmexport.runlock import writing
+    from mmexport.runs.lock import writing
     with writing(sys.argv[1], "holder (test)"):
         print("locked", flush=True)
         time.sleep(float(sys.argv[2]))
@@ -79,8 +79,8 @@ def test_concurrent_writers_lose_no_manifest_update(tmp_path):
     script = textwrap.dedent(
         """
         import sys
-        from mmexport.manifest import RunDir
-        from mmexport.runlock import writing
+        from mmexport.runs.manifest import RunDir
+        from mmexport.runs.lock import writing
         for index in range(15):
             with writing(sys.argv[1], "writer " + sys.argv[2], wait=60):
                 opened = RunDir.open(sys.argv[1])

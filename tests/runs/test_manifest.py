@@ -1,9 +1,11 @@
+"""Run directories (mmexport.runs.manifest): staged then published, --force, resume, altered outputs, atomic writes."""
+
 import json
 import pytest
 
 from mmexport.errors import RunDirError
 from mmexport.fileio import atomic_path, sha256_file, write_bytes_atomic
-from mmexport.manifest import MANIFEST_NAME, RunDir
+from mmexport.runs.manifest import MANIFEST_NAME, RunDir
 
 
 def test_run_is_staged_then_published(tmp_path):

@@ -8,10 +8,11 @@ import shutil
 import jsonschema
 import pytest
 
-from mmexport.checks import verify_artifacts, verify_manifest
+from mmexport.runs.provenance import verify_manifest
+from mmexport.runs.verify import verify_artifacts
 from mmexport.errors import MMExportError, RunDirError
-from mmexport.manifest import RunDir, manifest_schema, validate_manifest
-from mmexport.workflows import verify_run
+from mmexport.runs.manifest import RunDir, manifest_schema, validate_manifest
+from mmexport.torchside.operations import verify_run
 from tests.conftest import train_exported_run
 
 
@@ -113,7 +114,7 @@ def test_validate_manifest_accepts_a_fresh_run_and_names_the_field(run):
 
 
 def test_verify_manifest_covers_the_triton_repositories_a_run_exported(copy, tmp_path):
-    from mmexport.triton import export_repository, record_in_run
+    from mmexport.serving.triton import export_repository, record_in_run
 
     result = export_repository(copy, tmp_path / "repo", backend="onnxruntime", name="ham")
     record_in_run(result)

@@ -1,12 +1,14 @@
+"""Output comparison and the tolerance policy (mmexport.runtime.compare, runtime.tolerances), runners verified over input sets."""
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import FunctionRunner as ArrayRunner
+from tests.conftest import FunctionRunner as ArrayRunner
 from mmexport.runtime.compare import compare_outputs, random_inputs, verify_runners
 from mmexport.runtime.runners.base import BaseRunner
 from mmexport.runtime.tolerances import FOLD, FP16, INT8, TOLERANCES
-from mmexport.torch_runner import TorchRunner
+from mmexport.torchside.torch_runner import TorchRunner
 
 
 def logits_of(batch):

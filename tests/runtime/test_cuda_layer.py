@@ -3,7 +3,7 @@
 The CPU tests drive the real classes with stand-ins: a fake ``cuda.bindings.runtime``
 module (every call returns a ``cudaError_t`` first, as cuda-python does) and
 :class:`SimCuda`, a backend whose "device memory" is numpy arrays keyed by pointer
-(also used by tests/test_tensorrt_logic.py to run the TensorRT runner without a GPU).
+(also used by tests/runtime/test_tensorrt_runner.py to run the TensorRT runner without a GPU).
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def test_modules_import_without_cuda_tensorrt_or_torch(tmp_path):
         "    sys.modules[name] = None\n"
         "import mmexport.runtime.cuda, mmexport.runtime.engine, mmexport.runtime.trt_stats\n"
         "import mmexport.runtime.runners.tensorrt\n"
-        "import mmexport.export.tensorrt\n"
+        "import mmexport.convert.tensorrt\n"
         "from mmexport.runtime.cuda import get_cuda\n"
         "try:\n"
         "    get_cuda()\n"

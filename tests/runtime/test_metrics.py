@@ -1,3 +1,5 @@
+"""Classification metrics (mmexport.runtime.metrics): the confusion matrix and macro F1."""
+
 import numpy as np
 
 from mmexport.runtime.metrics import classification_metrics, confusion_matrix

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from mmexport.backbones import get_backbone
+from mmexport.torchside.backbones import get_backbone
 from mmexport.errors import CheckpointError, DataError, MissingDependencyError, MMExportError
 from mmexport.runtime.modelinfo import ModelInfo
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from mmexport.export.onnx import export_onnx  # noqa: E402
+from mmexport.torchside.onnx_export import export_onnx  # noqa: E402
 from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner, resolve_providers  # noqa: E402
 
 SIZE = 32
@@ -179,7 +179,7 @@ def test_missing_onnxruntime_is_a_one_line_error(model_and_file, monkeypatch):
 
 def test_onnxruntime_is_imported_lazily():
     code = (
-        "import sys, mmexport.runtime, mmexport.runtime.runners.onnxruntime, mmexport.export; "
+        "import sys, mmexport.runtime, mmexport.runtime.runners.onnxruntime, mmexport.convert; "
         "bad = [m for m in ('onnxruntime', 'onnx') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -15,7 +15,7 @@ from mmexport.errors import CheckpointError, DataError
 from mmexport.runtime.preprocess import Preprocessing, pil_pipeline, preprocess_image, to_rgb
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()) / "docs" / "deploying.md"
 
 
 def test_block_round_trips_and_is_versioned():
@@ -98,8 +98,8 @@ def _image_folder(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def file_run(tmp_path_factory, resnet18_sources):
     from mmexport.config import TrainConfig
-    from mmexport.train import train
-    from mmexport.workflows import export_onnx_run
+    from mmexport.torchside.train import train
+    from mmexport.torchside.operations import export_onnx_run
 
     root = tmp_path_factory.mktemp("files")
     data = _image_folder(root / "data")

@@ -90,23 +90,22 @@ def images(n: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from mmexport.export.tensorrt import build_engine
+    from mmexport.convert.tensorrt import BuildSettings, build_engine
 
     directory = tmp_path_factory.mktemp("trt")
     fp32_onnx, fp16_onnx = export_tiny_onnx(directory)
     results = {}
     for precision, onnx_path in (("fp32", fp32_onnx), ("fp16", fp16_onnx)):
-        results[precision] = build_engine(
-            onnx_path, directory / engine_filename(precision), precision=precision, image_size=IMAGE_SIZE,
-            timing_cache=directory / "timing", workspace_bytes=1 << 30, **PROFILE,
-        )
+        settings = BuildSettings.of(precision, image_size=IMAGE_SIZE, workspace_bytes=1 << 30, **PROFILE)
+        results[precision] = build_engine(onnx_path, directory / engine_filename(precision), settings,
+                                          timing_cache=directory / "timing")
     return directory, {"fp32": fp32_onnx, "fp16": fp16_onnx}, results
 
 
 def test_environment_and_status():
     import tensorrt as trt
 
-    from mmexport.export.tensorrt import tensorrt_status
+    from mmexport.convert.tensorrt import tensorrt_status
 
     env = current_environment()
     assert env.tensorrt_version == trt.__version__ and env.compute_capability >= (7, 0)

@@ -1,4 +1,4 @@
-"""Triton model repositories (mmexport.triton) and a real Triton server (mmexport.serve).
+"""Triton model repositories (mmexport.serving.triton) and a real Triton server (mmexport.serving.server).
 
 Repository tests parse every generated ``config.pbtxt`` with Triton's own schema
 (``tritonclient.grpc.model_config_pb2.ModelConfig`` + ``text_format.Parse``) and make the
@@ -37,10 +37,10 @@ from PIL import Image
 from mmexport import runtime
 from mmexport.errors import MissingDependencyError, MMExportError, RunDirError
 from mmexport.fileio import sha256_file, write_json_atomic
-from mmexport.manifest import RunDir
+from mmexport.runs.manifest import RunDir
 from mmexport.runtime.compare import compare_outputs
 from mmexport.runtime.tolerances import FP32
-from mmexport.triton import (
+from mmexport.serving.triton import (
     BYTES_INPUT, DEFAULT_MAX_BATCH, check_model_folder, check_name, export_repository, parse_config, read_version_record,
     sanitize_name,
 )
@@ -94,7 +94,7 @@ def _parsed(model_dir: Path):
 
 
 def _semantic_checks(model_dir: Path, classes: tuple[str, ...], image_size: int) -> object:
-    """The checks the schema parser does not make, done here independently of mmexport.triton."""
+    """The checks the schema parser does not make, done here independently of mmexport.serving.triton."""
     config, pb2 = _parsed(model_dir)
     assert config.name == model_dir.name
     versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
@@ -134,7 +134,7 @@ def test_onnxruntime_and_python_configs_parse_and_match_the_model(run_dir, tmp_p
     assert config.backend == "python" and config.max_batch_size == 8 and [i.name for i in config.input] == ["image"]
     assert not config.input[0].optional
     assert (python.version_dir / "model.py").read_bytes() == (Path(runtime.__file__).parent.parent /
-                                                                "triton_python_model.py").read_bytes()
+                                                                "serving" / "python_model.py").read_bytes()
 
     prep = export_repository(run_dir, repo, backend="python", name="prep", preprocess=True)
     config = _semantic_checks(prep.model_dir, info.classes, info.image_size)
@@ -322,7 +322,7 @@ def test_check_model_folder_finds_tampering(run_dir, tmp_path):
 
 
 def test_python_model_imports_only_the_runtime_numpy_and_triton():
-    source = (Path(runtime.__file__).parent.parent / "triton_python_model.py").read_text()
+    source = (Path(runtime.__file__).parent.parent / "serving" / "python_model.py").read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -338,7 +338,7 @@ def test_python_model_imports_only_the_runtime_numpy_and_triton():
 # the launcher, without a server
 # --------------------------------------------------------------------------------------------
 def test_server_environment_and_ports():
-    from mmexport.serve import TritonInstallation, free_ports, python_library_dir, server_environment
+    from mmexport.serving.server import TritonInstallation, free_ports, python_library_dir, server_environment
 
     fake = TritonInstallation(Path("/opt/tritonserver/bin/tritonserver"), Path("/opt/tritonserver/backends"), None,
                               Path("/opt/libs"), "test")
@@ -385,7 +385,7 @@ def _assert_gone(pid: int, *, reaped: bool = True) -> None:
 
 @pytest.fixture(scope="module")
 def triton():
-    from mmexport.serve import find_tritonserver, prepare_python_environment
+    from mmexport.serving.server import find_tritonserver, prepare_python_environment
 
     try:
         installation = find_tritonserver()
@@ -406,7 +406,7 @@ def triton():
 @pytest.fixture(scope="module")
 def served(run_dir, triton, tmp_path_factory):
     """One server for the module: ``plain`` (FP32 images) and ``prep`` (FP32 images or encoded bytes), Python backend."""
-    from mmexport.serve import TritonServer
+    from mmexport.serving.server import TritonServer
 
     repo = tmp_path_factory.mktemp("repository")
     export_repository(run_dir, repo, backend="python", name="plain")
@@ -598,7 +598,7 @@ def test_latency_through_triton_and_in_process(served, run_dir):
 
 
 def test_a_failing_model_is_reported_with_the_log_tail_and_nothing_survives(triton, tmp_path):
-    from mmexport.serve import TritonServer
+    from mmexport.serving.server import TritonServer
 
     model = tmp_path / "repo" / "broken"
     (model / "1").mkdir(parents=True)
@@ -622,7 +622,7 @@ def test_a_failing_model_is_reported_with_the_log_tail_and_nothing_survives(trit
 
 
 def test_the_server_is_stopped_when_the_body_raises(triton, run_dir, tmp_path):
-    from mmexport.serve import TritonServer
+    from mmexport.serving.server import TritonServer
 
     repo = tmp_path / "repo"
     export_repository(run_dir, repo, backend="python", name="m")
@@ -637,7 +637,7 @@ def test_the_server_is_stopped_when_the_body_raises(triton, run_dir, tmp_path):
 
 
 def test_serve_a_run_with_a_temporary_repository_and_the_curl_example(triton, run_dir, tmp_path):
-    from mmexport.serve import serve
+    from mmexport.serving.server import serve
 
     png = tmp_path / "lesion.png"
     rng = np.random.default_rng(11)
@@ -665,7 +665,7 @@ def test_serve_a_run_with_a_temporary_repository_and_the_curl_example(triton, ru
 
 SERVE_SCRIPT = """
 import json, sys
-from mmexport.serve import serve
+from mmexport.serving.server import serve
 with serve(sys.argv[1], name="m", ready_timeout=120) as session:
     info = {"pid": session.server.pid, "repository": str(session.repository), "http": session.http_url,
             "log": str(session.server.log_path)}

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from mmexport.config import AUGMENTATIONS, DEFAULT_AUGMENTATION, TrainConfig
-from mmexport.data import PRESETS, _ArrayImages, augmentation_preset
+from mmexport.torchside.data.tasks import PRESETS, _ArrayImages, augmentation_preset
 from mmexport.errors import DataError, MMExportError
-from mmexport.formats import load_file_task
+from mmexport.torchside.data.formats import load_file_task
 from mmexport.runtime.preprocess import Preprocessing, normalize
 from tests.conftest import one_line
 

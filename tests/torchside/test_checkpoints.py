@@ -13,9 +13,9 @@ import safetensors.torch
 import torch
 from torchvision.models import ResNet18_Weights
 
-from mmexport import checkpoints as ck
-from mmexport.backbones import backbone_state_keys, get_backbone
-from mmexport.checkpoints import (
+from mmexport.torchside import checkpoints as ck
+from mmexport.torchside.backbones import backbone_state_keys, get_backbone
+from mmexport.torchside.checkpoints import (
     SourceCheckpoint,
     check_compatible,
     load_safetensors_with_metadata,

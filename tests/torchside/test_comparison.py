@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from mmexport.comparison import COMPARISON_FILE, Score, compare_methods, table_from_runs
+from mmexport.torchside.comparison import COMPARISON_FILE, Score, compare_methods, table_from_runs
 from mmexport.errors import MMExportError
 from mmexport.fileio import sha256_file
-from mmexport.manifest import RunDir
+from mmexport.runs.manifest import RunDir
 from tests.conftest import one_line
-from tests.test_train import config
+from tests.torchside.test_train import config
 
 
 def fake_run(root, name, val_f1, test_f1=None):

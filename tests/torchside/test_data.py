@@ -1,4 +1,4 @@
-"""Target datasets: synthetic specs and ImageFolder trees (mmexport.data.load_task)."""
+"""Target datasets: synthetic specs and ImageFolder trees (mmexport.torchside.data.load_task)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmexport import synthetic
-from mmexport.data import IMAGENET_MEAN, IMAGENET_STD, load_task
+from mmexport.torchside.data import synthetic
+from mmexport.torchside.data import IMAGENET_MEAN, IMAGENET_STD, load_task
 from mmexport.errors import DataError
 from tests.conftest import one_line, write_image_folder
 

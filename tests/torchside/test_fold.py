@@ -1,12 +1,14 @@
+"""Folding a merged model into a stock torchvision network (mmexport.torchside.fold): exact, strict keys, fast."""
+
 import time
 
 import pytest
 import torch
 from torchvision import models
 
-from mmexport.backbones import get_backbone
-from mmexport.fold import fold
-from mmexport.merge import MergedModel
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.fold import fold
+from mmexport.torchside.merge import MergedModel
 from tests.conftest import backbone_state
 
 

@@ -1,4 +1,4 @@
-"""Real-world dataset formats (mmexport.formats): ImageFolder, class-folder tree, CSV (HAM10000 layout), MedMNIST .npz."""
+"""Real-world dataset formats (mmexport.torchside.data.formats): ImageFolder, class-folder tree, CSV (HAM10000 layout), MedMNIST .npz."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mmexport.data import IMAGENET_MEAN, IMAGENET_STD
+from mmexport.torchside.data import IMAGENET_MEAN, IMAGENET_STD
 from mmexport.errors import DataError
-from mmexport.formats import check_image, load_file_task
+from mmexport.torchside.data.formats import check_image, load_file_task
 from tests.conftest import one_line
 
 MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float64)

@@ -1,12 +1,12 @@
-"""CUDA checks: run on a GPU machine (``MMEXPORT_REQUIRE_GPU=1 python -m pytest -m gpu``)."""
+"""The torch side on CUDA (training step, fold, device timing); run with ``MMEXPORT_REQUIRE_GPU=1 python -m pytest -m gpu``."""
 
 import pytest
 import torch
 
-from mmexport.fold import fold
-from mmexport.torch_runner import TorchRunner
+from mmexport.torchside.fold import fold
+from mmexport.torchside.torch_runner import TorchRunner
 from mmexport.runtime.compare import random_inputs
-from tests.test_fold import merged_with_random_logits
+from tests.torchside.test_fold import merged_with_random_logits
 
 pytestmark = pytest.mark.gpu
 
@@ -34,7 +34,7 @@ def test_fold_on_cuda_matches_unmerged_and_cpu():
 
 
 def test_device_timing_and_cuda_graphs_match_eager():
-    from mmexport.runtime.bench import BenchSettings, ModelUnderTest, benchmark
+    from mmexport.runtime.timing import BenchSettings, ModelUnderTest, benchmark
 
     merged = merged_with_random_logits("resnet18").eval()
     folded = fold(merged)

@@ -1,11 +1,13 @@
+"""The merged model (mmexport.torchside.merge): coefficient shapes, the sigma-weighted blend, trainable parts, BN statistics."""
+
 import math
 
 import pytest
 import torch
 
-from mmexport.backbones import get_backbone
+from mmexport.torchside.backbones import get_backbone
 from mmexport.errors import ArchitectureError
-from mmexport.merge import MergedModel, coefficient_shape, reestimate_bn_statistics
+from mmexport.torchside.merge import MergedModel, coefficient_shape, reestimate_bn_statistics
 from tests.conftest import backbone_state
 
 

@@ -1,4 +1,4 @@
-"""Tests of the seeded synthetic lesion generator (mmexport.synthetic)."""
+"""Tests of the seeded synthetic lesion generator (mmexport.torchside.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmexport import synthetic
+from mmexport.torchside.data import synthetic
 from mmexport.errors import DataError
-from mmexport.synthetic import TASKS, class_names, generate, write_imagefolder
+from mmexport.torchside.data.synthetic import TASKS, class_names, generate, write_imagefolder
 
 
 # ---------------------------------------------------------------- helpers: tiny image analysis

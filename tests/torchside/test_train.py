@@ -1,3 +1,5 @@
+"""Training a merged run (mmexport.torchside.train): a complete traceable run, determinism, refusals, nothing half-published."""
+
 import json
 
 import pytest
@@ -5,9 +7,9 @@ import torch
 
 from mmexport.errors import MMExportError, VerificationError
 from mmexport.fileio import sha256_file
-from mmexport.modelfile import load_model, load_unmerged
+from mmexport.torchside.modelfile import load_model, load_unmerged
 from mmexport.config import TrainConfig
-from mmexport.train import train
+from mmexport.torchside.train import train
 from tests.conftest import TINY_TARGET, one_line
 
 
@@ -94,9 +96,8 @@ def test_bad_config_is_refused_before_anything_is_written(resnet18_sources, tmp_
 
 
 def test_failed_fold_verification_publishes_nothing(resnet18_sources, tmp_path, monkeypatch):
-    import mmexport.train as train_module
-    from mmexport import fold as fold_module
-
+    import mmexport.torchside.train as train_module
+    from mmexport.torchside import fold as fold_module
     def corrupt_fold(merged):
         model = fold_module.fold(merged)
         with torch.no_grad():
@@ -178,7 +179,7 @@ def test_scratch_source_for_single_source_methods_needs_no_source_b(tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert set(manifest["inputs"]) == {"source_a", "data"}
     assert manifest["inputs"]["source_a"]["format"] == "scratch" and manifest["inputs"]["source_a"]["seed"] == 0
-    from mmexport.train import scratch_source
+    from mmexport.torchside.train import scratch_source
 
     again = scratch_source("scratch", "resnet18", "A", 0)
     assert again.info["sha256"] == manifest["inputs"]["source_a"]["sha256"]
@@ -189,7 +190,7 @@ def test_scratch_source_for_single_source_methods_needs_no_source_b(tmp_path):
 
 
 def test_float64_weights_that_overflow_float32_are_refused(resnet18_sources, tmp_path):
-    from mmexport.checkpoints import save_state_dict
+    from mmexport.torchside.checkpoints import save_state_dict
     from tests.conftest import backbone_state
 
     state = {k: v.double() if v.is_floating_point() else v for k, v in backbone_state("resnet18", 5).items()}
@@ -204,7 +205,7 @@ def test_float64_weights_that_overflow_float32_are_refused(resnet18_sources, tmp
 
 
 def test_a_network_with_infinite_batchnorm_statistics_is_not_published(tmp_path):
-    from mmexport.checkpoints import save_state_dict
+    from mmexport.torchside.checkpoints import save_state_dict
     from tests.conftest import backbone_state
 
     state = backbone_state("resnet18", 6)

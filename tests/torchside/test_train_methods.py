@@ -1,4 +1,4 @@
-"""Baselines, resume, class balancing, early stopping and torchrun for mmexport.train."""
+"""Baselines, resume, class balancing, early stopping and torchrun for mmexport.torchside.train."""
 
 import json
 import os
@@ -12,9 +12,9 @@ import torch
 
 from mmexport.errors import MMExportError, RunDirError
 from mmexport.fileio import sha256_file
-from mmexport.modelfile import load_model
-from mmexport.train import DistContext, LoopOptions, _lr_lambda, batches, epoch_indices, train
-from tests.test_train import config
+from mmexport.torchside.modelfile import load_model
+from mmexport.torchside.train import DistContext, LoopOptions, _lr_lambda, batches, epoch_indices, train
+from tests.torchside.test_train import config
 
 
 @pytest.mark.parametrize("method", ["average", "finetune-a", "lpft-b"])
@@ -37,7 +37,7 @@ def test_every_method_publishes_a_plain_network(resnet18_sources, tmp_path, meth
 
 
 def test_average_keeps_sigma_at_one_half(resnet18_sources, tmp_path):
-    from mmexport.modelfile import load_unmerged
+    from mmexport.torchside.modelfile import load_unmerged
 
     run = train(config(resnet18_sources, tmp_path / "run", method="average", finetune_epochs=0))
     merged, _ = load_unmerged(run / "unmerged.safetensors")
@@ -45,7 +45,7 @@ def test_average_keeps_sigma_at_one_half(resnet18_sources, tmp_path):
 
 
 def test_linear_probe_leaves_the_backbone_untouched(resnet18_sources, tmp_path):
-    from mmexport.checkpoints import load_source
+    from mmexport.torchside.checkpoints import load_source
 
     run = train(config(resnet18_sources, tmp_path / "run", method="lpft-a", finetune_epochs=0))
     model, _ = load_model(run / "model.safetensors")
@@ -93,7 +93,7 @@ def test_resume_with_a_different_config_is_refused(resnet18_sources, tmp_path):
 def test_early_stopping_stops_a_stage(resnet18_sources, tmp_path, monkeypatch):
     # Val macro-F1 that never improves after epoch 1 (BN statistics keep moving even at a
     # zero learning rate, so a real model cannot be relied on to plateau).
-    import mmexport.train as train_module
+    import mmexport.torchside.train as train_module
 
     real_evaluate = train_module.evaluate
     scores = iter([0.5, 0.4, 0.45, 0.3, 0.2, 0.1])
@@ -210,7 +210,7 @@ def test_resume_after_the_probe_keeps_the_chosen_rate(resnet18_sources, tmp_path
 
 
 def test_resume_refuses_when_a_source_file_changed(resnet18_sources, tmp_path):
-    from mmexport.checkpoints import save_state_dict
+    from mmexport.torchside.checkpoints import save_state_dict
     from tests.conftest import backbone_state, one_line
 
     source_a = tmp_path / "a.safetensors"

@@ -21,6 +21,9 @@ for optional methods:
   time on the device). ``mmexport bench --device-timing`` requires it.
 * ``last_enqueue_time()`` -- host milliseconds spent enqueueing the work (GPU
   runners; trtexec's "enqueue time"), else ``None``.
+* ``max_batch`` -- the largest batch the loaded model takes beyond what its input
+  shape says (a TensorRT optimisation profile's max), else ``None``; callers cap
+  their batch size with it.
 """
 
 from __future__ import annotations
@@ -102,6 +105,16 @@ class BaseRunner:
     def _require_active(self) -> None:
         if not self.is_active:
             raise MMExportError(f"{self.name}: activate the runner first (use it inside a 'with' block)")
+
+    @property
+    def max_batch(self) -> int | None:
+        """The largest batch the model takes, where the runner knows a limit the input shape does not show.
+
+        ``None`` means no limit beyond the input metadata (a dynamic batch dimension, or
+        a static one the caller reads from :meth:`input_metadata`). The base has no such
+        limit; a runner whose engine fixes one (TensorRT's optimisation profile) overrides this.
+        """
+        return None
 
     def input_metadata(self) -> dict[str, TensorMetadata]:
         self._require_active()

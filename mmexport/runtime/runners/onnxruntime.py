@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mmexport.config import check_int
 from mmexport.errors import CheckpointError, MissingDependencyError, MMExportError
 from mmexport.runtime.runners.base import BaseRunner, TensorMetadata
 
@@ -120,8 +121,8 @@ class SessionFromOnnx:
                 f"choose one of {', '.join(GRAPH_OPTIMIZATION_LEVELS)}"
             )
         for label, value in (("threads", threads), ("inter-op threads", inter_op_threads)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise MMExportError(f"{label} must be a positive integer, got {value!r}")
+            if value is not None:
+                check_int(value, label)
         self.threads = threads
         self.inter_op_threads = inter_op_threads
         self.graph_optimization_level = graph_optimization_level

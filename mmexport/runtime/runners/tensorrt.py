@@ -13,7 +13,7 @@ CUDA-graph capture and replay of the engine launch; everything released through 
 
 TensorRT is supported in majors 10 (>= 10.12) and 11; the few API differences are
 dispatched here on the major version (``device_memory_size_v2`` vs
-``device_memory_size``) and in :mod:`mmexport.export.tensorrt` (network creation
+``device_memory_size``) and in :mod:`mmexport.convert.tensorrt` (network creation
 flags, removed builder flags). Nothing here imports TensorRT, the CUDA bindings or
 torch at module import time.
 """
@@ -21,9 +21,9 @@ torch at module import time.
 from __future__ import annotations
 
 import contextlib
-import time
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +31,8 @@ from typing import Any, Callable
 import numpy as np
 
 from mmexport.errors import CheckpointError, DataError, MMExportError
+from mmexport.runtime.cuda import BufferPool, EventTimer, get_cuda
+from mmexport.runtime.engine import check_engine, check_tensorrt_supported, import_tensorrt, rebuild_command
 from mmexport.runtime.runners.base import BaseRunner, TensorMetadata
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,6 @@ def create(trt_class: Any, logger: Any, what: str) -> Any:
 
 def make_logger(trt: Any) -> Any:
     """A ``trt.ILogger`` that keeps TensorRT's errors (for one-line messages) and warnings, and logs both."""
-
     severity = trt.ILogger.Severity
 
     class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
@@ -83,7 +84,6 @@ def make_logger(trt: Any) -> Any:
 @dataclass
 class LoadedEngine:
     """A deserialised engine with what must outlive it (the runtime, the logger)."""
-
     engine: Any
     runtime: Any
     logger: Any
@@ -94,14 +94,12 @@ class LoadedEngine:
 
 class EngineFromPath:
     """Loader: check (sidecar, sha256, TensorRT version, GPU), then deserialise an engine file."""
-
     def __init__(self, path: str | os.PathLike[str], *, check: bool = True, environment: Any = None) -> None:
         self.path = Path(path)
         self.check = check
         self.environment = environment
 
     def __call__(self) -> LoadedEngine:
-        from mmexport.runtime.engine import check_engine, check_tensorrt_supported, import_tensorrt, rebuild_command
 
         trt = import_tensorrt()
         major = check_tensorrt_supported(trt.__version__)
@@ -226,8 +224,6 @@ class TensorRTRunner(BaseRunner):
 
     # -- lifetime ----------------------------------------------------------------------------------
     def activate_impl(self) -> None:
-        from mmexport.runtime.cuda import BufferPool, EventTimer, get_cuda
-        from mmexport.runtime.engine import import_tensorrt
 
         stack = contextlib.ExitStack()
         try:

@@ -87,11 +87,20 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmexport.data import (
-    FOLDER_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, SPLITS, AugmentationPreset, TaskData, _ArrayImages, augmentation_preset,
-)
+from mmexport.config import check_int
 from mmexport.errors import DataError
+from mmexport.fileio import sha256_file
 from mmexport.runtime.preprocess import Preprocessing, normalize, pil_pipeline, read_rgb
+from mmexport.torchside.data.tasks import (
+    FOLDER_IMAGE_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SPLITS,
+    AugmentationPreset,
+    TaskData,
+    _ArrayImages,
+    augmentation_preset,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
 CSV_DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -120,8 +129,8 @@ def _error(message: str) -> DataError:
 
 def load_file_task(spec: str, image_size: int | None) -> TaskData:
     """Load ``PATH[?key=value&...]``: an ImageFolder root, a class-folder tree, a ``.csv`` or a MedMNIST ``.npz``."""
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
-        raise _error(f"{spec}: image_size must be a positive integer, got {image_size!r}")
+    if image_size is not None:
+        check_int(image_size, f"{spec}: image_size", error=DataError)
     raw_path, _, query = spec.partition("?")
     if query and Path(spec).expanduser().exists():  # a path that really contains '?'
         raw_path, query = spec, ""
@@ -364,7 +373,6 @@ def train_transform(size: int, preset: str | AugmentationPreset = "legacy",
 
 class _FileAugmentation:
     """Picklable (DataLoader workers) augmentation of a decoded PIL image."""
-
     def __init__(self, preset: AugmentationPreset, size: int, preprocessing: Preprocessing) -> None:
         from torchvision.transforms import v2
 
@@ -850,7 +858,6 @@ def _npz(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
 
 
 def _sha256(path: Path) -> str:
-    from mmexport.fileio import sha256_file
 
     return sha256_file(path)
 

@@ -37,7 +37,8 @@ import pathlib
 
 import numpy as np
 
-from .errors import DataError
+from mmexport.config import check_int
+from mmexport.errors import DataError
 
 TASKS: tuple[str, ...] = ("pigment", "border", "target")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -100,8 +101,7 @@ def _check_task(task: object) -> None:
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise DataError(f"synthetic {name} must be an integer >= {minimum}, got {value!r}")
+    check_int(value, f"synthetic {name}", low=minimum, error=DataError)
 
 
 def _validate(task: str, n: int, image_size: int, seed: int, split: str) -> None:

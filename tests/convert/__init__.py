@@ -1,0 +1,1 @@
+"""Tests of mmexport.convert: ONNX precision transforms and the TensorRT builder."""

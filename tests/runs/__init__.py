@@ -1,0 +1,1 @@
+"""Tests of mmexport.runs: run directories, their lock, verification and provenance."""

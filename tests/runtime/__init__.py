@@ -1,0 +1,1 @@
+"""Tests of mmexport.runtime: the torch-free deployment side."""

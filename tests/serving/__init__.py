@@ -1,0 +1,1 @@
+"""Tests of mmexport.serving: Triton model repositories and server."""

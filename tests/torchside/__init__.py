@@ -1,0 +1,1 @@
+"""Tests of mmexport.torchside: backbones, merging, folding, training and datasets."""
