@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Layers, lowest first. A module may import its own layer and the layers below it, never above.
 # The first matching prefix decides a module's layer (longest prefixes first).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("ground", ("mmexport.errors", "mmexport.progress", "mmexport.config", "mmexport.fileio",
+    ("ground", ("mmexport.errors", "mmexport.jsonread", "mmexport.progress", "mmexport.config", "mmexport.fileio",
                 "mmexport.artifacts", "mmexport.environment", "mmexport.plots")),
     ("runtime", ("mmexport.runtime",)),
     ("convert", ("mmexport.convert",)),
