@@ -26,6 +26,30 @@ from mmexport.errors import CheckpointError
 from mmexport.runtime.preprocess import Preprocessing
 
 MODEL_INFO_FORMAT = "mmexport-model-info/2"
+MAX_CLASS_NAME = 256  # characters of one class name
+
+
+def check_class_names(classes: object, where: str) -> tuple[str, ...]:
+    """``classes`` as a tuple of names, or one line saying why not.
+
+    Each name must be a non-empty string of printable characters that is exactly one line
+    for every reader (Triton's ``labels.txt`` splits on ``\\n`` only, Python's ``splitlines``
+    also on ``\\v``, ``\\f``, ``\\x85``, ``\\u2028`` ...), without surrounding blanks,
+    and the names distinct. A JSON string is not a list of classes (it would be one class per letter).
+    """
+    if not isinstance(classes, (list, tuple)):
+        raise CheckpointError(f"{where}: classes must be a list of names, got {type(classes).__name__}")
+    if not classes:
+        raise CheckpointError(f"{where}: classes is empty")
+    for index, name in enumerate(classes):
+        if not isinstance(name, str):
+            raise CheckpointError(f"{where}: class {index} must be a string, got {type(name).__name__}")
+        if not name.strip() or name != name.strip() or not name.isprintable() or len(name) > MAX_CLASS_NAME:
+            raise CheckpointError(f"{where}: class {index} ({name[:40]!r}) must be 1-{MAX_CLASS_NAME} printable "
+                                  "characters on one line, without surrounding blanks")
+    if len(set(classes)) != len(classes):
+        raise CheckpointError(f"{where}: class names repeat")
+    return tuple(classes)
 
 
 @dataclass(frozen=True)
