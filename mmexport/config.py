@@ -95,7 +95,10 @@ def check_int(value: object, what: str, *, low: int = 1, high: int | None = None
         else:
             wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
         what = what.replace("\r", "\\r").replace("\n", "\\n")  # a path in ``what`` must not break the one line
-        raise error(f"{what} must be {wanted}, got {value!r}")
+        # repr() of an int over 4300 digits raises; a forged file can hold one
+        shown = (f"an integer of {len(str(abs(value)).lstrip('0')) if value.bit_length() < 10000 else 'over 3000'} digits"
+                 if isinstance(value, int) and abs(value) >= 10**18 else repr(value)[:80])
+        raise error(f"{what} must be {wanted}, got {shown}")
     return int(value)
 
 

@@ -6,6 +6,9 @@ preprocessing block the file records (:mod:`mmexport.runtime.preprocess`), runs
 batches within the model's batch limits, and returns logits, probabilities and
 labels. Batched and one-image calls give the same numbers: every image is
 preprocessed on its own and the network has no cross-sample state in inference.
+A malformed input -- an empty batch, non-finite values, an image over the pixel budget
+(:func:`mmexport.runtime.preprocess.check_pixel_budget`), undecodable bytes -- is one
+:class:`~mmexport.errors.DataError` line, never another exception.
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ class Predictor:
                 raise DataError(
                     f"a float array is taken as an already-normalised batch N x 3 x {size} x {size}, got shape {images.shape}"
                 )
+            if len(batch) == 0:
+                raise DataError(f"no images given (an empty batch of shape {images.shape})")
             if not np.isfinite(batch).all():
                 raise DataError("the input batch contains NaN or Inf values")
             return np.ascontiguousarray(batch, dtype=np.float32)
@@ -116,7 +121,15 @@ class Predictor:
 
     # -- inference -----------------------------------------------------------------------------
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits of an already-normalised batch, run in chunks of at most ``batch_size``."""
+        """Logits of an already-normalised batch, run in chunks of at most ``batch_size``.
+
+        An empty batch is refused (:class:`DataError`), as every entry point here refuses it: a
+        zero-size input is not a request for nothing but a malformed one (ONNX Runtime and TensorRT
+        reject it with errors of their own).
+        """
+        batch = np.asarray(batch)
+        if batch.ndim == 0 or len(batch) == 0:
+            raise DataError(f"no images given (an empty batch of shape {batch.shape})")
         chunks = []
         for start in range(0, len(batch), self.batch_size):
             outputs = self.runner.infer({self.input_name: batch[start : start + self.batch_size]})

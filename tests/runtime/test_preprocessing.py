@@ -33,7 +33,7 @@ def test_block_round_trips_and_is_versioned():
     ({"resize": "stretch"}, "resize 'stretch'"),
     ({"crop": "none"}, "without a crop the resize must be exact"),
     ({"interpolation": "nearest"}, "unsupported interpolation"),
-    ({"std": [0.2, 0.0, 0.2]}, "std and scale positive"),
+    ({"std": [0.2, 0.0, 0.2]}, "std must be finite and from 1e-06"),
 ])
 def test_malformed_blocks_are_refused(change, fragment):
     data = {**Preprocessing.center_crop(64, MEAN, STD).to_dict(), **change}

@@ -13,7 +13,8 @@ for optional methods:
   ``None`` for a dynamic dimension), available while active.
 * ``infer(feed)`` -- ``feed`` maps input names to numpy arrays (a bare array is
   accepted for single-input models); inputs are checked against the metadata
-  (``check_inputs=False`` skips that); returns a dict of float32 numpy outputs,
+  -- names, ranks, static dimensions, dtypes, and no empty input: a zero-size
+  array is a :class:`~mmexport.errors.DataError` -- (``check_inputs=False`` skips that); returns a dict of float32 numpy outputs,
   in the model's output order.
 * ``last_inference_time()`` -- host wall-clock seconds of the last ``infer``.
 * ``last_inference_timings()`` -- device-side milliseconds of the last ``infer``
@@ -147,6 +148,8 @@ class BaseRunner:
                 raise DataError(
                     f"{self.name}: input {name} must have {len(meta.shape)} dimensions {meta.shape_text()}, got shape {array.shape}"
                 )
+            if array.size == 0:  # ONNX Runtime and TensorRT refuse it with errors of their own, or misbehave
+                raise DataError(f"{self.name}: input {name} is empty (shape {array.shape}): nothing to run")
             for expected, actual in zip(meta.shape, array.shape):
                 if expected is not None and expected != actual:
                     raise DataError(f"{self.name}: input {name} has shape {array.shape}, the model takes {meta.shape_text()}")

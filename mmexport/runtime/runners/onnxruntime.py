@@ -22,7 +22,12 @@ from typing import Any
 import numpy as np
 
 from mmexport.config import check_int
-from mmexport.errors import CheckpointError, MissingDependencyError, MMExportError
+from mmexport.errors import (
+    CheckpointError,
+    DataError,
+    MissingDependencyError,
+    MMExportError,
+)
 from mmexport.runtime.runners.base import BaseRunner, TensorMetadata
 
 CPU = "CPUExecutionProvider"
@@ -209,7 +214,14 @@ class OnnxRuntimeRunner(BaseRunner):
         }
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(None, feed)
+        try:
+            outputs = self.session.run(None, feed)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own (pybind) types, multi-line messages
+            kind = type(exc).__name__
+            detail = " ".join(str(exc).split())[:300] or kind
+            # InvalidArgument: the inputs (a caller that skipped check_inputs); anything else: the model or the runtime
+            error = DataError if kind == "InvalidArgument" else MMExportError
+            raise error(f"{self.name}: ONNX Runtime could not run this batch ({kind}: {detail})") from None
         return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs)}
 
     def metadata(self) -> dict[str, str]:

@@ -46,10 +46,17 @@ Decisions, so that a dataset description can be defended:
   (BMP, TIFF, WebP, ...) are fully decoded. Measured on a 2-core CPU; threads
   gave no speed-up, so the scan is serial. A corrupted byte inside a JPEG's
   entropy-coded data is not detectable by any reader and decodes as noise.
-  An image above Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``,
-  89 Mpx) is unreadable, not a warning. Each file is read once, and its sha256
+  Every image is opened with the runtime's bounded reader
+  (:func:`mmexport.runtime.preprocess.open_image`): its header's size is checked
+  before decoding against the pixel budgets (decoded pixels, aspect ratio, and size
+  after the dataset's recorded resize -- what evaluation and a server would do with
+  it), so an image beyond them is unreadable here, not a crash or gigabytes
+  mid-training. Each file is read once, and its sha256
   goes into the dataset's content ``fingerprint`` (every split's labelled image
   digests: independent of where the dataset lies and of file names).
+* Class names must be names every exported artifact can carry
+  (:func:`mmexport.runtime.modelinfo.check_class_names`: printable, one line, no
+  surrounding blanks, distinct); another name is refused at load, in one line.
 * Labels come from folders: a symlink inside a class folder that leads to an
   ancestor of a class folder, or into another class folder (of any split), is
   refused -- following it would file another class's (or split's) images under
@@ -71,7 +78,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import math
 import os
 import re
@@ -88,9 +94,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mmexport.config import check_int
-from mmexport.errors import DataError
+from mmexport.errors import CheckpointError, DataError
 from mmexport.fileio import sha256_file
-from mmexport.runtime.preprocess import Preprocessing, normalize, pil_pipeline, read_rgb
+from mmexport.runtime.modelinfo import check_class_names
+from mmexport.runtime.preprocess import (
+    Preprocessing,
+    normalize,
+    open_image,
+    pil_pipeline,
+    read_rgb,
+)
 from mmexport.torchside.data.tasks import (
     FOLDER_IMAGE_SIZE,
     IMAGENET_MEAN,
@@ -279,13 +292,17 @@ def _walk_images(folder: Path, others: tuple[str, ...] = ()) -> tuple[list[Path]
     return found, ignored
 
 
-def check_image(path: str | os.PathLike) -> str | None:
+def check_image(path: str | os.PathLike, preprocessing: Preprocessing | None = None) -> str | None:
     """``None`` if ``path`` is a readable image, else a short reason (see the module docstring for the method)."""
-    return scan_image(path)[0]
+    return scan_image(path, preprocessing)[0]
 
 
-def scan_image(path: str | os.PathLike) -> tuple[str | None, str | None]:
-    """(``None`` or the reason ``path`` is unusable, sha256 of its bytes or ``None``); each file is read once."""
+def scan_image(path: str | os.PathLike, preprocessing: Preprocessing | None = None) -> tuple[str | None, str | None]:
+    """(``None`` or the reason ``path`` is unusable, sha256 of its bytes or ``None``); each file is read once.
+
+    Read with the runtime's bounded reader: an image beyond the pixel budgets (with ``preprocessing``,
+    also after its resize) is unusable, found from its header before anything is decoded.
+    """
     path = Path(path)
     if not path.is_file():
         return "missing", None
@@ -298,15 +315,17 @@ def scan_image(path: str | os.PathLike) -> tuple[str | None, str | None]:
     digest = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():
-            # Above MAX_IMAGE_PIXELS Pillow only warns (on stderr, mid-run); above twice that it raises.
+            # Pillow only warns (on stderr, mid-run) above a MAX_IMAGE_PIXELS a user lowered below our budget.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with open_image(data, preprocessing, where=path.name) as image:
                 image_format = image.format
                 image.verify()
-            with Image.open(io.BytesIO(data)) as image:
+            with open_image(data, preprocessing, where=path.name) as image:
                 if image_format == "JPEG":
                     image.draft(None, (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
+    except DataError as exc:  # the bounded reader: one line, every decoding failure included
+        return str(exc).removeprefix(f"{path.name}: "), digest
     except Exception as exc:  # noqa: BLE001 - any failure to decode makes the file unusable
         return _first_line(exc).replace(_IN_MEMORY, path.name), digest
     return None, digest
@@ -341,7 +360,7 @@ class FileImages(Dataset):
     def _read(self, index: int):
         path, label = self.samples[index]
         try:
-            return read_rgb(path), label
+            return read_rgb(path, self.preprocessing), label
         except Exception as exc:  # noqa: BLE001 - changed on disk since the load-time scan
             raise _error(f"{path}: cannot read image ({exc}); it passed the load-time check") from None
 
@@ -454,6 +473,12 @@ def _finish_file_task(
     extra: dict[str, Any],
 ) -> TaskData:
     """Scan every candidate ``(path or None if missing, class, display name)`` per split, skip and count bad ones, build TaskData."""
+    _check_classes(classes, path)
+    size = image_size or FOLDER_IMAGE_SIZE
+    try:
+        preprocessing = Preprocessing.center_crop(size, IMAGENET_MEAN, IMAGENET_STD)
+    except CheckpointError as exc:  # an image size beyond what the block allows
+        raise _error(f"{path}: image size {size}: {exc}") from None
     index = {name: i for i, name in enumerate(classes)}
     digests: list[str] = []
     samples: dict[str, list[tuple[str, int]]] = {}
@@ -464,7 +489,7 @@ def _finish_file_task(
         examples: list[str] = []
         reasons: list[str] = []
         for file, label, shown in items:
-            reason, digest = ("missing", None) if file is None else scan_image(file)
+            reason, digest = ("missing", None) if file is None else scan_image(file, preprocessing)
             if reason is None:
                 good.append((str(file), index[label]))
                 digests.append(f"{split}\t{label}\t{digest}")
@@ -489,8 +514,6 @@ def _finish_file_task(
         empty = [name for name, count in class_counts[split].items() if count == 0]
         if empty:
             raise _error(f"{path}: {split} split has no readable images of class(es) {', '.join(empty)}")
-    size = image_size or FOLDER_IMAGE_SIZE
-    preprocessing = Preprocessing.center_crop(size, IMAGENET_MEAN, IMAGENET_STD)
     splits = tuple(s for s in SPLITS if s in samples)
 
     def factory(split: str, augment: AugmentationPreset | None) -> Dataset:
@@ -514,6 +537,14 @@ def _finish_file_task(
         "preprocessing": preprocessing.describe(),
     }
     return TaskData(list(classes), size, IMAGENET_MEAN, IMAGENET_STD, description, factory, splits, preprocessing)
+
+
+def _check_classes(classes: list[str], path: Path) -> None:
+    """Refuse, at load, class names no exported model could carry (one line), rather than train a model that cannot ship."""
+    try:
+        check_class_names(classes, f"{path}: class names")
+    except CheckpointError as exc:
+        raise _error(str(exc)) from None
 
 
 def _fingerprint(lines: list[str]) -> str:
@@ -819,6 +850,7 @@ def _npz(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
         classes = [str(i) for i in range(top + 1)]
     if len(classes) < 2:
         raise _error(f"{path}: need at least 2 classes, all labels are {top}")
+    _check_classes(classes, path)
     train_counts = np.bincount(labels["train"], minlength=len(classes))
     absent = [classes[i] for i in range(len(classes)) if train_counts[i] == 0]
     if absent:
@@ -829,7 +861,10 @@ def _npz(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
     size = image_size or native[0]
     if image_size is None and native[0] != native[1]:
         raise _error(f"{path}: images are {native[0]}x{native[1]}, not square: pass an image size")
-    tensors = {split: _npz_images(raw[split][0], size) for split in splits}
+    try:
+        tensors = {split: _npz_images(raw[split][0], size) for split in splits}
+    except (DataError, CheckpointError) as exc:  # over the pixel budget, or a size the block refuses
+        raise _error(f"{path}: {exc}") from None
     del raw
     class_counts = {s: dict(zip(classes, np.bincount(labels[s], minlength=len(classes)).tolist())) for s in splits}
 
