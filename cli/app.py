@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Annotated, Optional, Sequence
 
 import typer
-from rich.markup import escape
 
 from mmexport import __version__, artifacts
-from mmexport.config import TrainConfig
-from mmexport.errors import MMExportError, VerificationError
+from mmexport.config import TrainConfig, check_int
+from mmexport.errors import MissingDependencyError, MMExportError, VerificationError
 
 from .console import (
-    RichProgress, console, error_console, print_bench, print_comparison_model, print_demo, print_doctor,
-    print_onnx_exports, print_provenance, print_published, print_refold, print_run_summary, print_serving,
-    print_training_outcome, print_triton_export, print_written, verification_table,
+    RichProgress, console, error_console, literal, one_line, print_bench, print_comparison_model, print_demo,
+    print_doctor, print_onnx_exports, print_provenance, print_published, print_refold, print_run_summary,
+    print_serving, print_training_outcome, print_triton_export, print_verification, print_written,
 )
 
 app = typer.Typer(
@@ -242,7 +241,7 @@ def _fold_to_trt(run: Path, precision: str, *, min_batch: int, opt_batch: int | 
                             optimization_level=opt_level, timing_cache=timing_cache or DEFAULT_TIMING_CACHE,
                             hardware_compatibility=hardware_compatibility, version_compatible=version_compatible)
     if print_trtexec:
-        console.print(trtexec_line(run, precision, options), soft_wrap=True, markup=False, highlight=False)
+        console.print(one_line(trtexec_line(run, precision, options)), soft_wrap=True, markup=False, highlight=False)
         return
     progress = RichProgress()
     try:
@@ -268,7 +267,7 @@ def _fold_to_onnx(run: Path, precision: str, *, calib_data: str | None, calib_im
                                       int8_max_float=int8_max_float, lock_wait=lock_wait)
         except VerificationError as exc:
             if exc.report is not None:
-                console.print(verification_table(exc.report))
+                print_verification(exc.report)
             raise
         print_onnx_exports(results.values())
         if comparisons:
@@ -302,9 +301,10 @@ def verify(
     backends = backend or ["torch"]
     for name in backends:
         artifacts.check_engine(name, "backend")
-    if samples is not None and samples < 0:
-        raise MMExportError(f"--samples must be >= 0, got {samples}")
-    failed = False
+    if samples is not None:
+        # every backend compares that many random inputs; 0 would compare none and prove nothing
+        check_int(samples, "--samples", low=1)
+    failed = []
     lock_wait = _lock_wait(ctx)
     try:
         if "torch" in backends:
@@ -312,7 +312,7 @@ def verify(
 
             report = verify_run(run, data=data, samples=64 if samples is None else samples, seed=seed, device=device,
                                 lock_wait=lock_wait)
-            console.print(verification_table(report))
+            print_verification(report)
         for name in ("onnx", "trt"):
             if name not in backends:
                 continue
@@ -321,14 +321,20 @@ def verify(
             for report in verify_artifacts(run, name, list(precision) if precision else None,
                                            reference_from=_data_reference(data, samples), samples=samples, device=device,
                                            lock_wait=lock_wait):
-                console.print(verification_table(report))
-                failed = failed or not report.passed
+                print_verification(report)
+                if not report.passed:
+                    failed.append(report)
     except VerificationError as exc:
         if exc.report is not None:
-            console.print(verification_table(exc.report))
+            print_verification(exc.report)
         raise
     if failed:
-        raise VerificationError("verification failed (see the table above)")
+        first = failed[0]
+        reasons = first.failures()
+        # a report that ran names its candidate; one refused before running already names the file
+        reason = (f"{first.candidate}: " if first.input_sets else "") + (reasons[0] if reasons else "no reason recorded")
+        others = f" (and {len(failed) - 1} more artifact(s))" if len(failed) > 1 else ""
+        raise VerificationError(f"verification failed{others}, see above: {reason}")
     console.print("[green]verification passed[/green]")
 
 
@@ -348,8 +354,15 @@ def _verify_manifest(run: Path) -> None:
     print_provenance(report)
     if not report.passed:
         bad = [f.name for f in report.files if f.state != "intact"] + [t for t, s, _ in report.repositories if s != "intact"]
-        raise VerificationError(f"{len(bad)} file(s) differ from the manifest: {', '.join(bad[:5])}")
-    console.print("[green]every file matches the manifest[/green]")
+        unlisted = [u.name for u in report.unexpected]
+        parts = [f"{len(bad)} file(s) differ from the manifest: {', '.join(bad[:5])}"] if bad else []
+        if unlisted:
+            parts.append(f"{len(unlisted)} file(s) the manifest does not list would be read as part of the run: "
+                         f"{', '.join(unlisted[:5])}")
+        raise VerificationError("; ".join(parts))
+    others = len(report.untracked)
+    console.print("[green]every file matches the manifest[/green]"
+                  + (f" ({others} other file(s) in the run are not part of it and not read by mmexport)" if others else ""))
 
 
 def _coefficient_reader():
@@ -374,7 +387,7 @@ def inspect(
         from mmexport.torchside.coefficients import plot_run_coefficients
 
         written = plot_run_coefficients(run, plot, all_layers=all_parameters)
-        console.print(f"[green]plot written to[/green] {escape(str(written))}")
+        console.print(f"[green]plot written to[/green] {literal(written)}")
 
     summary = inspect_run(run, coefficients=_coefficient_reader())
     final_saturation = None
@@ -514,7 +527,7 @@ def _one_line_warnings() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         text = " ".join(str(message).split())
-        error_console.print(f"[yellow]warning:[/yellow] {escape(text)} ({category.__name__})", soft_wrap=True,
+        error_console.print(f"[yellow]warning:[/yellow] {literal(text)} ({category.__name__})", soft_wrap=True,
                             highlight=False)
 
     warnings.showwarning = show
@@ -532,13 +545,56 @@ def _environment_error(exc: OSError) -> str:
     return f"{where}: {reason}; nothing partial was published (a file is written under a temporary name and renamed only when complete)"
 
 
+TORCH_PACKAGES = ("torch", "torchvision")
+
+
+def _torch_import_failure(exc: ImportError, command: str | None) -> MissingDependencyError | None:
+    """``exc`` as one line naming what to install, when it is PyTorch that cannot be imported; else None.
+
+    The torch side is imported lazily (inside commands, and inside the library where a path needs it:
+    bench --engine torch, verify --data), so the one place that sees every such import fail is here.
+    """
+    import traceback
+
+    missing = (exc.name or "").split(".")[0]
+    # A broken installation fails while ``import torch`` itself runs (torch/__init__.py at module level, e.g. a
+    # missing CUDA library); an ImportError of another package that torch imports lazily later is not torch's.
+    broken = next((frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(exc.__traceback__)
+                   if frame.f_globals.get("__name__") in TORCH_PACKAGES and frame.f_code.co_name == "<module>"), None)
+    if missing in TORCH_PACKAGES:
+        state = f"{missing} is not installed"
+    elif broken is not None:
+        state = f"{broken} is installed but cannot be imported ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    else:
+        return None
+    needs = f"mmexport {command}" if command else "this command"
+    return MissingDependencyError(
+        f"{needs} needs PyTorch here and {state}: pip install torch torchvision (on a CPU-only host add "
+        "--index-url https://download.pytorch.org/whl/cpu); what runs exported artifacts works without it: "
+        "verify --backend onnx|trt, bench --engine onnx|trt, inspect, doctor, serve")
+
+
+class _OneLineRecords:
+    """A logging filter: a library log record (which may quote file text) as one terminal-safe line."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        record.msg, record.args = one_line(record.getMessage()), None
+        return True
+
+
+def _print_error(message: str) -> None:
+    error_console.print(f"[red]error:[/red] {literal(message)}", soft_wrap=True, highlight=False)
+
+
 def main() -> None:
     """Entry point: library errors become one red line and exit 1 (traceback with MMEXPORT_DEBUG=1).
 
     Click's standalone mode handles usage errors (exit 2) and Ctrl-C itself and lets
     every other exception through: ``MMExportError`` (the user's input or a failed
-    check) and ``OSError`` (the machine: disk full, file-size limits, permissions) become
-    one line here.
+    check), ``OSError`` (the machine: disk full, file-size limits, permissions) and an
+    ``ImportError`` of PyTorch (a torch-free host running a torch-side command) become
+    one line here, with every control character and line break escaped.
     """
     debug = os.environ.get("MMEXPORT_DEBUG") == "1"
     if not debug:
@@ -549,6 +605,7 @@ def main() -> None:
 
     # The library logs diagnostics under "mmexport.*" and never configures logging; the CLI shows them.
     handler = RichHandler(console=error_console, show_time=False, show_path=debug, markup=False)
+    handler.addFilter(_OneLineRecords())
     library_logger = logging.getLogger("mmexport")
     library_logger.addHandler(handler)
     library_logger.setLevel(logging.DEBUG if debug else logging.WARNING)
@@ -558,12 +615,19 @@ def main() -> None:
     except MMExportError as exc:
         if debug:
             raise
-        error_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        _print_error(str(exc))
         sys.exit(1)
     except OSError as exc:
         if debug:
             raise
-        error_console.print(f"[red]error:[/red] {escape(_environment_error(exc))}", soft_wrap=True, highlight=False)
+        _print_error(_environment_error(exc))
+        sys.exit(1)
+    except ImportError as exc:
+        invoked = next((arg for arg in sys.argv[1:] if arg in getattr(command, "commands", {})), None)
+        missing = _torch_import_failure(exc, invoked)
+        if debug or missing is None:
+            raise
+        _print_error(str(missing))
         sys.exit(1)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -33,6 +34,35 @@ if TYPE_CHECKING:  # the commands import the library lazily; so does the renderi
 _WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
 console = Console(width=_WIDTH)
 error_console = Console(stderr=True)
+
+# Characters a terminal acts on instead of showing: C0/C1 controls (ESC starts screen clears and
+# window-title sequences, U+009B is an 8-bit CSI), line breaks (a forged line would read as ours),
+# format characters (bidi overrides reorder what is shown) and lone surrogates (undecodable file names).
+_ACTIVE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(char: str) -> str:
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if unicodedata.category(char) not in _ACTIVE_CATEGORIES:
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else (f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
+def one_line(value: object) -> str:
+    """``value`` as text a terminal shows as is, on one line: every control, line-break, bidi-format
+    character and lone surrogate written as its escape (``\\x1b``, ``\\n``, ``\\u202e``)."""
+    text = str(value)
+    return text if text.isprintable() else "".join(map(_visible, text))
+
+
+def literal(value: object) -> str:
+    """User or file text (a path, a manifest field, a class name, an error message) as rich markup that
+    prints exactly that text on one line: :func:`one_line`, then rich's markup escape. Everything the CLI
+    prints that it did not write itself goes through here."""
+    return escape(one_line(value))
 
 
 class RichProgress:
@@ -68,7 +98,7 @@ class RichProgress:
         )
 
     def message(self, text: str) -> None:
-        console.print(f"  {escape(text)}", soft_wrap=True)
+        console.print(f"  {literal(text)}", soft_wrap=True)
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
@@ -78,12 +108,12 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 def verification_table(report: VerificationReport) -> Table:
     """One column per input set and output, one row per statistic: readable at any terminal width."""
     tol = report.tolerance
-    table = Table(title=escape(f"{report.candidate} vs {report.reference}  [{tol.name}: {tol.describe()}]"),
+    table = Table(title=literal(f"{report.candidate} vs {report.reference}  [{tol.name}: {tol.describe()}]"),
                   title_justify="left")
     table.add_column("statistic", no_wrap=True)
     cells = [(input_set.name, output, stats) for input_set in report.input_sets for output, stats in input_set.outputs.items()]
     for name, output, _ in cells:
-        table.add_column(escape(name if output == "logits" else f"{name}/{output}"), justify="right", no_wrap=True)
+        table.add_column(literal(name if output == "logits" else f"{name}/{output}"), justify="right", no_wrap=True)
     rows = [
         ("N", lambda st: str(st.n_samples)),
         ("max abs error", lambda st: _fmt(st.max_abs_error)),
@@ -101,12 +131,22 @@ def verification_table(report: VerificationReport) -> Table:
     for label, render in rows:
         table.add_row(label, *(render(stats) for _, _, stats in cells))
     if report.notes:
-        table.caption = escape("FAIL: " + "; ".join(report.notes))
+        table.caption = literal("FAIL: " + "; ".join(report.notes))
     return table
 
 
+def print_verification(report: VerificationReport) -> None:
+    """A report's table; a report that compared nothing (the artifact was refused before it ran) as one line."""
+    if report.input_sets:
+        console.print(verification_table(report))
+        return
+    verdict = "[green]pass[/green]" if report.passed else "[red]FAIL[/red]"
+    console.print(f"{literal(report.candidate)} vs {literal(report.reference)}: {verdict}: "
+                  f"{literal('; '.join(report.failures()))}", soft_wrap=True, highlight=False)
+
+
 def bench_table(report) -> Table:
-    table = Table(title=f"{report.engine} {report.precision} — {escape(report.machine.get('cpu_model', ''))}",
+    table = Table(title=f"{report.engine} {report.precision} — {literal(report.machine.get('cpu_model', ''))}",
                   title_justify="left")
     for column in ("model", "batch", "median ms", "mean ms", "p90", "p95", "p99", "min", "max", "CV", "images/s",
                    "load s", "size MB", "+peak RSS MB", "n", "verified"):
@@ -162,7 +202,7 @@ def _wrote(text: str) -> None:
 
 def print_final_metrics(final: Mapping[str, SplitMetrics], indent: str = "") -> None:
     for split, metrics in final.items():
-        console.print(f"{indent}final {split}: accuracy {metrics.accuracy:.3f}  macro-F1 {metrics.macro_f1:.3f}")
+        console.print(f"{indent}final {literal(split)}: accuracy {metrics.accuracy:.3f}  macro-F1 {metrics.macro_f1:.3f}")
 
 
 def print_training_outcome(outcome: TrainingOutcome) -> None:
@@ -176,11 +216,11 @@ def print_training_outcome(outcome: TrainingOutcome) -> None:
         for column in ("class", "precision", "recall", "F1", "support"):
             table.add_column(column, justify="left" if column == "class" else "right")
         for row in rows:
-            table.add_row(escape(row.name), f"{row.precision:.3f}", f"{row.recall:.3f}", f"{row.f1:.3f}",
+            table.add_row(literal(row.name), f"{row.precision:.3f}", f"{row.recall:.3f}", f"{row.f1:.3f}",
                           f"{row.support:.0f}")
         console.print(table)
     print_training_report(outcome.training)
-    console.print(f"[green]run written to[/green] {escape(outcome.path)}")
+    console.print(f"[green]run written to[/green] {literal(outcome.path)}")
 
 
 def print_training_report(training: TrainingReport) -> None:
@@ -188,15 +228,15 @@ def print_training_report(training: TrainingReport) -> None:
     if training.sigma_saturation is not None:
         console.print(f"  merge coefficients beyond 0.1/0.9 after stage 1: {training.sigma_saturation:.1%}")
     if training.source_probes:
-        bars = ", ".join(f"source {label} {score:.3f}" for label, score in training.source_probes.items())
+        bars = ", ".join(f"source {literal(label)} {score:.3f}" for label, score in training.source_probes.items())
         stage1 = float("nan") if training.stage1_val_macro_f1 is None else training.stage1_val_macro_f1
         console.print(f"  stage 1 val macro-F1 {stage1:.3f}; head-only probes: {bars}")
         if training.stage1_below_probe:
             console.print(f"  [yellow]warning:[/yellow] stage 1 ended below the head-only probe of source "
-                          f"{', '.join(training.stage1_below_probe)}")
+                          f"{literal(', '.join(training.stage1_below_probe))}")
     comparison = training.comparison
     if comparison:
-        view = Table(title=f"did the merge pay? same budget and settings, seeds {', '.join(map(str, comparison.seeds))} "
+        view = Table(title=f"did the merge pay? same budget and settings, seeds {literal(', '.join(map(str, comparison.seeds)))} "
                            "(mean ± std)", title_justify="left")
         columns = [f"{part} {label}" for part in (("test", "val") if comparison.split == "test" else ("val",))
                    for label in ("macro-F1", "accuracy")]
@@ -211,9 +251,9 @@ def print_training_report(training: TrainingReport) -> None:
                 cells.append("—" if score is None else (f"{score.mean:.3f} ± {score.std:.3f}"
                                                         if score.n_values > 1 else f"{score.mean:.3f}"))
             name = row.method + (" (this run)" if row.method == comparison.reference else "")
-            view.add_row(escape(name), *cells)
+            view.add_row(literal(name), *cells)
         console.print(view)
-        console.print(f"  {escape(comparison.verdict)}")
+        console.print(f"  {literal(comparison.verdict)}")
 
 
 # --------------------------------------------------------------------------- fold
@@ -221,15 +261,15 @@ def print_training_report(training: TrainingReport) -> None:
 
 def print_refold(result: PublishedArtifact) -> None:
     """``fold --to safetensors|pt``: the check and the file, and whether it reproduced the previous fold."""
-    console.print(verification_table(result.report))
+    print_verification(result.report)
     reproduced = {None: "", True: " (bit-identical to the training-time fold)", False: " (differs from the previous fold!)"}
-    _wrote(f"{escape(str(result.path))}  sha256 {result.sha256[:16]}…{reproduced[result.reproduced]}")
+    _wrote(f"{literal(str(result.path))}  sha256 {result.sha256[:16]}…{reproduced[result.reproduced]}")
 
 
 def print_published(result: PublishedArtifact) -> None:
     """A verified artifact (ONNX, engine): its check, then path, size and hash."""
-    console.print(verification_table(result.report))
-    _wrote(f"{escape(str(result.path))}  {result.size_bytes / 1e6:.1f} MB  sha256 {result.sha256[:16]}…")
+    print_verification(result.report)
+    _wrote(f"{literal(str(result.path))}  {result.size_bytes / 1e6:.1f} MB  sha256 {result.sha256[:16]}…")
 
 
 def print_onnx_exports(results: Iterable[PublishedArtifact]) -> None:
@@ -237,30 +277,30 @@ def print_onnx_exports(results: Iterable[PublishedArtifact]) -> None:
     from mmexport.convert.precision import Int8Export
 
     for result in results:
-        console.print(verification_table(result.report))
+        print_verification(result.report)
         floats = result.facts.float_nodes if isinstance(result.facts, Int8Export) else []
         if floats:
-            console.print(f"  int8: {len(floats)} layer(s) kept in float to meet the policy: {escape(', '.join(floats))}",
+            console.print(f"  int8: {len(floats)} layer(s) kept in float to meet the policy: {literal(', '.join(floats))}",
                           soft_wrap=True)
         if not result.report.passed:
-            console.print(f"[red]published UNVERIFIED (--allow-unverified)[/red]: {escape(str(result.path))}", soft_wrap=True)
+            console.print(f"[red]published UNVERIFIED (--allow-unverified)[/red]: {literal(str(result.path))}", soft_wrap=True)
             continue
-        _wrote(f"{escape(str(result.path))}  {result.size_bytes / 1e6:.1f} MB  sha256 {result.sha256[:16]}…")
+        _wrote(f"{literal(str(result.path))}  {result.size_bytes / 1e6:.1f} MB  sha256 {result.sha256[:16]}…")
 
 
 def print_comparison_model(kind: str, made: PublishedArtifact) -> None:
     state = "" if made.report is None else (" (verified)" if made.report.passed else " [red](FAILED its check)[/red]")
-    _wrote(f"{kind} comparison model {made.name}  {made.size_bytes / 1e6:.1f} MB{state}")
+    _wrote(f"{kind} comparison model {literal(made.name)}  {made.size_bytes / 1e6:.1f} MB{state}")
 
 
 def print_triton_export(result: RepositoryResult) -> None:
     """``fold --to triton``: the version written and each file's hash."""
-    _wrote(f"{escape(result.name)} version {result.version} ({result.backend}, "
-           f"max_batch_size {result.max_batch_size}) into {escape(str(result.repository))}")
+    _wrote(f"{literal(result.name)} version {result.version} ({result.backend}, "
+           f"max_batch_size {result.max_batch_size}) into {literal(str(result.repository))}")
     for relative, digest in result.files.items():
-        console.print(f"  {escape(relative)}  sha256 {digest[:16]}…", soft_wrap=True)
+        console.print(f"  {literal(relative)}  sha256 {digest[:16]}…", soft_wrap=True)
     if result.compute_capabilities:
-        console.print("  engines: " + ", ".join(f"sm {cc} → {escape(f)}" for cc, f in sorted(result.compute_capabilities.items())),
+        console.print("  engines: " + ", ".join(f"sm {cc} → {literal(f)}" for cc, f in sorted(result.compute_capabilities.items())),
                       soft_wrap=True)
 
 
@@ -269,26 +309,31 @@ def print_triton_export(result: RepositoryResult) -> None:
 
 def print_provenance(report: ProvenanceReport) -> None:
     """``verify --manifest``: every file against its recorded sha256, the inputs, the chains, the Triton repositories."""
-    table = Table(title=f"files of {escape(report.run)} against manifest.json", title_justify="left")
+    table = Table(title=f"files of {literal(report.run)} against manifest.json", title_justify="left")
     for column in ("file", "kind", "sha256 (manifest)", "state", "latest check"):
         table.add_column(column)
     for f in report.files:
-        state = "[green]intact[/green]" if f.state == "intact" else f"[red]{f.state}[/red]" + (
+        state = "[green]intact[/green]" if f.state == "intact" else f"[red]{literal(f.state)}[/red]" + (
             f" (now {f.actual_sha256[:12]}…)" if f.actual_sha256 else "")
         check = {True: "[green]passed[/green]", False: "[red]FAILED[/red]", None: "—"}[f.verified]
-        table.add_row(escape(f.name), escape(f.kind), f.expected_sha256[:16] + "…", state, check)
+        table.add_row(literal(f.name), literal(f.kind), literal(f.expected_sha256[:16]) + "…", state, check)
     console.print(table)
     for name, recorded, state in report.inputs:
         colour = "green" if state == "unchanged" else ("red" if state.startswith("CHANGED") else "yellow")
-        console.print(f"input {escape(name)}: sha256 {recorded[:16]}…  [{colour}]{escape(state)}[/{colour}]", soft_wrap=True)
+        console.print(f"input {literal(name)}: sha256 {literal(recorded[:16])}…  [{colour}]{literal(state)}[/{colour}]", soft_wrap=True)
     for chain in report.chains:
-        console.print("chain: " + escape(" ← ".join(chain)), soft_wrap=True)
+        console.print("chain: " + literal(" ← ".join(chain)), soft_wrap=True)
     for target, state, detail in report.repositories:
         colour = "green" if state == "intact" else "red"
-        console.print(f"triton {escape(target)}: [{colour}]{state}[/{colour}] {escape(detail)}", soft_wrap=True)
-    if report.untracked:
-        console.print(f"[yellow]not in the manifest[/yellow]: {escape(', '.join(report.untracked[:10]))}"
-                      + (f" and {len(report.untracked) - 10} more" if len(report.untracked) > 10 else ""), soft_wrap=True)
+        console.print(f"triton {literal(target)}: [{colour}]{literal(state)}[/{colour}] {literal(detail)}", soft_wrap=True)
+    # every unlisted file that would be read is shown (they fail the check); of the others, the first ten
+    others = [u for u in report.untracked if not u.read_by_mmexport]
+    for item in report.unexpected + others[:10]:
+        colour = "red" if item.read_by_mmexport else "yellow"
+        console.print(f"[{colour}]not in the manifest[/{colour}]: {literal(item.name)}: {literal(item.why)}", soft_wrap=True)
+    if len(others) > 10:
+        console.print(f"[yellow]not in the manifest[/yellow]: {len(others) - 10} more file(s) not part of the run, "
+                      "not read by mmexport", soft_wrap=True)
 
 
 def print_run_summary(summary: RunSummary, *, all_parameters: bool = False,
@@ -298,34 +343,35 @@ def print_run_summary(summary: RunSummary, *, all_parameters: bool = False,
     ``final_saturation``: the share of saturated coefficients of the final fold, shown when
     training recorded none; ``all_parameters``: every merged parameter, not only conv weights.
     """
-    console.print(f"[bold]{escape(summary.path)}[/bold]  created {summary.created}  by `{escape(summary.command)}`",
+    console.print(f"[bold]{literal(summary.path)}[/bold]  created {literal(summary.created)}  by `{literal(summary.command)}`",
                   soft_wrap=True)
-    console.print(f"arch {summary.arch}  classes {escape(', '.join(summary.classes))}  image {summary.image_size}px  "
-                  f"granularity {summary.granularity}  seed {summary.seed}", soft_wrap=True)
+    console.print(f"arch {literal(summary.arch)}  classes {literal(', '.join(map(str, summary.classes)))}  "
+                  f"image {literal(summary.image_size)}px  granularity {literal(summary.granularity)}  "
+                  f"seed {literal(summary.seed)}", soft_wrap=True)
     if summary.preprocessing is not None:
-        console.print(f"preprocessing: {escape(summary.preprocessing.describe())}", soft_wrap=True)
+        console.print(f"preprocessing: {literal(summary.preprocessing.describe())}", soft_wrap=True)
     inputs = Table(title="inputs", title_justify="left")
     for column in ("input", "spec", "sha256"):
         inputs.add_column(column)
     for record in summary.inputs:
-        inputs.add_row(escape(record.name), escape(record.spec), (record.sha256 or "—")[:16])
+        inputs.add_row(literal(record.name), literal(record.spec), literal((record.sha256 or "—")[:16]))
     console.print(inputs)
     outputs = Table(title="outputs", title_justify="left")
     for column in ("file", "kind", "deployable", "size", "sha256", "state"):
         outputs.add_column(column)
     for out in summary.outputs:
-        state = "[green]intact[/green]" if out.intact else f"[red]{escape(out.state)}[/red]"
+        state = "[green]intact[/green]" if out.intact else f"[red]{literal(out.state)}[/red]"
         if out.verified is False:
             state += " [yellow](unverified)[/yellow]"
-        outputs.add_row(escape(out.name), escape(out.kind), "yes" if out.deployable else "",
-                        f"{out.size_bytes / 1e6:.1f} MB", out.sha256[:16], state)
+        outputs.add_row(literal(out.name), literal(out.kind), "yes" if out.deployable else "",
+                        f"{out.size_bytes / 1e6:.1f} MB", literal(out.sha256[:16]), state)
     console.print(outputs)
     checks = Table(title="verification (latest check of each published artifact)", title_justify="left")
     for column in ("artifact", "policy", "when", "max abs error", "top-1", "result"):
         checks.add_column(column)
     for check in summary.verifications:
         checks.add_row(
-            escape(check.artifact), check.policy, check.created,
+            literal(check.artifact), literal(check.policy), literal(check.created),
             "—" if check.max_abs_error is None else f"{check.max_abs_error:.3g}",
             "—" if check.top1_agreement is None else f"{check.top1_agreement:.1%}",
             "[green]pass[/green]" if check.passed else "[red]FAIL[/red]",
@@ -344,7 +390,7 @@ def print_run_summary(summary: RunSummary, *, all_parameters: bool = False,
             table.add_column(column, justify="right" if column in ("#", "σ(λ)", "saturated") else "left")
         for index, row in enumerate(rows):
             bar = round(20 * row["mean"])
-            table.add_row(str(index), row["name"], row["layer"], f"{row['mean']:.3f}", f"{row['saturated']:.0%}",
+            table.add_row(str(index), literal(row["name"]), literal(row["layer"]), f"{row['mean']:.3f}", f"{row['saturated']:.0%}",
                           "A " + "█" * bar + "·" * (20 - bar) + " B")
         console.print(table)
 
@@ -359,11 +405,11 @@ def print_bench(report: BenchReport) -> None:
         console.print(device_table(report))
     console.print(ratio_table_view(report))
     for warning in report.warnings():
-        console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
+        console.print(f"[yellow]warning[/yellow] {literal(warning)}", soft_wrap=True)
 
 
 def print_written(path: str | os.PathLike[str]) -> None:
-    console.print(f"[green]wrote[/green] {escape(str(path))}")
+    console.print(f"[green]wrote[/green] {literal(str(path))}")
 
 
 def print_doctor(report: DoctorReport, run: Path | None = None) -> None:
@@ -372,14 +418,14 @@ def print_doctor(report: DoctorReport, run: Path | None = None) -> None:
     for column in ("component", "", "detail"):
         table.add_column(column)
     for cap in report.capabilities:
-        table.add_row(cap.name, "[green]yes[/green]" if cap.available else "[red]no[/red]", escape(cap.detail))
+        table.add_row(literal(cap.name), "[green]yes[/green]" if cap.available else "[red]no[/red]", literal(cap.detail))
     console.print(table)
     if run is not None:
-        runs = Table(title=f"artifacts of {escape(str(run))}", title_justify="left")
+        runs = Table(title=f"artifacts of {literal(str(run))}", title_justify="left")
         for column in ("file", "runs here", "how / why not"):
             runs.add_column(column)
         for name, ok, why in report.artifacts:
-            runs.add_row(escape(name), "[green]yes[/green]" if ok else "[red]no[/red]", escape(why))
+            runs.add_row(literal(name), "[green]yes[/green]" if ok else "[red]no[/red]", literal(why))
         console.print(runs)
 
 
@@ -388,19 +434,19 @@ def print_serving(session: ServingSession) -> None:
     origin = f"{session.run.name}/{session.artifact}" if session.run is not None else session.artifact
     state = ("[green]verified[/green]" if session.verified
              else "[yellow]untracked: not checked against a run's verification[/yellow]")
-    console.print(f"[bold]{escape(session.model)}[/bold] version {session.version} serving {escape(origin)} ({state})",
+    console.print(f"[bold]{literal(session.model)}[/bold] version {session.version} serving {literal(origin)} ({state})",
                   soft_wrap=True)
     table = Table(title="Triton Inference Server", title_justify="left")
     table.add_column("endpoint")
     table.add_column("address")
-    table.add_row("HTTP/REST (KServe v2)", escape(session.http_url))
-    table.add_row("gRPC", escape(session.grpc_url))
-    table.add_row("metrics", escape(session.metrics_url))
-    table.add_row("inference", escape(session.infer_url))
-    table.add_row("repository", escape(str(session.repository)) + (" (temporary)" if session.temporary_repository else ""))
+    table.add_row("HTTP/REST (KServe v2)", literal(session.http_url))
+    table.add_row("gRPC", literal(session.grpc_url))
+    table.add_row("metrics", literal(session.metrics_url))
+    table.add_row("inference", literal(session.infer_url))
+    table.add_row("repository", literal(str(session.repository)) + (" (temporary)" if session.temporary_repository else ""))
     console.print(table)
     console.print("classify an image (top 3 classes as score:index:label):")
-    console.print(session.curl_example("lesion.png"), markup=False, highlight=False, soft_wrap=True)
+    console.print(one_line(session.curl_example("lesion.png")), markup=False, highlight=False, soft_wrap=True)
     console.print("Ctrl-C stops the server.")
 
 
@@ -416,7 +462,7 @@ def print_demo(summary: DemoSummary) -> None:
         table.add_row(f"source {label} ({s['task']})", f"val acc {s['val_accuracy']:.3f}  macro-F1 {s['val_macro_f1']:.3f}", f"{t[f'source_{label}']:.0f} s")
     mb = summary.merge_best
     table.add_row("stage 1 merge (best epoch)", f"val acc {mb['val_accuracy']:.3f}  macro-F1 {mb['val_macro_f1']:.3f}", "")
-    table.add_row("MedMerge run", escape(summary.run), f"{t['train']:.0f} s")
+    table.add_row("MedMerge run", literal(summary.run), f"{t['train']:.0f} s")
     for name, stats in summary.fold_stats.items():
         table.add_row(f"fold check ({name})", f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}", "")
     table.add_row("fold + verify", "bit-identical re-fold" if summary.fold_reproduced else "re-folded", f"{t['fold_verify']:.0f} s")
@@ -428,7 +474,7 @@ def print_demo(summary: DemoSummary) -> None:
             table.add_row(f"ONNX {export.precision} ({name})", detail, "")
         if export.refused is not None:
             table.add_row(f"ONNX {export.precision}", f"[red]refused by the {export.precision} policy, not published[/red]: "
-                          f"{escape(export.refused.split(': ')[-1])}", "")
+                          f"{literal(export.refused.split(': ')[-1])}", "")
         else:
             table.add_row(f"ONNX {export.precision} file", f"{export.size_bytes / 1e6:.1f} MB", "")
     if "export" in t:
@@ -453,5 +499,5 @@ def print_demo(summary: DemoSummary) -> None:
     if gap is not None:
         console.print(f"  MedMerge − best single source ({gap[0]}): {gap[1]:+.3f} test macro-F1, one seed; "
                       "`mmexport train --compare --seeds 0,1,2` judges it against the seed spread", soft_wrap=True)
-    console.print(f"total {sum(t.values()):.0f} s; everything is in {escape(summary.out)} (see `mmexport inspect {escape(summary.run)}`)",
+    console.print(f"total {sum(t.values()):.0f} s; everything is in {literal(summary.out)} (see `mmexport inspect {literal(summary.run)}`)",
                   soft_wrap=True)

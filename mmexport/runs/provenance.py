@@ -1,5 +1,6 @@
 """Provenance of a run (``verify --manifest``): re-hash every file the manifest lists and every Triton
-repository the run exported, and trace each deployable artifact back to the source checkpoints."""
+repository the run exported, trace each deployable artifact back to the source checkpoints, and say of
+every file the manifest does not list whether mmexport (or a runtime it feeds) would read it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,39 @@ from typing import Any
 
 from mmexport import artifacts
 from mmexport.fileio import sha256_file
-from mmexport.runs.manifest import MANIFEST_NAME, RunDir
+from mmexport.runs.manifest import MANIFEST_NAME, PENDING, RunDir
+
+# Formats something loads as a model, weights, reference data or code: a file of one of these in a run
+# is taken for part of it (by a person, a script, Triton's repository scan or a runtime pointed at it).
+LOADED_SUFFIXES = (".onnx", ".plan", ".engine", ".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".npz", ".npy",
+                   ".data", ".py", ".pbtxt", ".so")
+
+
+@dataclass(frozen=True)
+class UntrackedFile:
+    """A file inside the run that the manifest does not list, and whether that matters."""
+    name: str  # relative to the run
+    read_by_mmexport: bool  # True: mmexport, a runtime or Triton would read or load it as part of the run
+    why: str
+
+
+def classify_untracked(name: str, manifest: dict[str, Any]) -> UntrackedFile:
+    """Whether an unlisted file would be read as part of the run: a name the artifact registry knows
+    (an artifact, an engine sidecar, a benchmark model), a write still pending, or a format that is
+    loaded (model, weights, engine, reference data, code). Anything else (a user's notes) is not."""
+    row = artifacts.by_filename(name)
+    if name in (manifest.get(PENDING) or {}):
+        return UntrackedFile(name, True, "written by an interrupted command and not yet settled (the next writing "
+                                         "command commits or removes it)")
+    if row is not None:
+        what = "sidecar of " + row.filename if name != row.filename else row.description
+        return UntrackedFile(name, True, f"a file the registry names ({what}) that the manifest does not record: "
+                                         "unverified, yet loaded by anyone who takes it for the run's")
+    suffix = next((s for s in LOADED_SUFFIXES if name.lower().endswith(s)), None)
+    if suffix is not None or name.lower().endswith((".plan.json", ".engine.json")):
+        return UntrackedFile(name, True, f"a {suffix or 'engine sidecar'} file: loadable as a model or code, "
+                                         "and no check covers it")
+    return UntrackedFile(name, False, "not part of the run, not read by mmexport")
 
 
 @dataclass
@@ -30,11 +63,17 @@ class ProvenanceReport:
     inputs: list[tuple[str, str, str]]  # (input, sha256 recorded, state now: unchanged / changed / not reachable here)
     chains: list[list[str]]  # per deployable artifact: itself, what it was made from, ... down to the sources
     repositories: list[tuple[str, str, str]] = field(default_factory=list)  # (repository file, state, detail)
-    untracked: list[str] = field(default_factory=list)  # files in the run the manifest does not list
+    untracked: list[UntrackedFile] = field(default_factory=list)  # files in the run the manifest does not list
+
+    @property
+    def unexpected(self) -> list[UntrackedFile]:
+        """The unlisted files that would be read as part of the run (they fail the check)."""
+        return [u for u in self.untracked if u.read_by_mmexport]
 
     @property
     def passed(self) -> bool:
-        return all(f.state == "intact" for f in self.files) and all(state == "intact" for _, state, _ in self.repositories)
+        return (all(f.state == "intact" for f in self.files) and all(state == "intact" for _, state, _ in self.repositories)
+                and not self.unexpected)
 
 
 def _latest_verification(manifest: dict[str, Any]) -> dict[str, bool]:
@@ -86,8 +125,9 @@ def verify_manifest(run_path: str | os.PathLike[str]) -> ProvenanceReport:
         state = "missing" if actual is None else ("intact" if actual == entry["sha256"] else "altered")
         files.append(FileState(name, entry.get("kind", "?"), state, entry["sha256"], actual, latest.get(name)))
     listed = set(manifest["outputs"]) | {MANIFEST_NAME}
-    untracked = sorted(str(p.relative_to(run.path)) for p in run.path.rglob("*")
-                       if p.is_file() and str(p.relative_to(run.path)) not in listed)
+    untracked = [classify_untracked(name, manifest) for name in sorted(
+        p.relative_to(run.path).as_posix() for p in run.path.rglob("*")
+        if p.is_file() and p.relative_to(run.path).as_posix() not in listed)]
     inputs = [(key, str(value.get("sha256") or "—"), _input_state(value))
               for key, value in manifest.get("inputs", {}).items() if isinstance(value, dict) and "sha256" in value]
     chains = [_chain(manifest, row.filename) for row in artifacts.deployable() if row.filename in manifest["outputs"]]
@@ -104,4 +144,4 @@ def verify_manifest(run_path: str | os.PathLike[str]) -> ProvenanceReport:
     return ProvenanceReport(str(run.path), files, inputs, chains, repositories, untracked)
 
 
-__all__ = ["FileState", "ProvenanceReport", "verify_manifest"]
+__all__ = ["LOADED_SUFFIXES", "FileState", "ProvenanceReport", "UntrackedFile", "classify_untracked", "verify_manifest"]

@@ -90,8 +90,12 @@ class VerificationReport:
         return not self.notes and bool(self.input_sets) and all(s.passed for s in self.input_sets)
 
     def failures(self) -> list[str]:
+        """Why the report failed, never empty for a failed report (an empty reason misleads)."""
         found = [f"{s.name}/{out}: {msg}" for s in self.input_sets for out, st in s.outputs.items() for msg in st.failures]
-        return list(self.notes) + found
+        reasons = list(self.notes) + found
+        if not reasons and not self.passed:
+            reasons.append("no input set was compared")
+        return reasons
 
     def stats(self, output: str = "logits") -> dict[str, OutputStats]:
         """Input-set name -> the statistics of ``output``."""
@@ -266,6 +270,8 @@ def compare_sets(
         ref_set = reference[set_name]
         produced = candidate.get(set_name, {})
         outputs: dict[str, OutputStats] = {}
+        if not ref_set.outputs:  # a set of zero inputs produced no output arrays at all
+            notes.append(f"{set_name}: no samples compared: a check over zero samples proves nothing")
         for key, ref_value in ref_set.outputs.items():
             if key not in produced:
                 outputs[key] = _nan_stats(int(len(ref_value)), f"candidate has no output {key!r}")

@@ -9,6 +9,7 @@ registry entry, and only then published and hashed into the manifest
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from mmexport.fileio import write_bytes_atomic
 from mmexport.progress import ProgressSink, sink
 from mmexport.runs.lock import writes_run
 from mmexport.runs.manifest import PublishedArtifact, RunDir, published
-from mmexport.runs.verify import check_deployables_intact, check_onnx_file
+from mmexport.runs.verify import check_deployables_intact, check_onnx_file, describes_run
+from mmexport.runtime.check import check_model_info
 from mmexport.runtime.compare import VerificationReport
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.reference import ReferenceData
@@ -87,13 +89,14 @@ def verify_run(
     run_path: str | os.PathLike[str], data: str | None = None, samples: int = 64, seed: int = 0, device: str = "cpu"
 ) -> VerificationReport:
     """Unmerged vs folded of a run, on random inputs and optionally real images; recorded in the manifest."""
+    # refused before anything is loaded: zero random inputs would compare nothing and report no reason
+    check_int(samples, "--samples", low=1)
     run = merge_run(run_path)
     check_deployables_intact(run)  # every verify hash-checks every deployable artifact, whatever it compares
     unmerged_name, folded_name = artifacts.filename("unmerged"), artifacts.filename("folded")
     merged, info = load_unmerged(run.checked_file(unmerged_name))
     folded, folded_info = load_model(run.checked_file(folded_name))
-    if folded_info.classes != info.classes or folded_info.arch != info.arch:
-        raise MMExportError(f"{run.path}: {folded_name} and {unmerged_name} describe different models")
+    check_model_info(folded_info, info, f"{run.path / folded_name} (against {unmerged_name})")
     task = task_for(data, info, "--data", run=run) if data is not None else None
     report = verify_fold(merged, folded, task, info, samples, seed, resolve_device(device))
     run.add_verification({"artifact": folded_name, "command": "verify", **report.as_dict()})
@@ -138,9 +141,12 @@ def reference_on_data(run: RunDir, data: str, samples: int | None) -> ReferenceD
     return _reference_for(run, model, info, data, samples)
 
 
-def _check_onnx(path: Path, reference: ReferenceData, precision: str, label: str, samples: int | None) -> VerificationReport:
-
-    return check_onnx_file(path, reference, precision, label, samples)
+def _check_onnx(path: Path, reference: ReferenceData, precision: str, label: str, samples: int | None,
+                run: RunDir | None = None, info: ModelInfo | None = None) -> VerificationReport:
+    """``path`` on the reference; with ``run`` and ``info`` (a deployable artifact) also its embedded description
+    against the run's, as :func:`mmexport.runs.verify.verify_artifacts` judges it later."""
+    describes = functools.partial(describes_run, run, label, recorded=info) if run is not None else None
+    return check_onnx_file(path, reference, precision, label, samples, describes=describes)
 
 
 # -- ONNX export ---------------------------------------------------------------------------------------------
@@ -180,7 +186,7 @@ def export_onnx_run(
         progress.message(f"exporting {fp32.filename} (torch.onnx, dynamo)")
         results["fp32"] = run.publish_verified(
             fp32.filename, lambda tmp: export_onnx(model, info, tmp, weights_sha256=weights_sha),
-            lambda tmp: _check_onnx(tmp, reference, "fp32", fp32.filename, samples),
+            lambda tmp: _check_onnx(tmp, reference, "fp32", fp32.filename, samples, run, info),
             "onnx", {"precision": "fp32", "source": model_name}, command="export", mark_unverified=mark)
     fp32_path = run.checked_file(fp32.filename)
 
@@ -189,7 +195,7 @@ def export_onnx_run(
         progress.message(f"converting to fp16: {target.filename}")
         results["fp16"] = run.publish_verified(
             target.filename, lambda tmp: convert_fp16(fp32_path, tmp),
-            lambda tmp: _check_onnx(tmp, reference, "fp16", target.filename, samples),
+            lambda tmp: _check_onnx(tmp, reference, "fp16", target.filename, samples, run, info),
             "onnx", {"precision": "fp16", "source": fp32.filename}, command="export", mark_unverified=mark)
     elif precision == "int8":
         target = artifacts.onnx_artifact("int8")
@@ -210,7 +216,7 @@ def export_onnx_run(
             lambda tmp: quantize_int8(fp32_path, tmp, calibration, target=int8_target, method=calib_method,
                                       max_images=limit, progress=progress, judge=judge if accuracy_aware else None,
                                       max_float_fraction=int8_max_float),
-            lambda tmp: _check_onnx(tmp, reference, "int8", target.filename, samples),
+            lambda tmp: _check_onnx(tmp, reference, "int8", target.filename, samples, run, info),
             "onnx", {"precision": "int8", "source": fp32.filename, "calibration_data": calib_spec}, command="export",
             mark_unverified=mark)
     return results

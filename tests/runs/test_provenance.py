@@ -34,8 +34,9 @@ def test_manifest_follows_its_published_schema(run):
 
 
 @pytest.mark.parametrize("mutate, fragment", [
-    (lambda m: [m], "unknown manifest format"),
-    (lambda m: "a string", "unknown manifest format"),
+    # mmexport.jsonread refuses a manifest that is not a JSON object; the format check names the others
+    (lambda m: [m], "unknown manifest format|expected a JSON object, got list"),
+    (lambda m: "a string", "unknown manifest format|expected a JSON object, got str"),
     (lambda m: {**m, "verification": None}, "verification"),
     (lambda m: {**m, "outputs": {**m["outputs"], "x.bin": {"kind": "x", "size_bytes": 1, "created": ""}}}, "sha256"),
     (lambda m: {k: v for k, v in m.items() if k != "run_id"}, "run_id"),
@@ -70,7 +71,7 @@ def test_verify_manifest_reports_exactly_what_changed(copy):
     assert states["model.onnx"] == "altered" and states["coefficients.png"] == "missing"
     assert [n for n, s in states.items() if s != "intact"] == ["coefficients.png", "model.onnx"] or \
         sorted(n for n, s in states.items() if s != "intact") == ["coefficients.png", "model.onnx"]
-    assert report.untracked == ["notes.txt"]
+    assert [(u.name, u.read_by_mmexport) for u in report.untracked] == [("notes.txt", False)]
 
 
 def test_every_verify_hash_checks_the_deployable_model(copy):
