@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 from mmexport.errors import CheckpointError, MMExportError
@@ -79,4 +80,26 @@ def parse_json_object(text: str | bytes, where: str, *, error: type[MMExportErro
     return value
 
 
-__all__ = ["MAX_DEPTH", "parse_json", "parse_json_object"]
+
+
+def read_json_object(path: str | os.PathLike[str], what: str, *, max_bytes: int = MAX_CHARS,
+                     error: type[MMExportError] = CheckpointError, missing: str | None = None) -> dict[str, Any]:
+    """The JSON object in file ``path`` (``what`` names it in errors), reading at most ``max_bytes``.
+
+    One line each for a missing file (``missing``, if given, replaces the default message),
+    an unreadable one, one over ``max_bytes`` (never read whole), and malformed JSON.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise error(missing or f"{path}: {what} not found") from None
+    except OSError as exc:
+        reason = exc.strerror or " ".join(str(exc).split())
+        raise error(f"{path}: {what} cannot be read ({reason})") from None
+    if len(data) > max_bytes:
+        raise error(f"{path}: over {max_bytes // 2**20} MiB, not {what}")
+    return parse_json_object(data, f"{path}: {what}", error=error)
+
+
+__all__ = ["MAX_DEPTH", "parse_json", "parse_json_object", "read_json_object"]

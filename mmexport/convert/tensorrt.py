@@ -323,7 +323,7 @@ def assemble_sidecar(
 ) -> EngineSidecar:
     if environment.tensorrt_version is None:
         raise MMExportError("the sidecar needs the TensorRT version")
-    return EngineSidecar(
+    sidecar = EngineSidecar(
         tensorrt_version=environment.tensorrt_version,
         plan_tensorrt_version=header.tensorrt_version_text,
         plan_layout=header.layout,
@@ -344,6 +344,8 @@ def assemble_sidecar(
         created=created or utc_now(),
         mmexport_version=__version__,
     )
+    # read back through the reader's validator: a build never writes a sidecar a loader would refuse
+    return EngineSidecar.from_dict(sidecar.to_dict(), "new engine sidecar")
 
 
 def _mem_pool_text(nbytes: int) -> str:

@@ -44,14 +44,17 @@ import shlex
 import struct
 from collections import Counter
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 from mmexport import __version__
 from mmexport.artifacts import PRECISIONS, check_precision, engine_artifact
+from mmexport.config import MAX_BATCH_SIZE, check_int
 from mmexport.errors import CheckpointError, MissingDependencyError, MMExportError
 from mmexport.fileio import sha256_file
+from mmexport.jsonread import parse_json, parse_json_object, read_json_object
 
 SIDECAR_FORMAT = "mmexport-engine/1"
 ENGINE_SUFFIX = ".plan"
@@ -174,6 +177,8 @@ class BatchProfile:
             raise MMExportError(
                 f"batch profile must satisfy 1 <= min <= opt <= max, got min={self.min} opt={self.opt} max={self.max}"
             )
+        # The maximum becomes Triton's max_batch_size and a TensorRT dimension: bounded, never an int32 overflow.
+        check_int(self.max, "batch profile max", high=MAX_PROFILE_BATCH)
         return self
 
     def contains(self, batch: int) -> bool:
@@ -241,75 +246,214 @@ class EngineSidecar:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "sidecar") -> "EngineSidecar":
+        """A sidecar from its JSON object, every field checked (:class:`_SidecarFields`); one-line :class:`CheckpointError`.
+
+        A sidecar travels beside the engine and anyone who can replace the engine can edit it:
+        its values reach ``config.pbtxt`` (the batch profile), file names (the compute
+        capability) and the load decision (hashes, versions, build flags), so each is refused
+        unless it has the type and range the builder writes.
+        """
         if not isinstance(data, Mapping):
             raise CheckpointError(f"{source}: not an mmexport engine sidecar (a JSON object is expected)")
         fmt = data.get("format")
         if fmt != SIDECAR_FORMAT:
-            raise CheckpointError(f"{source}: engine sidecar format {fmt!r} is not {SIDECAR_FORMAT!r}")
+            shown = fmt if isinstance(fmt, (str, int, float, type(None))) else type(fmt).__name__
+            raise CheckpointError(f"{source}: engine sidecar format {str(shown)[:80]!r} is not {SIDECAR_FORMAT!r}")
+        fields = _SidecarFields(source)
+        lp = fields.mapping(data, "layer_precisions", ("layout", "counts", "compute_counts"), ("unexpected",))
+        bp = fields.mapping(data, "batch_profile", ("min", "opt", "max"))
+        # a flag an older sidecar does not record takes the builder's default, as before
+        defaults = {f.name: f.default for f in dataclass_fields(BuildFlags)}
+        flags = {**defaults, **fields.mapping(data, "build_flags", (), tuple(defaults))}
+        profile = BatchProfile(*(fields.integer(bp, f"batch_profile.{key}", key, low=1, high=MAX_PROFILE_BATCH)
+                                 for key in ("min", "opt", "max")))
         try:
-            profile = BatchProfile(**data["batch_profile"])
-            flags = BuildFlags(**data["build_flags"])
-            lp = data["layer_precisions"]
-            precisions = PrecisionSummary(
-                layout=str(lp["layout"]),
-                counts={str(k): int(v) for k, v in lp["counts"].items()},
-                compute_counts={str(k): int(v) for k, v in lp["compute_counts"].items()},
-                unexpected=tuple(str(x) for x in lp.get("unexpected", ())),
-            )
-            major, minor = data["compute_capability"]
-            sidecar = cls(
-                tensorrt_version=str(data["tensorrt_version"]),
-                plan_tensorrt_version=None if data["plan_tensorrt_version"] is None else str(data["plan_tensorrt_version"]),
-                plan_layout=int(data["plan_layout"]),
-                plan_archive_version=int(data["plan_archive_version"]),
-                gpu_name=str(data["gpu_name"]),
-                compute_capability=(int(major), int(minor)),
-                cuda_runtime_version=_opt_int(data["cuda_runtime_version"]),
-                cuda_driver_version=_opt_int(data["cuda_driver_version"]),
-                precision=str(data["precision"]),
-                layer_precisions=precisions,
-                batch_profile=profile,
-                image_size=int(data["image_size"]),
-                input_name=str(data["input_name"]),
-                build_flags=flags,
-                onnx_sha256=str(data["onnx_sha256"]),
-                engine_sha256=str(data["engine_sha256"]),
-                model_metadata={str(k): str(v) for k, v in dict(data["model_metadata"]).items()},
-                created=str(data["created"]),
-                mmexport_version=str(data["mmexport_version"]),
-                format=str(fmt),
-            )
-        except KeyError as exc:
-            raise CheckpointError(f"{source}: engine sidecar is missing {exc.args[0]!r}") from None
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{source}: engine sidecar is malformed ({_one_line(exc)})") from None
-        check_precision(sidecar.precision, f"{source}: engine sidecar", CheckpointError)
-        if sidecar.build_flags.hardware_compatibility not in HARDWARE_COMPATIBILITY:
+            profile.validate()
+        except MMExportError as exc:
+            raise CheckpointError(f"{source}: engine sidecar field batch_profile: {exc}") from None
+        layout = fields.text(lp, "layer_precisions.layout", "layout")
+        if layout not in INSPECTOR_LAYOUTS:
+            raise CheckpointError(f"{source}: engine sidecar field layer_precisions.layout must be one of "
+                                  f"{', '.join(INSPECTOR_LAYOUTS)}, got {layout[:40]!r}")
+        precisions = PrecisionSummary(
+            layout=layout,
+            counts=fields.counts(lp, "layer_precisions.counts", "counts"),
+            compute_counts=fields.counts(lp, "layer_precisions.compute_counts", "compute_counts"),
+            unexpected=tuple(fields.text_list(lp, "layer_precisions.unexpected", "unexpected")) if "unexpected" in lp else (),
+        )
+        cc = fields.value(data, "compute_capability")
+        if not isinstance(cc, list) or len(cc) != 2:
+            raise CheckpointError(f"{source}: engine sidecar field compute_capability must be [major, minor], got "
+                                  f"{_shown(cc)}")
+        # minor is one digit: Triton's cc keys ("8.6") and the per-GPU plan names (model.sm86.plan) assume it
+        compute_capability = (fields.integer(cc, "compute_capability[0]", 0, low=1, high=99),
+                              fields.integer(cc, "compute_capability[1]", 1, low=0, high=9))
+        build_flags = BuildFlags(
+            optimization_level=fields.integer(flags, "build_flags.optimization_level", "optimization_level", low=0,
+                                              high=MAX_OPTIMIZATION_LEVEL),
+            tf32=fields.boolean(flags, "build_flags.tf32", "tf32"),
+            hardware_compatibility=fields.text(flags, "build_flags.hardware_compatibility", "hardware_compatibility"),
+            version_compatible=fields.boolean(flags, "build_flags.version_compatible", "version_compatible"),
+            workspace_bytes=fields.integer(flags, "build_flags.workspace_bytes", "workspace_bytes", low=1,
+                                           high=MAX_WORKSPACE_BYTES, optional=True),
+            strongly_typed=fields.boolean(flags, "build_flags.strongly_typed", "strongly_typed"),
+        )
+        if build_flags.hardware_compatibility not in HARDWARE_COMPATIBILITY:
             raise CheckpointError(
-                f"{source}: engine sidecar has unknown hardware compatibility {sidecar.build_flags.hardware_compatibility!r}"
+                f"{source}: engine sidecar has unknown hardware compatibility {build_flags.hardware_compatibility[:40]!r}"
             )
+        sidecar = cls(
+            tensorrt_version=fields.version(data, "tensorrt_version"),
+            plan_tensorrt_version=fields.version(data, "plan_tensorrt_version", optional=True),
+            plan_layout=fields.integer(data, "plan_layout", low=0, high=UINT32_MAX),
+            plan_archive_version=fields.integer(data, "plan_archive_version", low=0, high=UINT32_MAX),
+            gpu_name=fields.text(data, "gpu_name"),
+            compute_capability=compute_capability,
+            cuda_runtime_version=fields.integer(data, "cuda_runtime_version", low=0, high=MAX_CUDA_VERSION, optional=True),
+            cuda_driver_version=fields.integer(data, "cuda_driver_version", low=0, high=MAX_CUDA_VERSION, optional=True),
+            precision=fields.text(data, "precision"),
+            layer_precisions=precisions,
+            batch_profile=profile,
+            image_size=fields.integer(data, "image_size", low=1, high=MAX_IMAGE_SIDE),
+            input_name=fields.text(data, "input_name"),
+            build_flags=build_flags,
+            onnx_sha256=fields.sha256(data, "onnx_sha256"),
+            engine_sha256=fields.sha256(data, "engine_sha256"),
+            model_metadata=fields.string_map(data, "model_metadata"),
+            created=fields.text(data, "created"),
+            mmexport_version=fields.text(data, "mmexport_version"),
+            format=SIDECAR_FORMAT,
+        )
+        check_precision(sidecar.precision, f"{source}: engine sidecar", CheckpointError)
         return sidecar
 
     @classmethod
-    def from_json(cls, text: str, source: str = "sidecar") -> "EngineSidecar":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise CheckpointError(f"{source}: engine sidecar is not valid JSON ({_one_line(exc)})") from None
-        return cls.from_dict(data, source)
+    def from_json(cls, text: str | bytes, source: str = "sidecar") -> "EngineSidecar":
+        return cls.from_dict(parse_json_object(text, f"{source}: engine sidecar", error=CheckpointError), source)
 
     @classmethod
     def read(cls, path: str | Path) -> "EngineSidecar":
         path = Path(path)
+        data = read_json_object(path, "an engine sidecar", max_bytes=MAX_SIDECAR_BYTES,
+                                missing=f"{path}: engine sidecar not found")
+        return cls.from_dict(data, str(path))
+
+
+# Bounds of the sidecar's fields: what a real build can write, with room to spare.
+MAX_PROFILE_BATCH = MAX_BATCH_SIZE  # the largest batch profile mmexport builds or accepts (Triton's limit is int32)
+MAX_OPTIMIZATION_LEVEL = 5  # TensorRT's builder optimization levels are 0-5
+MAX_WORKSPACE_BYTES = 2**50
+MAX_IMAGE_SIDE = 2**16
+MAX_CUDA_VERSION = 999_999  # cudaRuntimeGetVersion's encoding, 1000 * major + 10 * minor
+UINT32_MAX = 2**32 - 1
+MAX_SIDECAR_BYTES = 4 * 2**20  # a real sidecar is about 2 kB
+MAX_SIDECAR_TEXT = 65536  # characters of one text field (fused TensorRT layer names are long)
+MAX_SIDECAR_ITEMS = 100_000  # entries of one list or map
+INSPECTOR_LAYOUTS = ("10.x", "11.x", "unknown")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_VERSION_TEXT = re.compile(r"^[0-9]+(\.[0-9A-Za-z]+){0,5}$")  # TensorRT "10.16.1.11", "10.0.0b6"
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=True) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+class _SidecarFields:
+    """Typed reads of a sidecar's fields; each refusal is one line naming the file and the field."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, name: str, wanted: str, value: Any, *, shown: str | None = None) -> CheckpointError:
+        return CheckpointError(f"{self.source}: engine sidecar field {name} must be {wanted}, "
+                               f"got {shown or _shown(value)}")
+
+    def value(self, data: Any, name: str, key: str | int | None = None) -> Any:
+        key = name if key is None else key
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: engine sidecar not found") from None
-        return cls.from_json(text, str(path))
+            return data[key]
+        except (KeyError, IndexError):
+            raise CheckpointError(f"{self.source}: engine sidecar is missing {name!r}") from None
 
+    def mapping(self, data: Mapping[str, Any], name: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+                ) -> Mapping[str, Any]:
+        value = self.value(data, name)
+        if not isinstance(value, Mapping):
+            raise self.fail(name, "an object", value)
+        unknown = sorted(set(value) - set(required) - set(optional))
+        if unknown:
+            raise CheckpointError(f"{self.source}: engine sidecar field {name} has unknown key {unknown[0][:40]!r}")
+        for key in required:
+            self.value(value, f"{name}.{key}", key)
+        return value
 
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+    def integer(self, data: Any, name: str, key: str | int | None = None, *, low: int, high: int,
+                optional: bool = False) -> int | None:
+        value = self.value(data, name, key)
+        if value is None and optional:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+            raise self.fail(name, f"an integer from {low} to {high}", value, shown=f"an integer of {len(str(value))} digits")
+        return check_int(value, f"{self.source}: engine sidecar field {name}", low=low, high=high, error=CheckpointError)
+
+    def boolean(self, data: Any, name: str, key: str) -> bool:
+        value = self.value(data, name, key)
+        if not isinstance(value, bool):
+            raise self.fail(name, "true or false", value)
+        return value
+
+    def text(self, data: Any, name: str, key: str | None = None) -> str:
+        value = self.value(data, name, key)
+        if not isinstance(value, str) or not value or len(value) > MAX_SIDECAR_TEXT or not value.isprintable():
+            raise self.fail(name, f"1-{MAX_SIDECAR_TEXT} printable characters", value)
+        return value
+
+    def version(self, data: Any, name: str, *, optional: bool = False) -> str | None:
+        value = self.value(data, name)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not _VERSION_TEXT.match(value):
+            raise self.fail(name, "a version such as \"10.16.1.11\"", value)
+        return value
+
+    def sha256(self, data: Any, name: str) -> str:
+        value = self.value(data, name)
+        if not isinstance(value, str) or not _SHA256_HEX.match(value):
+            raise self.fail(name, "64 lowercase hex digits (a sha256)", value)
+        return value
+
+    def text_list(self, data: Any, name: str, key: str) -> list[str]:
+        """A list of bounded texts; TensorRT's own layer names are kept as they are (shown escaped, never parsed)."""
+        value = self.value(data, name, key)
+        if not isinstance(value, list) or len(value) > MAX_SIDECAR_ITEMS:
+            raise self.fail(name, "a list of texts", value)
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or len(item) > MAX_SIDECAR_TEXT:
+                raise self.fail(f"{name}[{index}]", f"a text of at most {MAX_SIDECAR_TEXT} characters", item)
+        return list(value)
+
+    def counts(self, data: Any, name: str, key: str) -> dict[str, int]:
+        value = self.value(data, name, key)
+        if not isinstance(value, Mapping) or len(value) > MAX_SIDECAR_ITEMS:
+            raise self.fail(name, "an object of layer counts", value)
+        return {self.key(name, k): self.integer(value, f"{name}.{k}", k, low=0, high=UINT32_MAX) for k in value}
+
+    def key(self, name: str, key: str) -> str:
+        if not key or len(key) > MAX_SIDECAR_TEXT or not key.isprintable():
+            raise self.fail(f"{name} (a key)", f"1-{MAX_SIDECAR_TEXT} printable characters", key)
+        return key
+
+    def string_map(self, data: Any, name: str) -> dict[str, str]:
+        value = self.value(data, name)
+        if not isinstance(value, Mapping) or len(value) > MAX_SIDECAR_ITEMS:
+            raise self.fail(name, "an object of texts", value)
+        result = {}
+        for key, item in value.items():
+            if not isinstance(item, str):
+                raise self.fail(f"{name}.{key[:40]}", "a text", item)
+            result[self.key(name, key)] = item
+        return result
 
 
 def _one_line(exc: BaseException) -> str:
@@ -574,12 +718,7 @@ def check_engine(
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         digest = hashlib.sha256(data).hexdigest()
-    problems: list[str] = []
-    if header.tensorrt_version is not None and sidecar.plan_tensorrt_version is not None:
-        if header.tensorrt_version_text != sidecar.plan_tensorrt_version:
-            problems.append(
-                f"its plan header says TensorRT {header.tensorrt_version_text}, the sidecar says {sidecar.plan_tensorrt_version}"
-            )
+    problems = plan_header_problems(header, sidecar)
     env = environment if environment is not None else current_environment()
     problems += compatibility_problems(sidecar, env, engine_sha256=digest)
     if problems:
@@ -587,6 +726,32 @@ def check_engine(
             f"{path}: cannot be loaded here: {'; '.join(problems)}; rebuild it: {rebuild_command(path, sidecar.precision)}"
         )
     return sidecar
+
+
+def plan_header_problems(header: PlanHeader, sidecar: EngineSidecar) -> list[str]:
+    """Where a plan's header contradicts its sidecar (empty when it does not): the check of the bytes themselves.
+
+    A sidecar's ``engine_sha256`` only proves the sidecar was written for these bytes; the
+    header proves they are a TensorRT plan of the version the sidecar names. Used by
+    :func:`check_engine` (before loading) and by everything that publishes an engine
+    without loading it (the Triton export), so both refuse the same files.
+    """
+    recorded = sidecar.plan_tensorrt_version
+    if header.tensorrt_version is not None and recorded is not None and header.tensorrt_version_text != recorded:
+        return [f"its plan header says TensorRT {header.tensorrt_version_text}, the sidecar says {recorded}"]
+    return []
+
+
+def check_plan_file(path: str | Path, sidecar: EngineSidecar) -> PlanHeader:
+    """``path``'s plan header, checked to be a plan's and to agree with ``sidecar``; one-line :class:`CheckpointError`."""
+    try:
+        header = read_plan_header_file(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or _one_line(exc)})") from None
+    problems = plan_header_problems(header, sidecar)
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)}; rebuild it: {rebuild_command(path, sidecar.precision)}")
+    return header
 
 
 def _precision_from_name(name: str) -> str:
@@ -750,10 +915,7 @@ def layer_precisions(inspector_json: str) -> LayerPrecisionSummary:
     layers. Layers given as plain strings (an engine built without
     ``ProfilingVerbosity.DETAILED``) give ``detailed=False``.
     """
-    try:
-        data = json.loads(inspector_json)
-    except ValueError as exc:
-        raise MMExportError(f"engine inspector output is not JSON ({_one_line(exc)})") from None
+    data = parse_json(inspector_json, "engine inspector output", error=MMExportError)
     io_names: list[str] = []
     layout = "unknown"
     if isinstance(data, Mapping):
@@ -838,6 +1000,7 @@ __all__ = [
     "PrecisionSummary",
     "SIDECAR_FORMAT",
     "check_engine",
+    "check_plan_file",
     "check_tensorrt_supported",
     "compatibility_problems",
     "compatibility_warnings",
@@ -847,6 +1010,7 @@ __all__ = [
     "engine_filename",
     "import_tensorrt",
     "layer_precisions",
+    "plan_header_problems",
     "precision_problems",
     "read_plan_header",
     "read_plan_header_file",

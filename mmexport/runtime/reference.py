@@ -23,18 +23,24 @@ reference outputs were computed from. The file is read with
 from __future__ import annotations
 
 import os
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from mmexport.config import MAX_SEED, check_int
 from mmexport.errors import CheckpointError
 from mmexport.fileio import atomic_path
 from mmexport.runtime.compare import ReferenceSet
+from mmexport.runtime.modelinfo import check_class_names
 from mmexport.runtime.preprocess import Preprocessing, normalize
 
 REFERENCE_FORMAT = "mmexport-reference/1"
 RANDOM_SET = "random"
+DATA_SET_PREFIX = "data:"  # labelled held-out images: data:<split>
 
 
 @dataclass
@@ -103,35 +109,164 @@ class ReferenceData:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "ReferenceData":
+        """Read and validate a reference file (:func:`_read_validated`): one-line :class:`CheckpointError` otherwise."""
         where = Path(path)
         try:
             with np.load(where, allow_pickle=False) as archive:
-                if "format" not in archive.files or str(archive["format"]) != REFERENCE_FORMAT:
-                    found = str(archive["format"]) if "format" in archive.files else "none"
-                    raise CheckpointError(f"{where}: not an mmexport reference set (format {found}, expected {REFERENCE_FORMAT})")
-                data = cls(
-                    classes=tuple(str(c) for c in archive["classes"]),
-                    preprocessing=Preprocessing.from_json(str(archive["preprocessing"])),
-                    model_sha256=str(archive["model_sha256"]),
-                    seed=int(archive["seed"]),
-                )
-                for index, name in enumerate(str(n) for n in archive["sets"]):
-                    names = [str(n) for n in archive[f"set{index}/output_names"]]
-                    outputs = {n: archive[f"set{index}/output{j}"] for j, n in enumerate(names)}
-                    labels = archive[f"set{index}/labels"] if f"set{index}/labels" in archive.files else None
-                    data.sets[name] = StoredSet(archive[f"set{index}/pixels"], outputs, labels)
+                if not hasattr(archive, "zip"):  # a bare .npy: np.load returned an array
+                    raise CheckpointError(f"{where}: not an mmexport reference set (a single array, not an .npz archive)")
+                return _read_validated(cls, archive, str(where))
         except CheckpointError:
             raise
-        except (OSError, ValueError, KeyError, EOFError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise CheckpointError(f"{where}: unreadable reference set ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
-        for name, stored in data.sets.items():
-            count = len(stored.pixels)
-            if stored.pixels.dtype != np.uint8 or stored.pixels.ndim != 4 or any(len(v) != count for v in stored.outputs.values()):
-                raise CheckpointError(f"{where}: reference set {name!r} is inconsistent (pixels vs outputs)")
-            if stored.labels is not None and (len(stored.labels) != count or (count and (
-                    stored.labels.min() < 0 or stored.labels.max() >= len(data.classes)))):
-                raise CheckpointError(f"{where}: reference set {name!r} has labels outside 0..{len(data.classes) - 1}")
-        return data
 
 
-__all__ = ["RANDOM_SET", "REFERENCE_FORMAT", "ReferenceData", "StoredSet"]
+# -- reading: every array's header is checked before its data is read ---------------------------
+# A forged or damaged file must fail in one line naming the field, never load as a smaller, still
+# "passing" reference (a set dropped, labels ignored) and never allocate what its header claims
+# beyond these bounds (the default reference is 64 + 512 images, ~90 MB at 224 px).
+MAX_SETS = 16
+MAX_OUTPUTS = 16
+MAX_SAMPLES = 100_000  # images of one set
+MAX_CLASSES = 100_000
+MAX_NAME = 256  # characters of a set or output name
+MAX_TEXT_CHARS = 2**20  # of one string (the preprocessing block is ~300)
+MAX_REFERENCE_BYTES = 8 * 2**30  # all arrays together, as their headers declare them
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Archive:
+    """The arrays of an open ``.npz``, each read only after its header passed :meth:`array`'s checks."""
+
+    def __init__(self, archive: Any, where: str) -> None:
+        self.archive, self.where = archive, where
+        self.members = {name.removesuffix(".npy"): name for name in archive.zip.namelist()}
+        self.read: set[str] = set()
+        self.budget = MAX_REFERENCE_BYTES
+
+    def fail(self, key: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.where}: reference field {key!r} {problem}")
+
+    def header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        if key not in self.members:
+            raise self.fail(key, "is missing")
+        with self.archive.zip.open(self.members[key]) as handle:
+            try:
+                version = np.lib.format.read_magic(handle)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+                else:
+                    raise ValueError(f"npy format version {version} is not one numpy.savez writes here")
+            except ValueError as exc:
+                raise self.fail(key, f"is not a readable array ({_one_line(exc)})") from None
+        return tuple(shape), np.dtype(dtype)
+
+    def array(self, key: str, *, kinds: str, ndim: int, what: str, shape: tuple[int | None, ...] | None = None,
+              max_len: int | None = None, exact: type | None = None) -> np.ndarray:
+        """The array ``key`` if its dtype kind is one of ``kinds`` (or its dtype ``exact``) and its shape fits.
+
+        ``None`` in ``shape``: any length. Checked on the header, before the data is read.
+        """
+        found_shape, dtype = self.header(key)
+        if dtype.kind not in kinds or dtype.hasobject or (exact is not None and dtype != np.dtype(exact)):
+            raise self.fail(key, f"must be {what}, got dtype {dtype}")
+        if dtype.kind == "U" and dtype.itemsize // 4 > MAX_TEXT_CHARS:
+            raise self.fail(key, f"holds strings of {dtype.itemsize // 4} characters, over the {MAX_TEXT_CHARS} allowed")
+        if len(found_shape) != ndim or (shape is not None and any(
+                want is not None and got != want for got, want in zip(found_shape, shape))):
+            raise self.fail(key, f"must be {what}, got shape {found_shape}")
+        if max_len is not None and ndim and found_shape[0] > max_len:
+            raise self.fail(key, f"holds {found_shape[0]} entries, more than the {max_len} a reference set may hold")
+        size = int(np.prod(found_shape, dtype=np.float64) * dtype.itemsize)  # float: a forged shape must not overflow
+        if size > self.budget:
+            raise self.fail(key, f"declares {size} bytes: over the {MAX_REFERENCE_BYTES // 2**30} GiB of a reference file")
+        self.budget -= size
+        self.read.add(key)
+        return self.archive[key]
+
+    def text(self, key: str) -> str:
+        return str(self.array(key, kinds="U", ndim=0, what="one string"))
+
+    def strings(self, key: str, *, max_len: int, what: str) -> list[str]:
+        return [str(v) for v in self.array(key, kinds="U", ndim=1, what=f"a 1-D array of {what}", max_len=max_len)]
+
+    def names(self, key: str, *, max_len: int, what: str) -> list[str]:
+        values = self.strings(key, max_len=max_len, what=what)
+        for value in values:
+            if not value or len(value) > MAX_NAME or not value.isprintable():
+                raise self.fail(key, f"holds {value[:40]!r}: {what} are 1-{MAX_NAME} printable characters")
+        if len(set(values)) != len(values):
+            raise self.fail(key, f"names a {what[:-1]} twice")
+        return values
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read_validated(cls: type[ReferenceData], archive: Any, where: str) -> ReferenceData:
+    """Every field the format defines, checked: names present, dtypes, shapes, counts, label range, no stray arrays."""
+    arrays = _Archive(archive, where)
+    found_format = arrays.text("format") if "format" in arrays.members else "none"
+    if found_format != REFERENCE_FORMAT:
+        raise CheckpointError(f"{where}: not an mmexport reference set (format {found_format[:80]!r}, "
+                              f"expected {REFERENCE_FORMAT})")
+    names = arrays.strings("classes", max_len=MAX_CLASSES, what="class names")
+    try:  # the one class-name rule of the package (one line for every reader, distinct, printable)
+        classes = check_class_names(names, where)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (reference field 'classes')") from None
+    try:
+        preprocessing = Preprocessing.from_json(arrays.text("preprocessing"))
+        height, width = (int(v) for v in preprocessing.output_size)
+    except (CheckpointError, TypeError, ValueError) as exc:
+        raise arrays.fail("preprocessing", f"is not a valid preprocessing block ({_one_line(exc)})") from None
+    model_sha256 = arrays.text("model_sha256")
+    if not _SHA256.match(model_sha256):
+        raise arrays.fail("model_sha256", "must be 64 lowercase hex digits (a sha256)")
+    seed = arrays.array("seed", kinds="iu", ndim=0, what="one integer")
+    data = cls(classes=classes, preprocessing=preprocessing, model_sha256=model_sha256,
+               seed=check_int(seed.item(), f"{where}: reference field 'seed'", low=0, high=MAX_SEED, error=CheckpointError))
+    set_names = arrays.names("sets", max_len=MAX_SETS, what="set names")
+    if RANDOM_SET not in set_names:
+        raise arrays.fail("sets", f"does not name the {RANDOM_SET!r} set every reference holds")
+    for index, name in enumerate(set_names):
+        data.sets[name] = _read_set(arrays, f"set{index}", name, len(classes), (height, width))
+    stray = sorted(set(arrays.members) - arrays.read)
+    if stray:  # e.g. a set the 'sets' list does not name: it would be silently ignored
+        raise arrays.fail(stray[0], f"is not part of the reference format (the 'sets' list names {len(set_names)} set(s))")
+    return data
+
+
+def _read_set(arrays: _Archive, prefix: str, name: str, num_classes: int, size: tuple[int, int]) -> StoredSet:
+    pixels = arrays.array(f"{prefix}/pixels", kinds="u", exact=np.uint8, ndim=4, shape=(None, *size, 3), max_len=MAX_SAMPLES,
+                          what=f"uint8 pixels N x {size[0]} x {size[1]} x 3 (set {name!r})")
+    count = len(pixels)
+    output_names = arrays.names(f"{prefix}/output_names", max_len=MAX_OUTPUTS, what="output names")
+    if not output_names:  # no outputs: every comparison of the set would pass on nothing
+        raise arrays.fail(f"{prefix}/output_names", f"is empty: set {name!r} has no reference outputs")
+    outputs = {}
+    for j, output in enumerate(output_names):
+        key = f"{prefix}/output{j}"
+        value = arrays.array(key, kinds="f", exact=np.float32, ndim=2, shape=(count, num_classes),
+                             what=f"float32 outputs {count} x {num_classes} (set {name!r}, output {output!r})")
+        if not np.isfinite(value).all():
+            raise arrays.fail(key, f"holds values that are not finite (set {name!r}, output {output!r})")
+        outputs[output] = value
+    labels = None
+    label_key = f"{prefix}/labels"
+    if label_key in arrays.members:
+        labels = arrays.array(label_key, kinds="iu", ndim=1, shape=(count,),
+                              what=f"integer class indices, one per image ({count}) of set {name!r}")
+        if count and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise arrays.fail(label_key, f"holds class indices outside 0..{num_classes - 1} (set {name!r})")
+        labels = labels.astype(np.int64)
+    elif name.startswith(DATA_SET_PREFIX):  # held-out data is stored with its labels; without them it judges nothing int8 needs
+        raise arrays.fail(label_key, f"is missing: the labelled set {name!r} has no labels")
+    return StoredSet(pixels, outputs, labels)
+
+
+__all__ = ["DATA_SET_PREFIX", "RANDOM_SET", "REFERENCE_FORMAT", "ReferenceData", "StoredSet"]

@@ -61,23 +61,27 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mmexport import __version__, artifacts
+from mmexport.config import MAX_BATCH_SIZE, check_int
 from mmexport.convert.onnxfile import OUTPUT_NAME, get_metadata, load_onnx
 from mmexport.errors import CheckpointError, MissingDependencyError, MMExportError, RunDirError
 from mmexport.fileio import sha256_file, write_bytes_atomic
 from mmexport.progress import ProgressSink, sink
 from mmexport.runs.lock import writing
 from mmexport.runs.manifest import MANIFEST_NAME, RunDir, _now
-from mmexport.runtime.engine import EngineSidecar
-from mmexport.runtime.modelinfo import ModelInfo
+from mmexport.runs.verify import describes_run
+from mmexport.runtime.engine import EngineSidecar, check_plan_file
+from mmexport.runtime.modelinfo import ModelInfo, check_class_names
+from mmexport.serving.version_record import RECORD_FORMAT, VERSION_RECORD, check_version_files, read_version_record
 
 BACKENDS: tuple[str, ...] = ("onnxruntime", "tensorrt", "python")
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "python": None}
 INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 DEFAULT_MAX_BATCH = 32  # max_batch_size of a dynamic-batch ONNX unless the user gives one (= runtime.DEFAULT_BATCH)
+# The largest max_batch_size written into a config (Triton's own field is an int32; a larger value makes the
+# server refuse the model after the export "succeeded"). Also the cap of an engine's batch profile.
+MAX_TRITON_BATCH = MAX_BATCH_SIZE
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
-VERSION_RECORD = "mmexport.json"
-RECORD_FORMAT = "mmexport-triton/1"
 PYTHON_MODEL_FILE = "model.py"
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("python_model.py")
 IMAGE_INPUT = "image"
@@ -295,6 +299,9 @@ def _read_plan(path: Path, sidecar_file: Path, sha: str) -> dict[str, Any]:
     sidecar = EngineSidecar.read(sidecar_file)
     if sidecar.engine_sha256 != sha:
         raise CheckpointError(f"{path}: its sidecar {sidecar_file.name} describes another engine (sha256 differs)")
+    # A matching hash only ties the sidecar to these bytes; the header says they are a plan at all
+    # (the check `verify` makes before loading), so random bytes are not exported as an engine.
+    check_plan_file(path, sidecar)
     _refuse_marked(sidecar.model_metadata, path)
     info = ModelInfo.from_metadata(sidecar.model_metadata, str(path))
     if sidecar.image_size != info.image_size:
@@ -330,6 +337,8 @@ def _from_run(run: RunDir, name: str) -> SourceArtifact:
     else:
         sidecar_name = row.sidecar or f"{name}.json"
         facts = _read_plan(path, run.checked_file(sidecar_name), sha)
+    # labels.txt and the preprocessing a repository serves come from the file: it must describe the run's model
+    describes_run(run, name, facts["metadata"])
     records = [dict(r) for r in run.manifest.get("verification", []) if r.get("artifact") == name]
     return SourceArtifact(path=path, sha256=sha, run=run, name=name, registry_key=row.key, entry=dict(entry),
                           verification=records, verified=True, **facts)
@@ -422,20 +431,6 @@ def _versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
 
 
-def read_version_record(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """A version's ``mmexport.json`` (one-line errors for a missing or malformed one)."""
-    path = Path(version_dir) / VERSION_RECORD
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MMExportError(f"{path.parent}: no {VERSION_RECORD}: not a version mmexport wrote") from None
-    except (OSError, ValueError) as exc:
-        raise MMExportError(f"{path}: unreadable ({' '.join(str(exc).split())})") from None
-    if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
-        raise MMExportError(f"{path}: not an mmexport Triton record (format {data.get('format') if isinstance(data, dict) else None!r})")
-    return data
-
-
 def _interface(backend: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], classes: Sequence[str]) -> dict:
     return {"backend": backend, "inputs": [t.as_dict() for t in inputs], "outputs": [t.as_dict() for t in outputs],
             "classes": list(classes)}
@@ -454,8 +449,9 @@ def _instance_kind(instance_kind: str | None, backend: str, source: SourceArtifa
 
 
 def _max_batch(source: SourceArtifact, engines: Sequence[SourceArtifact], max_batch: int | None, backend: str) -> int:
-    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-        raise MMExportError(f"max batch must be a positive integer, got {max_batch!r}")
+    """The config's max_batch_size: ``max_batch`` (1..MAX_TRITON_BATCH, within the artifact's own limit) or the default."""
+    if max_batch is not None:
+        check_int(max_batch, "max batch", low=1, high=MAX_TRITON_BATCH)
     if source.fixed_batch is not None and backend != "python":
         if max_batch is not None:
             raise MMExportError(f"{source.describe()} has a fixed batch of {source.fixed_batch}: "
@@ -464,7 +460,8 @@ def _max_batch(source: SourceArtifact, engines: Sequence[SourceArtifact], max_ba
     limits = [s.batch_limit for s in (source, *engines) if s.batch_limit is not None]
     limit = min(limits) if limits else None
     if max_batch is None:
-        return limit if limit is not None else DEFAULT_MAX_BATCH
+        # an artifact's limit above the cap (a fixed batch of 10**6 served by model.py) is served in smaller batches
+        return min(limit, MAX_TRITON_BATCH) if limit is not None else DEFAULT_MAX_BATCH
     if limit is not None and max_batch > limit:
         what = "engine's optimisation profile allows" if source.kind == "plan" else "model takes"
         raise MMExportError(f"max batch {max_batch} exceeds the {limit} images the {what} "
@@ -577,7 +574,7 @@ def plan_repository(
     name = check_name(name if name is not None else _default_name(found))
     kind = _instance_kind(instance_kind, backend, found)
     batch = _max_batch(found, extra, max_batch, backend)
-    _check_labels(found.info.classes)
+    _check_labels(found.info.classes, found.describe())
     layout = _LAYOUTS[backend](found, extra, batch, preprocess=preprocess, threads=threads)
     spec = ModelConfigSpec(
         name=name, backend=backend, max_batch_size=batch, inputs=layout.inputs, outputs=layout.outputs,
@@ -610,11 +607,18 @@ def _default_name(found: SourceArtifact) -> str:
     return sanitize_name(found.run.path.name if found.run is not None else found.path.stem)
 
 
-def _check_labels(classes: Sequence[str]) -> None:
-    # Triton maps output index i to line i of labels.txt: a class must be exactly one non-blank line.
-    for label in classes:
-        if "\n" in label or "\r" in label or not label.strip():
-            raise MMExportError(f"class name {label!r} cannot be a line of {LABELS_FILE}")
+def _check_labels(classes: Sequence[str], where: str) -> None:
+    # Triton maps output index i to line i of labels.txt (split on "\n" only); a name with another line
+    # break (\v, \f, \x85, \u2028 ...) would be one line for Triton and several for other readers.
+    check_class_names(list(classes), f"{where}: {LABELS_FILE}")
+
+
+def triton_label_lines(text: str) -> list[str]:
+    """The labels Triton reads from a ``labels.txt``: lines split on ``"\\n"`` only, a final newline ending the last one."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 # -- per backend: the tensors the config declares and the files the version holds ----------
@@ -683,18 +687,40 @@ _LAYOUTS = {"onnxruntime": _onnxruntime_layout, "tensorrt": _tensorrt_layout, "p
 def _model_folder(repo_dir: str | os.PathLike[str], name: str, interface: dict[str, Any]) -> ModelFolder:
     """The model's folder, checked to take a new version of this interface (read only: nothing is created yet)."""
     repo = Path(repo_dir).expanduser().absolute()
-    if repo.exists() and not repo.is_dir():
-        raise RunDirError(f"{repo}: exists and is not a directory")
-    if not repo.parent.is_dir():
-        raise RunDirError(f"{repo.parent}: parent directory does not exist")
+    _check_repository_path(repo)
     model_dir = repo / name
+    if model_dir.is_symlink():  # versions written through it would land outside the repository
+        raise RunDirError(f"{model_dir}: is a symbolic link (to {os.readlink(model_dir)}); refusing to write through it")
     existing = _versions(model_dir)
     if model_dir.exists():
         if not model_dir.is_dir():
             raise RunDirError(f"{model_dir}: exists and is not a directory")
+        if not os.access(model_dir, os.W_OK | os.X_OK):
+            raise RunDirError(f"{model_dir}: directory is not writable")
         if existing or (model_dir / CONFIG_FILE).exists():
             _check_same_interface(model_dir, existing, interface)
     return ModelFolder(repository=repo, model_dir=model_dir, existing_versions=tuple(existing))
+
+
+def _check_repository_path(repo: Path) -> None:
+    """``repo`` is a directory this process can write in, or a new folder in one; one line naming the path otherwise."""
+    if repo.is_symlink() and not repo.exists():
+        raise RunDirError(f"{repo}: is a symbolic link to {os.readlink(repo)}, which does not exist; "
+                          "give an existing directory or a new path")
+    if repo.exists():
+        if not repo.is_dir():
+            what = f"a symbolic link to the file {os.path.realpath(repo)}" if repo.is_symlink() else "a file"
+            raise RunDirError(f"{repo}: is {what}, not a directory (a model repository is a directory)")
+        if not os.access(repo, os.W_OK | os.X_OK):
+            raise RunDirError(f"{repo}: directory is not writable")
+        return
+    parent = repo.parent
+    if not parent.is_dir():
+        why = "is not a directory" if parent.exists() else (
+            "is a symbolic link to a missing target" if parent.is_symlink() else "does not exist")
+        raise RunDirError(f"{repo}: cannot be created: its parent {parent} {why}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"{repo}: cannot be created: its parent {parent} is not writable")
 
 
 def _check_same_interface(model_dir: Path, existing: Sequence[int], interface: dict[str, Any]) -> None:
@@ -732,6 +758,10 @@ def _write_version(plan: RepositoryPlan, progress: ProgressSink) -> WrittenVersi
         write_bytes_atomic(staging / VERSION_RECORD, (json.dumps(record, indent=2) + "\n").encode())
         config_changed = _write_model_files(plan)
         version = _rename_into_place(staging, model_dir, plan.folder.next_version)
+    except OSError as exc:  # a full disk, a permission taken away meanwhile: one line naming the file
+        shutil.rmtree(staging, ignore_errors=True)
+        where = exc.filename or model_dir
+        raise RunDirError(f"{where}: cannot write the new version ({exc.strerror or exc})") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -761,6 +791,10 @@ def _copy_files(plan: RepositoryPlan, staging: Path, progress: ProgressSink) -> 
     for engine in plan.engines:
         if hashes[plan.layout.cc_model_filenames[engine.compute_capability]] != engine.sha256:
             raise RunDirError(f"{engine.path}: changed while it was copied")
+    if plan.source.kind == "plan":  # what Triton loads: every copied engine's own header, against its sidecar
+        for engine in (plan.source, *plan.engines):
+            filename = plan.layout.cc_model_filenames.get(engine.compute_capability, PLAN_FILE)
+            check_plan_file(staging / filename, engine.engine)
     return hashes
 
 
@@ -957,8 +991,9 @@ def check_model_folder(model_dir: str | os.PathLike[str]) -> list[str]:
     versions = _versions(folder)
     if not versions:
         return problems + [f"{folder}: no version folder"]
-    labels_path = folder / LABELS_FILE
-    labels = labels_path.read_text(encoding="utf-8").splitlines() if labels_path.is_file() else None
+    labels, label_problem = _read_labels(folder / LABELS_FILE)
+    if label_problem:
+        problems.append(label_problem)
     problems += _version_file_problems(folder, versions)
     record = read_version_record(folder / str(versions[-1]))
     classes = record["interface"]["classes"]
@@ -987,14 +1022,21 @@ def _version_file_problems(folder: Path, versions: Sequence[int]) -> list[str]:
     """Every version's files against the sha256 its ``mmexport.json`` records."""
     problems: list[str] = []
     for version in versions:
-        record = read_version_record(folder / str(version))
-        for filename, digest in record.get("files", {}).items():
-            path = folder / str(version) / filename
-            if not path.is_file():
-                problems.append(f"version {version}: {filename} is missing")
-            elif sha256_file(path) != digest:
-                problems.append(f"version {version}: {filename} differs from its recorded sha256")
+        for problem in check_version_files(folder / str(version)):
+            problems.append(f"version {version}: {problem}")
     return problems
+
+
+def _read_labels(path: Path) -> tuple[list[str] | None, str | None]:
+    """``labels.txt`` as Triton reads it (:func:`triton_label_lines`), or a problem; ``None`` when it is absent."""
+    if not path.is_file():
+        return None, None
+    try:
+        return triton_label_lines(path.read_bytes().decode("utf-8")), None
+    except UnicodeDecodeError:
+        return [], f"{LABELS_FILE} is not UTF-8 text"
+    except OSError as exc:
+        return [], f"{LABELS_FILE} cannot be read ({exc.strerror or exc})"
 
 
 def _label_problems(config: Any, labels: list[str] | None, classes: Sequence[str]) -> list[str]:
@@ -1004,8 +1046,12 @@ def _label_problems(config: Any, labels: list[str] | None, classes: Sequence[str
         if output.label_filename:
             if labels is None:
                 problems.append(f"output {output.name}: label file {output.label_filename} is missing")
-            elif len(labels) != len(classes) or labels != classes:
-                problems.append(f"{LABELS_FILE} has {len(labels)} lines, the model {len(classes)} classes")
+            elif len(labels) != len(classes):
+                problems.append(f"{LABELS_FILE} has {len(labels)} lines (as Triton reads it), the model {len(classes)} classes")
+            elif labels != list(classes):
+                index = next(i for i, (a, b) in enumerate(zip(labels, classes)) if a != b)
+                problems.append(f"{LABELS_FILE} line {index + 1} is {labels[index][:80]!r}, the model's class {index} "
+                                f"is {classes[index][:80]!r}")
             if list(output.dims)[-1:] != [len(classes)]:
                 problems.append(f"output {output.name} dims {list(output.dims)} do not end in the {len(classes)} classes")
     return problems
@@ -1062,7 +1108,8 @@ def _type_name(value: int) -> str:
 __all__ = [
     "BACKENDS", "BYTES_INPUT", "CONFIG_FILE", "DEFAULT_MAX_BATCH", "IMAGE_INPUT", "LABELS_FILE", "ModelConfigSpec",
     "OUTPUT", "RECORD_FORMAT", "RepositoryPlan", "RepositoryResult", "SourceArtifact", "TensorSpec", "VERSION_RECORD",
-    "check_model_folder", "check_name", "config_text", "export_repository", "parse_config", "plan_repository",
-    "read_version_record", "record_in_run", "resolve_artifact", "sanitize_name",
+    "MAX_TRITON_BATCH", "check_model_folder", "check_name", "check_version_files", "config_text", "export_repository",
+    "parse_config", "plan_repository", "read_version_record", "record_in_run", "resolve_artifact", "sanitize_name",
+    "triton_label_lines",
 ]
 

@@ -109,7 +109,7 @@ def test_sidecar_example_round_trips_exactly():
          "example: engine sidecar format 'mmexport-engine/0' is not 'mmexport-engine/1'"),
         (lambda d: d.update(precision="fp8"), "example: engine sidecar: unknown precision 'fp8'; choose one of fp32, fp16, int8"),
         (lambda d: d.update(compute_capability=[9]),
-         "example: engine sidecar is malformed (not enough values to unpack (expected 2, got 1))"),
+         "example: engine sidecar field compute_capability must be [major, minor], got [9]"),
         (lambda d: d["build_flags"].update(hardware_compatibility="turing+"),
          "example: engine sidecar has unknown hardware compatibility 'turing+'"),
     ],
@@ -125,7 +125,7 @@ def test_bad_sidecars_are_refused_in_one_line(edit, expected):
 def test_sidecar_that_is_not_json():
     with pytest.raises(CheckpointError) as excinfo:
         EngineSidecar.from_json("{not json", "x.json")
-    assert one_line(excinfo).startswith("x.json: engine sidecar is not valid JSON (")
+    assert one_line(excinfo).startswith("x.json: engine sidecar: malformed JSON (")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def test_engines_without_detailed_verbosity_cannot_be_confirmed():
     ]
     with pytest.raises(MMExportError) as excinfo:
         layer_precisions("{oops")
-    assert one_line(excinfo).startswith("engine inspector output is not JSON (")
+    assert one_line(excinfo).startswith("engine inspector output: malformed JSON (")
 
 
 @pytest.mark.parametrize(
