@@ -6,13 +6,87 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import secrets
+import shutil
+import stat
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mmexport.errors import RunDirError
 
 _CHUNK = 1 << 20
+
+# Every temporary file or directory this process makes carries this token in its name
+# (``.<name>.<token>-<random>.tmp``). A writer records its token before it makes any
+# (in the run's lock file, or a staging run's manifest), so the next writer removes exactly
+# the leftovers of a killed writer: a user's ``.notes.tmp`` carries no recorded token and
+# is never touched. A forked child keeps its parent's token, so its temporaries are covered
+# by the parent's record.
+_WRITER_TOKEN = secrets.token_hex(8)
+WRITER_TOKEN_PATTERN = re.compile(r"^[0-9a-f]{16}$")
+
+
+def writer_token() -> str:
+    """This process's temporary-file token (16 hex digits, unguessable)."""
+    return _WRITER_TOKEN
+
+
+def _temporary_prefix(name: str) -> str:
+    return f".{name}.{_WRITER_TOKEN}-"
+
+
+def make_temporary_file(directory: str | os.PathLike[str], for_name: str) -> Path:
+    """Create an empty temporary file in ``directory`` for ``for_name``, named with this process's token."""
+    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(for_name), suffix=".tmp", dir=directory)
+    os.close(fd)
+    return Path(tmp_name)
+
+
+def make_temporary_directory(directory: str | os.PathLike[str], purpose: str) -> Path:
+    """Create a temporary directory in ``directory`` (e.g. a build folder), named with this process's token."""
+    return Path(tempfile.mkdtemp(prefix=_temporary_prefix(purpose), suffix=".tmp", dir=directory))
+
+
+def is_temporary_of(name: str, tokens: Iterable[str]) -> bool:
+    """Whether ``name`` (one path component) is a temporary that a writer with one of ``tokens`` made."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    return any(WRITER_TOKEN_PATTERN.match(token) and f".{token}-" in name[1:] for token in tokens)
+
+
+def remove_temporaries(root: str | os.PathLike[str], tokens: Iterable[str]) -> list[str]:
+    """Remove under ``root`` the temporaries of the writers ``tokens`` (and nothing else); returns their names.
+
+    The one rule for what a writer may delete inside a run it did not just write: a regular
+    file or a real directory whose name carries a recorded token. Symbolic links are never
+    followed (nor removed), so nothing outside ``root`` is reached.
+    """
+    tokens = [t for t in tokens if isinstance(t, str) and WRITER_TOKEN_PATTERN.match(t)]
+    root = Path(root)
+    removed: list[str] = []
+    if not tokens or root.is_symlink() or not root.is_dir():
+        return removed
+    for directory, subdirectories, files in os.walk(root, followlinks=False):
+        for name in list(subdirectories) + files:
+            if not is_temporary_of(name, tokens):
+                continue
+            path = Path(directory) / name
+            try:
+                mode = os.lstat(path).st_mode
+                if stat.S_ISDIR(mode):
+                    subdirectories.remove(name)  # not walked into: removed whole
+                    shutil.rmtree(path)
+                elif stat.S_ISREG(mode):
+                    path.unlink()
+                else:
+                    continue  # a symbolic link or special file is not what a writer made
+            except OSError:
+                continue  # best effort: a leftover is untidy, not wrong
+            removed.append(path.relative_to(root).as_posix())
+    return removed
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -34,7 +108,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``.
 
     The temporary file lives in the same directory so ``os.replace`` is atomic;
-    on any exception it is removed and ``path`` is untouched.
+    on any exception it is removed and ``path`` is untouched. Its name carries this
+    process's :func:`writer_token`, so only a writer that recorded the token removes it
+    if this process is killed first.
     """
     target = Path(path)
     directory = target.parent
@@ -43,11 +119,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     if not os.access(directory, os.W_OK):
         raise RunDirError(f"{directory}: output directory is not writable")
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        tmp = make_temporary_file(directory, target.name)
     except OSError as exc:  # e.g. a read-only file system, which os.access does not see for root
         raise RunDirError(f"{directory}: cannot write here ({exc.strerror or exc})") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; published files follow the umask
@@ -58,11 +132,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:

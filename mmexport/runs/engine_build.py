@@ -19,7 +19,6 @@ import importlib.util
 import os
 import shlex
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,15 +27,19 @@ from mmexport.artifacts import ArtifactFacts
 from mmexport.convert.onnxfile import read_onnx_metadata
 from mmexport.convert.tensorrt import BuildSettings, build_engine, tensorrt_status, trtexec_command
 from mmexport.errors import MissingDependencyError, MMExportError, VerificationError
+from mmexport.fileio import make_temporary_directory
 from mmexport.progress import ProgressSink, sink
 from mmexport.runs.lock import writes_run
 from mmexport.runs.manifest import PublishedArtifact, RunDir, published
+from mmexport.runs.verify import describes_run
 from mmexport.runtime.check import check_runner
 from mmexport.runtime.engine import BatchProfile, check_engine, current_environment, import_tensorrt, sidecar_path
 from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
 from mmexport.runtime.tolerances import for_precision
 
 INSTALL_HINT = "pip install 'mmexport[gpu]' on a machine with an NVIDIA GPU and driver"
+TORCH_INSTALL = "pip install torch torchvision"  # core dependencies of mmexport (no extra): the runtime alone runs without
+TORCH_HINT = f"needs PyTorch: {TORCH_INSTALL}"
 DEFAULT_TIMING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmexport" / "tensorrt-timing"
 
 
@@ -87,6 +90,7 @@ def _source_onnx(run: RunDir, precision: str) -> tuple[artifacts.Artifact, Path,
         )
     path = run.checked_file(onnx_row.filename)
     metadata = read_onnx_metadata(path)
+    describes_run(run, onnx_row.filename, metadata)  # the engine's sidecar copies this description: it must be the run's
     if precision == "int8" and metadata.get("int8_target") != "tensorrt":
         raise MMExportError(
             f"{onnx_row.filename} is the {metadata.get('int8_target', '?')} int8 flavour (asymmetric activations); "
@@ -131,7 +135,8 @@ def build_engine_run(
     reference = run.reference()
     row = artifacts.engine_artifact(precision)
     target = run.file(row.filename)
-    workdir = Path(tempfile.mkdtemp(prefix=".trt-build-", dir=run.path))
+    # named with this process's token, recorded in the lock file: a killed build's folder is the next writer's to remove
+    workdir = make_temporary_directory(run.path, "trt-build")
     try:
         built = workdir / row.filename
         result = build_engine(onnx_path, built, options.settings(precision, int(metadata["image_size"])),
@@ -199,6 +204,8 @@ def doctor(run_path: str | os.PathLike[str] | None = None) -> DoctorReport:
     which of its artifacts can run here and why not. Imports what it probes, lazily, and survives any of it missing."""
     caps: list[Capability] = []
     torch_version = _package("torch")
+    torch_ok = False  # importable here, not merely installed: what the torch-side files need
+    torch_missing = TORCH_HINT
     if torch_version is None:
         caps.append(Capability("torch", False, "not installed (training, fold and ONNX export need it; the runtime does not)"))
         cuda_ok = False
@@ -206,12 +213,15 @@ def doctor(run_path: str | os.PathLike[str] | None = None) -> DoctorReport:
         try:
             import torch
 
+            torch_ok = True
             cuda_ok = bool(torch.cuda.is_available())
             detail = f"{torch.__version__}; CUDA {'available: ' + torch.cuda.get_device_name(0) if cuda_ok else 'not available'}"
             caps.append(Capability("torch", True, detail))
         except ImportError as exc:
             cuda_ok = False
-            caps.append(Capability("torch", False, f"installed but cannot be imported ({exc})"))
+            reason = " ".join(str(exc).split())[:200]
+            caps.append(Capability("torch", False, f"installed but cannot be imported ({reason})"))
+            torch_missing = f"needs PyTorch, which is installed but cannot be imported here ({reason}): {TORCH_INSTALL}"
     try:
         import onnxruntime as ort
 
@@ -247,8 +257,7 @@ def doctor(run_path: str | os.PathLike[str] | None = None) -> DoctorReport:
             if not row.is_model or not run.has(row.filename):
                 continue
             if row.runner == "torch":
-                report.artifacts.append((row.filename, torch_version is not None,
-                                         "torch" if torch_version else "needs PyTorch: pip install torch torchvision"))
+                report.artifacts.append((row.filename, torch_ok, "torch" if torch_ok else torch_missing))
             elif row.runner == "onnxruntime":
                 report.artifacts.append((row.filename, bool(providers),
                                          "onnxruntime (" + ", ".join(providers) + ")" if providers else "needs onnxruntime"))

@@ -11,6 +11,13 @@ it survives the run directory being replaced. Within one process the lock is re-
 (a command that calls another writer keeps the lock it has). Readers (inspect, the
 runtime) need no lock: every manifest write is an atomic replace, so a reader sees the
 old or the new manifest, never a mix.
+
+The lock file is opened without following a symbolic link and used only if it is a
+regular file with one link, owned by this user or the run's owner: a link planted at
+``.RUN.lock`` cannot make a writer truncate someone else's file. It records the holder's
+temporary-file token (:func:`mmexport.fileio.writer_token`) before the holder makes any
+temporary file; the next holder removes exactly that writer's leftovers (a killed writer's
+temporaries), never files that merely look temporary.
 """
 
 from __future__ import annotations
@@ -20,11 +27,15 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from mmexport.errors import RunDirError
+from mmexport.fileio import WRITER_TOKEN_PATTERN, remove_temporaries, writer_token
+from mmexport.jsonread import parse_json_object
 
 _HELD: dict[str, list[int]] = {}  # lock path -> [fd, depth] of the locks this process holds
 POLL_SECONDS = 0.1
@@ -51,12 +62,58 @@ def check_wait(wait: float | None) -> float:
     return value
 
 
-def _holder(path: Path) -> str:
+_RECORD_BYTES = 4096  # a holder record is ~150 bytes; a larger lock file is not ours to read whole
+
+
+def _record(fd: int) -> dict[str, Any]:
+    """The lock file's holder record (``{}`` when empty or not a record mmexport wrote)."""
     try:
-        info = json.loads(path.read_text() or "{}")
-        return f"{info.get('command', '?')} (pid {info.get('pid', '?')}, since {info.get('since', '?')})"
-    except (OSError, ValueError):
+        text = os.pread(fd, _RECORD_BYTES, 0)
+        return parse_json_object(text, "lock file", error=RunDirError) if text.strip() else {}
+    except (OSError, RunDirError):
+        return {}
+
+
+def _holder(fd: int) -> str:
+    info = _record(fd)
+    if not info:
         return "another mmexport command"
+    shown = [str(info.get(key, "?"))[:80].encode("ascii", "backslashreplace").decode() for key in ("command", "pid", "since")]
+    return "{} (pid {}, since {})".format(*(s if s.isprintable() else repr(s) for s in shown))
+
+
+def _open_lock(path: Path, run: Path) -> int:
+    """Open (creating it if missing) the lock file, refusing anything but a plain file of this user or the run's owner.
+
+    ``O_NOFOLLOW``: a symbolic link at ``path`` is refused, not followed (the writer would
+    truncate its target). One link only: a hard link to another file is the same attack.
+    The owner may be this user or the run directory's owner, so several users sharing a
+    group-writable run share its lock, while a file planted by a third user is refused.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunDirError(f"{path}: the run's lock file is a symbolic link; refusing to follow it "
+                              "(remove the link and retry)") from None
+        raise RunDirError(f"{path}: cannot create the run's lock file ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RunDirError(f"{path}: the run's lock file is not a regular file; refusing to use it (remove it and retry)")
+        if info.st_nlink != 1:
+            raise RunDirError(f"{path}: the run's lock file has {info.st_nlink} hard links (another file's name); "
+                              "refusing to write it (remove it and retry)")
+        owners = {os.geteuid()}
+        with contextlib.suppress(OSError):
+            owners.add((run if run.is_dir() else run.parent).stat().st_uid)
+        if info.st_uid not in owners:
+            raise RunDirError(f"{path}: the run's lock file belongs to user {info.st_uid}, neither you nor the run's owner; "
+                              "refusing to use it (remove it and retry)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def is_held_here(run_path: str | os.PathLike[str]) -> bool:
@@ -64,11 +121,14 @@ def is_held_here(run_path: str | os.PathLike[str]) -> bool:
 
 
 @contextlib.contextmanager
-def writing(run_path: str | os.PathLike[str], command: str, wait: float | None = None) -> Iterator[None]:
+def writing(run_path: str | os.PathLike[str], command: str, wait: float | None = None, *,
+            may_be_missing: bool = False) -> Iterator[None]:
     """Hold the run's write lock for the duration of the block (re-entrant within this process).
 
     ``wait``: seconds to wait for another process writing the run (``None``: :data:`DEFAULT_WAIT`);
-    a re-entered lock is already held, so it never waits.
+    a re-entered lock is already held, so it never waits. ``may_be_missing``: the run need not
+    exist yet (publishing a new run); otherwise a missing run, or one that is not a directory,
+    is refused before any lock file is made.
     """
     path = lock_path(run_path)
     key = str(path)
@@ -79,13 +139,16 @@ def writing(run_path: str | os.PathLike[str], command: str, wait: float | None =
         finally:
             _HELD[key][1] -= 1
         return
+    run = Path(run_path).expanduser().absolute()
     if not path.parent.is_dir():
         raise RunDirError(f"{path.parent}: no such directory")
+    # No lock file dropped beside a mistyped path or a file: only a run (or, when publishing, its future place).
+    if (run.exists() or run.is_symlink()) and not run.is_dir():
+        raise RunDirError(f"{run}: not a run directory (not a directory)")
+    if not run.exists() and not may_be_missing:
+        raise RunDirError(f"{run}: no such run directory")
     wait = check_wait(wait)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise RunDirError(f"{path}: cannot create the run's lock file ({exc.strerror})") from None
+    fd = _open_lock(path, run)
     deadline = time.monotonic() + wait
     try:
         while True:
@@ -98,42 +161,32 @@ def writing(run_path: str | os.PathLike[str], command: str, wait: float | None =
                 if time.monotonic() >= deadline:
                     waited = f" after waiting {wait:g} s" if wait else ""
                     raise RunDirError(
-                        f"{Path(run_path).name}: another command is writing this run: {_holder(path)}{waited}; "
+                        f"{run.name}: another command is writing this run: {_holder(fd)}{waited}; "
                         "retry when it is done, or wait for it with `mmexport --lock-wait SECONDS ...`"
                     ) from None
                 time.sleep(POLL_SECONDS)
+        previous = _record(fd).get("token")
+        # With the lock held no live writer owns another token's temporaries; removed before that record is
+        # overwritten, so a holder killed while removing them leaves the record for the next one. This
+        # process's own are never leftovers (atomic_path removes them on any exception) and may be in use.
+        if isinstance(previous, str) and WRITER_TOKEN_PATTERN.match(previous) and previous != writer_token():
+            remove_temporaries(run, [previous])
+        # This holder's token is on disk before it makes any temporary file; the record stays after the
+        # release, so whatever it leaves (if killed) is the next holder's to remove.
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command,
-                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command, "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                  "token": writer_token()}).encode(), 0)
         _HELD[key] = [fd, 1]
-        _remove_orphans(Path(run_path))
         try:
             yield
         finally:
             del _HELD[key]
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 
 
 __all__ = ["DEFAULT_WAIT", "check_wait", "is_held_here", "lock_path", "writing"]
-
-
-def _remove_orphans(run: Path) -> None:
-    """Temporary files a killed writer left (``.<name>.<random>.tmp``, ``.trt-build-*``): with the lock held,
-    no other writer can own them."""
-    import shutil
-
-    if not run.is_dir():
-        return
-    for leftover in list(run.rglob(".*.tmp")) + list(run.glob(".trt-build-*")):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                leftover.unlink()
 
 
 def writes_run(command: str):
@@ -149,8 +202,9 @@ def writes_run(command: str):
         @functools.wraps(function)
         def wrapper(run, *args, lock_wait: float | None = None, **kwargs):
             path = getattr(run, "path", run)
-            if not Path(path).is_dir():  # no run to protect: no lock file dropped beside a mistyped path
-                raise RunDirError(f"{path}: no such run directory")
+            if not Path(path).is_dir():  # no run to protect: no lock file dropped beside a mistyped path or a file
+                what = "not a run directory (not a directory)" if Path(path).exists() else "no such run directory"
+                raise RunDirError(f"{path}: {what}")
             with writing(path, command, wait=lock_wait):
                 return function(run, *args, **kwargs)
 

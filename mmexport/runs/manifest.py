@@ -12,22 +12,28 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from mmexport import __version__
 from mmexport.artifacts import REGISTRY, ArtifactFacts, filename
 from mmexport.environment import environment_info
 from mmexport.errors import RunDirError, VerificationError
-from mmexport.fileio import atomic_path, compare_tree, sha256_file, write_json_atomic
+from mmexport.fileio import atomic_path, compare_tree, remove_temporaries, sha256_file, write_json_atomic, writer_token
+from mmexport.jsonread import parse_json_object
 from mmexport.runs.lock import is_held_here, writing
 from mmexport.runtime.compare import VerificationReport
 from mmexport.runtime.reference import ReferenceData
 
 PENDING = "pending"  # manifest key: writes recorded before their rename, settled by the next writer
+# manifest key of a staging run: the temporary-file tokens of the processes writing it (train is not
+# under the run's lock while it stages); a resume removes the leftovers of the earlier, killed, ones
+STAGING_WRITERS = "staging_writers"
 
 
 def _output_entry(kind: str, sha256: str, size_bytes: int, details: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +58,26 @@ def manifest_schema() -> dict[str, Any]:
 
 
 _VALIDATOR = None
+_NAME_PATTERN: re.Pattern[str] | None = None
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a forged manifest must not steer the terminal or split a line."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
+
+def is_run_relative_name(name: object) -> bool:
+    """Whether ``name`` is a relative POSIX path that stays inside the run (the schema's ``relative_name``):
+    no leading ``/``, no ``.``/``..`` or empty segment, no backslash, no control character."""
+    global _NAME_PATTERN
+    if _NAME_PATTERN is None:  # one definition, in the published schema
+        _NAME_PATTERN = re.compile(manifest_schema()["$defs"]["relative_name"]["pattern"])
+    return isinstance(name, str) and _NAME_PATTERN.fullmatch(name) is not None
+
+
+# the manifest's maps keyed by a file's name inside the run (what a writer may write, hash or commit)
+_NAMED_FILES = ("outputs", PENDING)
 
 
 def validate_manifest(manifest: Any, where: str | os.PathLike[str] = MANIFEST_NAME) -> None:
@@ -59,6 +85,14 @@ def validate_manifest(manifest: Any, where: str | os.PathLike[str] = MANIFEST_NA
     global _VALIDATOR
     import jsonschema
 
+    if isinstance(manifest, dict):  # named first, in words: a path out of the run is the dangerous case
+        for section in _NAMED_FILES:
+            names = manifest.get(section)
+            for name in names if isinstance(names, dict) else ():
+                if not is_run_relative_name(name):
+                    raise RunDirError(_printable(
+                        f"{where}: malformed manifest at {section}: {json.dumps(name)[:120]} is not a relative path "
+                        "inside the run (no leading '/', '..', empty segment, backslash or control character)"))
     if _VALIDATOR is None:
         schema = manifest_schema()
         _VALIDATOR = jsonschema.Draft202012Validator(schema)
@@ -69,12 +103,28 @@ def validate_manifest(manifest: Any, where: str | os.PathLike[str] = MANIFEST_NA
     if error is not None:
         location = "/".join(str(part) for part in error.absolute_path) or "(top level)"
         message = error.message if len(error.message) < 200 else error.message[:200] + "…"
-        raise RunDirError(f"{where}: malformed manifest at {location}: {message}".replace("\n", " "))
+        raise RunDirError(_printable(f"{where}: malformed manifest at {location}: {message}"))
 
 
 def staging_path(final: Path) -> Path:
     """Where a run is built before it is published (one per destination, so it can be resumed)."""
     return final.parent / f".{final.name}.partial"
+
+
+def _refuse_odd_staging(staging: Path) -> None:
+    """A staging path mmexport did not make (a symbolic link, a file) is refused, never followed or deleted."""
+    if staging.is_symlink():
+        raise RunDirError(f"{staging}: is a symbolic link, not a staging directory mmexport made; refusing to follow "
+                          "it (remove the link; nothing was changed)")
+    if staging.exists() and not staging.is_dir():
+        raise RunDirError(f"{staging}: is not a directory, so not a staging run mmexport made; refusing to touch it "
+                          "(move it away; nothing was changed)")
+
+
+def _refuse_symlinked_run(final: Path) -> None:
+    if final.is_symlink():
+        raise RunDirError(f"{final}: is a symbolic link; give the directory it points to (a run is published by "
+                          "renaming, which would replace the link, not its target)")
 
 
 def check_replaceable(path: Path) -> None:
@@ -108,13 +158,14 @@ class RunDir:
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, destination: str | os.PathLike[str], *, force: bool = False, command: str = "") -> "RunDir":
+    def create(cls, destination: str | os.PathLike[str], *, force: bool = False, command: str = "") -> RunDir:
         """Start a new run that will become ``destination`` on :meth:`publish`.
 
         An existing non-empty ``destination`` is refused unless ``force``; even with
         ``force`` only a previous mmexport run is ever replaced.
         """
         final = Path(destination).expanduser().absolute()
+        _refuse_symlinked_run(final)
         if final.exists():
             if not final.is_dir():
                 raise RunDirError(f"{final}: exists and is not a directory")
@@ -130,13 +181,20 @@ class RunDir:
         if not os.access(parent, os.W_OK):
             raise RunDirError(f"{parent}: directory is not writable")
         staging = staging_path(final)
+        _refuse_odd_staging(staging)
         if staging.exists():
             if not force:
                 raise RunDirError(
                     f"{staging}: an interrupted run of {final.name} exists; continue it with --resume or discard it with --force"
                 )
-            shutil.rmtree(staging)
-        staging.mkdir()
+            try:
+                shutil.rmtree(staging)
+            except OSError as exc:
+                raise RunDirError(f"{staging}: cannot discard the interrupted run ({exc.strerror or exc})") from None
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            raise RunDirError(f"{staging}: cannot create the staging directory ({exc.strerror or exc})") from None
         manifest = {
             "format": MANIFEST_FORMAT,
             "run_id": uuid.uuid4().hex,  # a replaced run gets a new id: writers opened on the old one are refused
@@ -147,25 +205,32 @@ class RunDir:
             "config": {},
             "outputs": {},
             "verification": [],
+            STAGING_WRITERS: [writer_token()],  # before this process makes any temporary file in it
         }
         run = cls(staging, manifest, final_path=final)
         run.save()
         return run
 
     @classmethod
-    def resume(cls, destination: str | os.PathLike[str]) -> "RunDir":
+    def resume(cls, destination: str | os.PathLike[str]) -> RunDir:
         """Reopen the staging directory an interrupted run left beside ``destination``."""
         final = Path(destination).expanduser().absolute()
         staging = staging_path(final)
+        _refuse_odd_staging(staging)
         if not staging.is_dir():
             raise RunDirError(f"{final}: no interrupted run to resume (no {staging.name} beside it)")
         run = cls.open(staging)
         run._final_path = final
+        # The temporaries of the earlier (killed) writers, by their recorded tokens, and nothing else.
+        earlier = [token for token in run.manifest.get(STAGING_WRITERS, []) if token != writer_token()]
+        remove_temporaries(staging, earlier)
+        run.manifest[STAGING_WRITERS] = [writer_token()]
         run.manifest.setdefault("resumed", []).append(_now())
+        run.save()
         return run
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "RunDir":
+    def open(cls, path: str | os.PathLike[str]) -> RunDir:
         run_path = Path(path).expanduser().absolute()
         manifest_path = run_path / MANIFEST_NAME
         if not run_path.is_dir():
@@ -173,10 +238,10 @@ class RunDir:
         if not manifest_path.is_file():
             raise RunDirError(f"{run_path}: not an mmexport run directory (no {MANIFEST_NAME})")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError, RecursionError) as exc:
-            detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
-            raise RunDirError(f"{manifest_path}: unreadable manifest ({detail})") from None
+            text = manifest_path.read_bytes()
+        except OSError as exc:
+            raise RunDirError(f"{manifest_path}: unreadable manifest ({exc.strerror or exc})") from None
+        manifest = parse_json_object(text, f"{manifest_path}: unreadable manifest", error=RunDirError)
         found = manifest.get("format") if isinstance(manifest, dict) else None
         if found != MANIFEST_FORMAT:
             if isinstance(found, str) and found.startswith("mmexport-run/"):
@@ -188,10 +253,8 @@ class RunDir:
             raise RunDirError(f"{manifest_path}: unknown manifest format {found!r}")
         validate_manifest(manifest, manifest_path)
         run = cls(run_path, manifest)
-        if manifest.get(PENDING):
-
-            if is_held_here(run_path):  # only a writer settles what a killed writer left; readers ignore it
-                run.settle_pending()
+        if manifest.get(PENDING) and is_held_here(run_path):  # only a writer settles what a killed writer left
+            run.settle_pending()
         return run
 
     @property
@@ -206,20 +269,27 @@ class RunDir:
         if self._final_path is None:
             return self.path
         final = self._final_path
+        _refuse_odd_staging(self.path)
+        _refuse_symlinked_run(final)
         self.manifest["completed"] = _now()
+        self.manifest.pop(STAGING_WRITERS, None)  # every write is complete: no temporary of this run remains
         for row in REGISTRY.values():
             if row.transient:
                 self.file(row.filename).unlink(missing_ok=True)
         self.save()
 
         retired = None
-        with writing(final, "train (publishing the run)", wait=lock_wait):
+        with writing(final, "train (publishing the run)", wait=lock_wait, may_be_missing=True):
+            _refuse_symlinked_run(final)  # again, under the lock
             if final.exists() and any(final.iterdir()):
                 check_replaceable(final)  # again: files may have appeared while the new run trained
-            if final.exists():
-                retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(final, retired)
-            os.replace(self.path, final)
+            try:
+                if final.exists():
+                    retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+                    os.replace(final, retired)
+                os.replace(self.path, final)
+            except OSError as exc:
+                raise RunDirError(f"{final}: cannot publish the run from {self.path.name} ({exc.strerror or exc})") from None
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
         self.path, self._final_path = final, None
@@ -227,16 +297,30 @@ class RunDir:
 
     def abandon(self) -> None:
         """Remove a staging directory after a failure; a published run is never touched."""
-        if self._final_path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
+        if self._final_path is not None and self.path.is_dir() and not self.path.is_symlink():
+            shutil.rmtree(self.path, ignore_errors=True)  # (a link put in its place is never followed)
 
     # -- files ------------------------------------------------------------------------------
     def file(self, relative: str) -> Path:
-        return self.path / relative
+        """The path of ``relative`` in the run, refused unless it stays inside the run.
+
+        A name (often from the manifest) must be a relative path without ``..``, and no
+        symbolic link on the way (a linked parent folder, or the file itself) may lead out of
+        the run: nothing is written, hashed or reported intact outside it.
+        """
+        if not is_run_relative_name(relative):
+            raise RunDirError(_printable(f"{self.path}: {json.dumps(relative)[:120]} is not a relative path inside the run"))
+        target = self.path / relative
+        root = self.path.resolve()
+        resolved = target.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise RunDirError(_printable(f"{target}: leads out of the run (a symbolic link on the way points to "
+                                         f"{resolved}); refusing to use it"))
+        return target
 
     @classmethod
     @contextlib.contextmanager
-    def writer(cls, path: str | os.PathLike[str], command: str, wait: float | None = None) -> Iterator["RunDir"]:
+    def writer(cls, path: str | os.PathLike[str], command: str, wait: float | None = None) -> Iterator[RunDir]:
         """Open a published run for writing: the run's lock is held for the block, the manifest read under it."""
 
         with writing(path, command, wait):
@@ -247,8 +331,8 @@ class RunDir:
         if self._final_path is None and manifest_path.is_file():
             # A run replaced (train --force) while this command ran must not receive this run's manifest.
             try:
-                on_disk = json.loads(manifest_path.read_text()).get("run_id")
-            except (OSError, ValueError, AttributeError):
+                on_disk = parse_json_object(manifest_path.read_bytes(), str(manifest_path), error=RunDirError).get("run_id")
+            except (OSError, RunDirError):
                 on_disk = None
             if on_disk != self.manifest.get("run_id"):
                 raise RunDirError(f"{self.path}: the run was replaced while this command ran; nothing was recorded")
@@ -269,8 +353,11 @@ class RunDir:
         """Record, before ``staged`` is renamed to ``relative``, what the file will be (see :meth:`settle_pending`).
 
         A process killed between this save and the rename leaves the manifest's outputs and
-        verifications as they were plus this pending entry, which the next writer settles.
+        verifications as they were plus this pending entry, which the next writer settles; the
+        temporary file ``staged`` carries this process's token, recorded before it was made
+        (:mod:`mmexport.runs.lock`), and the next writer removes it.
         """
+        self.file(relative)  # a name inside the run, or refused before anything is recorded
         self.manifest.setdefault(PENDING, {})[relative] = {
             "sha256": sha256_file(staged), "size_bytes": staged.stat().st_size, "kind": kind, "entry": details,
             "verification": verification,
@@ -283,14 +370,17 @@ class RunDir:
         ``renamed``: the caller has just renamed ``relative`` into place (no need to re-hash).
         A record whose rename never happened (the writer was killed) is dropped: the run is
         left exactly as before that write, and the orphaned temporary file is removed by the
-        next writer (:mod:`mmexport.runs.lock`).
+        next writer (:mod:`mmexport.runs.lock`, by the token the killed writer recorded).
         """
         pending = self.manifest.get(PENDING) or {}
         for name in [relative] if relative is not None else list(pending):
             record = pending.pop(name, None)
             if record is None:
                 continue
-            target = self.file(name)
+            try:
+                target = self.file(name)
+            except RunDirError:  # leads out of the run (a linked folder): never committed, dropped
+                continue
             if renamed or (target.is_file() and sha256_file(target) == record["sha256"]):
                 if record.get("verification") is not None:
                     self.manifest["verification"].append(record["verification"])

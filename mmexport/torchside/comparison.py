@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import statistics
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -170,14 +171,15 @@ def compare_methods(
     seeds = tuple(dict.fromkeys([config.seed, *(check_seed(s, "--seeds") for s in (seeds or ()))]))
     others = _check_methods(config, methods)
     out = Path(config.out).expanduser().absolute()
-    work = Path(keep_runs).expanduser().absolute() if keep_runs is not None else out.parent / f".{out.name}.compare"
-    if keep_runs is None and work.exists():
-        shutil.rmtree(work)
     jobs = [(config.method, s) for s in seeds[1:]] + [(m, s) for m in others for s in seeds]
     progress.message(f"compare: {config.method} against {', '.join(others) or 'nothing'} on seeds "
                      f"{', '.join(map(str, seeds))} ({1 + len(jobs)} runs, same budget and settings)")
     main = train(config, progress, command=command, lock_wait=lock_wait)
     runs: dict[str, dict[int, Path]] = {config.method: {config.seed: main}}
+    # the other runs go to --keep-runs, or to a fresh folder of this call's own (never one found by name:
+    # a fixed name beside the run could be a user's folder, or a link)
+    work = Path(keep_runs).expanduser().absolute() if keep_runs is not None else \
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.compare-", dir=out.parent))
     try:
         for index, (method, seed) in enumerate(jobs, start=2):
             progress.message(f"compare: run {index}/{1 + len(jobs)}: {method}, seed {seed}")

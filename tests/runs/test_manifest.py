@@ -1,6 +1,7 @@
 """Run directories (mmexport.runs.manifest): staged then published, --force, resume, altered outputs, atomic writes."""
 
 import json
+
 import pytest
 
 from mmexport.errors import RunDirError
@@ -79,10 +80,9 @@ def test_open_rejects_non_runs(tmp_path):
 def test_atomic_write_keeps_previous_file_on_failure(tmp_path):
     target = tmp_path / "a.txt"
     write_bytes_atomic(target, b"v1")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"partial")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("crash mid-write")
     assert target.read_bytes() == b"v1"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
