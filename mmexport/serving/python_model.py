@@ -22,6 +22,12 @@ Output: ``logits``, FP32 ``[-1, K]``. The config wires it to ``labels.txt``, so 
 classification extension (``class_count`` / ``"parameters": {"classification": k}``)
 returns ``"score:index:label"`` strings.
 
+Before anything is loaded, every file the version's ``mmexport.json`` lists is hashed
+against the sha256 it records, and the served artifact must be among them: a file
+changed, missing or unrecorded fails ``initialize`` with one line in the server's log,
+and Triton reports the model not ready (it never serves bytes other than the ones
+that were verified).
+
 Every request of a dynamic batch is validated and decoded on its own (a bad request
 gets its own error response and does not fail its neighbours); the valid ones then run
 as one batch through the predictor, which splits it by the artifact's batch limit.
@@ -36,16 +42,25 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmexport import runtime
+from mmexport.errors import CheckpointError
+from mmexport.serving.version_record import VERSION_RECORD, check_version_files, read_version_record
 
-RECORD_NAME = "mmexport.json"
+
 IMAGE_INPUT = "image"
 BYTES_INPUT = "image_bytes"
 OUTPUT = "logits"
+MAX_MESSAGE = 500  # characters of an error response (a hostile input must not echo back megabytes)
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def _request_error(message: str):
+    """An error the client caused: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) where the backend has error codes."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
 class TritonPythonModel:
@@ -54,9 +69,19 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         here = Path(__file__).resolve().parent if "__file__" in globals() else None
-        if here is None or not (here / RECORD_NAME).is_file():
+        if here is None or not (here / VERSION_RECORD).is_file():
             here = Path(args["model_repository"]) / str(args["model_version"])
-        record = json.loads((here / RECORD_NAME).read_text(encoding="utf-8"))
+        try:
+            problems = check_version_files(here)  # every recorded file, with its recorded sha256
+            if problems:
+                raise CheckpointError(f"{problems[0]}; refusing to serve it"
+                                      + (f" ({len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
+            record = read_version_record(here)
+        except CheckpointError as exc:
+            # The Python backend appends the traceback to an exception's text in the server log; the
+            # reason stands alone on one line first, and the model stays not ready.
+            pb_utils.Logger.log_error(f"mmexport: {_one_line(exc)}")
+            raise pb_utils.TritonModelException(_one_line(exc)) from None
         artifact = here / record["served_artifact"]
         device = "cpu"
         if str(args.get("model_instance_kind", "CPU")).upper() == "GPU":
@@ -83,10 +108,15 @@ class TritonPythonModel:
             array = image.as_numpy()
             if array.dtype != np.float32:
                 raise ValueError(f"{IMAGE_INPUT} must be FP32, got {array.dtype}")
+            if array.ndim == 0 or array.shape[0] == 0:
+                raise ValueError(f"{IMAGE_INPUT} holds no image (shape {list(array.shape)})")
             return self.predictor.preprocess(array)  # checks the shape and that every value is finite
-        items = [bytes(item) for item in encoded.as_numpy().reshape(-1)]
-        if not items:
+        items = encoded.as_numpy().reshape(-1)
+        if items.size == 0:
             raise ValueError(f"{BYTES_INPUT} holds no image")
+        if not all(isinstance(item, (bytes, np.bytes_)) for item in items):
+            raise ValueError(f"{BYTES_INPUT} must hold encoded images as BYTES")
+        items = [bytes(item) for item in items]
         return self.predictor.preprocess(items)  # decode + the recorded preprocessing, per image
 
     def execute(self, requests):
@@ -96,7 +126,7 @@ class TritonPythonModel:
             try:
                 accepted.append((index, self._batch(request)))
             except Exception as exc:  # the user's input: an error response for this request only
-                responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(_one_line(exc)))
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=_request_error(_one_line(exc)))
         if accepted:
             try:
                 logits = self.predictor.logits(np.concatenate([batch for _, batch in accepted]))

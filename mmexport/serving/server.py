@@ -7,14 +7,19 @@
   or from ``tritonserver`` on ``PATH`` (an NGC container), see :func:`find_tritonserver`;
 * HTTP, gRPC and metrics listen on loopback ports the code picks (or the caller's), on
   ``127.0.0.1`` unless told otherwise;
-* readiness is polled on ``/v2/health/ready`` within a timeout; a server that exits or
-  never gets ready is an :class:`~mmexport.errors.MMExportError` whose one line carries
-  the tail of the server's log (the whole log is a file, :attr:`TritonServer.log_path`);
+* requested ports are bind-checked before anything is written; readiness is polled on
+  ``/v2/health/ready`` within a (finite, bounded) timeout and counts only when ``/v2``
+  reports this launch's ``--id`` and the process started here listens on its ports; a
+  server that exits or never gets ready is an :class:`~mmexport.errors.MMExportError`
+  whose one line carries the tail of the server's log (:attr:`TritonServer.log_path`);
 * stopping sends SIGTERM, then SIGKILL to the server's process group after a timeout
   (the Python backend's stub processes included); the context manager, a finaliser,
-  ``atexit``, SIGTERM/SIGHUP handling in :meth:`TritonServer.wait` and (Linux) a
-  parent-death signal make sure the server never outlives its owner, also when the
-  caller raises or is killed.
+  ``atexit``, SIGTERM/SIGHUP/Ctrl-C unwinding the stack from the first step of
+  :func:`serve` to the end, a guardian process that acts when the owner is SIGKILLed,
+  and (Linux) a parent-death signal make sure neither the server nor the temporary
+  folders outlive their owner; folders a dead owner still left (named after its pid and
+  start time, with an owner record) are removed by the next start
+  (:func:`remove_dead_owners_leftovers`).
 
 The wheel's Python-backend stub (``triton_python_backend_stub``) links
 ``libpython3.X.so.1.0`` dynamically. Under an interpreter that is not the system's
@@ -38,11 +43,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -53,9 +61,10 @@ import urllib.request
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from mmexport.errors import MissingDependencyError, MMExportError
+from mmexport.jsonread import parse_json_object
 from mmexport.progress import ProgressSink, sink
 from mmexport.serving.triton import export_repository, read_version_record
 
@@ -332,6 +341,366 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
+# what a serving process owns: temporary folders, the server's process group, shared memory
+# --------------------------------------------------------------------------------------------
+# Every temporary folder is named mmexport-<kind>-<owner pid>-<owner start time>-<random> and holds
+# an owner record (OWNER_RECORD): pid, start time (clock ticks since boot, /proc) and boot id. A
+# folder is another process's leftover only when all of that holds, it is this user's, and its
+# owner is dead (no such pid, or a pid reused by a later process, or another boot); a look-alike
+# folder without a matching record is never touched.
+OWNER_RECORD = ".mmexport-owner.json"
+TEMP_KINDS = ("repo", "triton")
+_TEMP_NAME = re.compile(r"^mmexport-(?P<kind>repo|triton)-(?P<pid>[1-9][0-9]{0,9})-(?P<start>[0-9]{1,20})-[a-z0-9_]{8}$")
+_SHM_TAG = re.compile(r"^mmexport[0-9]+x[0-9a-f]+_$")
+
+
+def _process_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None: no such process (or no /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[-1].split()
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _owner_identity() -> dict[str, Any]:
+    return {"pid": os.getpid(), "start_time": _process_start_time(os.getpid()) or 0, "boot_id": _boot_id()}
+
+
+def owned_temporary_directory(kind: str, *, shm_tags: Sequence[str] = ()) -> Path:
+    """A new temporary folder named after this process, with its owner record (see :func:`remove_dead_owners_leftovers`)."""
+    assert kind in TEMP_KINDS
+    owner = _owner_identity()
+    path = Path(tempfile.mkdtemp(prefix=f"mmexport-{kind}-{owner['pid']}-{owner['start_time']}-"))
+    _write_owner_record(path, shm_tags)
+    _guardian().own("dir", str(path))
+    return path
+
+
+def _write_owner_record(folder: Path, shm_tags: Sequence[str] = ()) -> None:
+    record = {**_owner_identity(), "shm_tags": list(shm_tags)}
+    (folder / OWNER_RECORD).write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+
+def release_temporary_directory(path: Path, *, keep: bool = False) -> None:
+    """Remove an owned folder (or, ``keep``, hand it to the user: its owner record goes, so no cleanup takes it)."""
+    if keep:
+        with contextlib.suppress(OSError):
+            (path / OWNER_RECORD).unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    _guardian().release("dir", str(path))
+
+
+def _owner_is_dead(record: dict[str, Any], pid: int, start: int) -> bool:
+    boot = _boot_id()
+    if boot is None:  # no /proc: liveness cannot be told, so nothing is anybody's leftover
+        return False
+    if record.get("boot_id") != boot:
+        return True  # another boot: its processes are all gone (a folder from /tmp that survived a reboot)
+    return _process_start_time(pid) != start  # gone, or the pid now belongs to a later process
+
+
+def _leftover_owner(path: Path) -> dict[str, Any] | None:
+    """The owner record of ``path`` when it is a dead owner's temporary folder of this user, else None."""
+    match = _TEMP_NAME.match(path.name)
+    if match is None:
+        return None
+    try:
+        info = path.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        record_path = path / OWNER_RECORD
+        record_info = record_path.lstat()
+        if not stat.S_ISREG(record_info.st_mode) or record_info.st_uid != os.getuid() or record_info.st_size > 64 * 1024:
+            return None
+        record = parse_json_object(record_path.read_bytes(), str(record_path))
+    except (OSError, MMExportError):
+        return None
+    pid, start = int(match["pid"]), int(match["start"])
+    if record.get("pid") != pid or record.get("start_time") != start or not _owner_is_dead(record, pid, start):
+        return None
+    return record
+
+
+_SERVER_PROGRAMS = ("tritonserver", "triton_python_backend_stub")
+
+
+def _processes_working_in(folder: Path) -> list[int]:
+    """This user's Triton processes working in ``folder`` or below (a dead owner's server and its stubs).
+
+    Only a server or stub program is named: a user's shell that happens to be in the folder is not.
+    """
+    found = []
+    target = str(folder)
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                continue
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            program = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0", 1)[0].decode("utf-8", "replace")
+        except OSError:
+            continue
+        if (cwd == target or cwd.startswith(target + "/")) and os.path.basename(program) in _SERVER_PROGRAMS:
+            found.append(int(entry))
+    return found
+
+
+def remove_dead_owners_leftovers(directory: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove the temporary folders (and their servers, stubs, shared memory) of serving processes that died.
+
+    Only folders named ``mmexport-repo|triton-<pid>-<start>-XXXXXXXX`` directly in
+    ``directory`` (default: the temporary directory), owned by this user, holding an
+    owner record that names the same pid and start time, and whose owner is dead. A
+    server that outlived a killed owner (its working directory is that folder) is
+    killed first. Returns the folders removed.
+    """
+    root = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+    removed = []
+    try:
+        candidates = [root / name for name in os.listdir(root) if name.startswith("mmexport-")]
+    except OSError:
+        return removed
+    for path in candidates:
+        record = _leftover_owner(path)
+        if record is None:
+            continue
+        for pid in _processes_working_in(path):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        tags = record.get("shm_tags")
+        for tag in tags if isinstance(tags, list) else ():
+            if isinstance(tag, str) and _SHM_TAG.match(tag):
+                _remove_shared_memory(tag)
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
+def _remove_shared_memory(tag: str) -> None:
+    """The Python backend's /dev/shm regions named with ``tag`` (left by a stub that was killed)."""
+    shm = Path("/dev/shm")
+    if tag and shm.is_dir():
+        for region in shm.glob(f"{tag}*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
+
+
+# The guardian: a small process that outlives a killed owner. The owner tells it, over a pipe only
+# the owner holds, what it owns (folders, the server's process group, shared-memory tags) and what it
+# released. When the pipe closes without everything released -- the owner was SIGKILLed, or exited
+# without running its cleanup -- the guardian kills the server's process group at once (its ports
+# are free immediately, its Python-backend stubs die with it) and removes the folders and regions.
+_GUARDIAN_CODE = r"""
+import json, os, shutil, signal, sys
+for name in ("SIGINT", "SIGHUP", "SIGTERM"):
+    signal.signal(getattr(signal, name), signal.SIG_IGN)  # it ends when its owner does, not before
+owned = {"dir": {}, "group": {}, "shm": {}}
+for line in sys.stdin.buffer:
+    try:
+        op, kind, value = json.loads(line)
+    except ValueError:
+        continue
+    key = json.dumps(value)
+    if op == "own":
+        owned[kind][key] = value
+    else:
+        owned[kind].pop(key, None)
+def started(pid):
+    try:
+        return int(open("/proc/%d/stat" % pid).read().rsplit(")", 1)[-1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+for pgid, start in owned["group"].values():
+    now = started(pgid)
+    if now is None or now == start:  # a live leader that started later is another process: leave it
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+for tag in owned["shm"].values():
+    try:
+        for name in os.listdir("/dev/shm"):
+            if name.startswith(tag):
+                os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass
+for path in owned["dir"].values():
+    shutil.rmtree(path, ignore_errors=True)
+"""
+
+
+class _Guardian:
+    """The owner's end of the guardian's pipe (one guardian per process, started on first use)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._pipe = None
+        self._process: subprocess.Popen | None = None
+        read, write = os.pipe()
+        try:
+            self._process = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE], stdin=read, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        except OSError:
+            os.close(write)  # no guardian: signal handlers, finalisers and the next start's cleanup remain
+        else:
+            self._pipe = os.fdopen(write, "wb", buffering=0)
+        finally:
+            os.close(read)
+
+    def _send(self, *message: Any) -> None:
+        with self._lock:
+            if self._pipe is None:
+                return
+            try:
+                self._pipe.write(json.dumps(message).encode() + b"\n")
+            except OSError:  # the guardian is gone: nothing to tell
+                self._pipe = None
+
+    def own(self, kind: str, value: Any) -> None:
+        self._send("own", kind, value)
+
+    def release(self, kind: str, value: Any) -> None:
+        self._send("release", kind, value)
+
+
+_GUARDIAN: _Guardian | None = None
+
+
+def _guardian() -> _Guardian:
+    global _GUARDIAN
+    if _GUARDIAN is None or _GUARDIAN.pid != os.getpid():  # a forked child needs its own
+        _GUARDIAN = _Guardian()
+    return _GUARDIAN
+
+
+# --------------------------------------------------------------------------------------------
+# signals: SIGTERM, SIGHUP (and Ctrl-C) unwind the stack while a server is being set up or runs
+# --------------------------------------------------------------------------------------------
+class _Terminated(SystemExit):
+    """SIGTERM/SIGHUP while starting or waiting on a server: unwinds the stack so everything is cleaned up."""
+
+
+_TERMINATING = False
+
+
+def _raise_terminated(signum, frame) -> None:
+    global _TERMINATING
+    if _TERMINATING:  # the first signal is already unwinding: a second must not cut its cleanup short
+        return
+    _TERMINATING = True
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise _Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """In the main thread, make SIGTERM/SIGHUP raise SystemExit(128 + signal) and Ctrl-C KeyboardInterrupt, once.
+
+    Only signals still at Python's defaults are taken over (a caller's own handler is
+    left alone), and the previous handlers come back on exit. A repeated signal while the
+    first one unwinds is ignored, so the cleanup it triggered runs to the end.
+    """
+    import threading
+
+    global _TERMINATING
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGHUP, signal.SIG_DFL),
+                                (signal.SIGINT, signal.default_int_handler)):
+            if signal.getsignal(signum) is default:
+                handlers[signum] = signal.signal(signum, _raise_terminated)
+    outermost = bool(handlers) and not _TERMINATING
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if outermost:
+            _TERMINATING = False
+
+
+# --------------------------------------------------------------------------------------------
+# checks before a start
+# --------------------------------------------------------------------------------------------
+MAX_READY_TIMEOUT = 3600.0  # seconds: an hour covers a cold start of a large model; beyond it, a hang
+MAX_STOP_TIMEOUT = 600.0
+
+
+def check_timeout(value: Any, what: str, maximum: float) -> float:
+    """``value`` as seconds: a finite real number in (0, maximum], else one line naming ``what``."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MMExportError(f"{what} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or not 0 < seconds <= maximum:
+        raise MMExportError(f"{what} must be a finite number of seconds, more than 0 and at most {maximum:g}, got {value!r}")
+    return seconds
+
+
+def check_port(label: str, port: Any) -> None:
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+        raise MMExportError(f"{label} port must be 1-65535, got {port!r}")
+
+
+def check_ports_free(host: str, ports: Sequence[tuple[str, int | None]]) -> None:
+    """Each requested port can be bound on ``host`` now, else one line naming it (another server holds it?)."""
+    bind_host = LOOPBACK if host in ("", "0.0.0.0") else host
+    family = socket.AF_INET6 if ":" in bind_host.strip("[]") else socket.AF_INET
+    for label, port in ports:
+        check_port(label, port)
+        if port is None:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            # As a server binds: a port whose last connections linger in TIME_WAIT is free to reuse.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((bind_host.strip("[]"), port))
+            except OSError as exc:
+                reason = "is in use (another server?)" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror or exc})"
+                raise MMExportError(f"{label} port {port} on {host or LOOPBACK} {reason}; choose another or leave it out "
+                                    "to pick a free one") from None
+
+
+def _listening_ports(pid: int) -> set[int] | None:
+    """The TCP ports process ``pid`` listens on (from /proc), or None where /proc cannot tell."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        ports = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as handle:
+                next(handle, None)
+                for row in handle:
+                    fields = row.split()
+                    if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        return ports
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
 # the server
 # --------------------------------------------------------------------------------------------
 _LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
@@ -369,13 +738,6 @@ def _parent_death_signal():
             os._exit(1)
 
     return hook
-
-
-class _Terminated(SystemExit):
-    """SIGTERM/SIGHUP while waiting on a server: unwinds the stack so the server is stopped."""
-
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated(128 + signum)
 
 
 @atexit.register
@@ -442,10 +804,9 @@ class TritonServer:
         if load_models and model_control_mode != "explicit":
             raise MMExportError("load_models needs model_control_mode explicit")
         for label, port in (("HTTP", http_port), ("gRPC", grpc_port), ("metrics", metrics_port)):
-            if port is not None and not (isinstance(port, int) and 0 < port < 65536):
-                raise MMExportError(f"{label} port must be 1-65535, got {port!r}")
-        if ready_timeout <= 0 or stop_timeout <= 0:
-            raise MMExportError("timeouts must be positive")
+            check_port(label, port)
+        ready_timeout = check_timeout(ready_timeout, "the ready timeout", MAX_READY_TIMEOUT)
+        stop_timeout = check_timeout(stop_timeout, "the stop timeout", MAX_STOP_TIMEOUT)
         self.host = host
         self.requested_ports = (http_port, grpc_port, metrics_port)
         self.model_control_mode = model_control_mode
@@ -463,6 +824,9 @@ class TritonServer:
         self._workdir: Path | None = None
         self._finalizer: weakref.finalize | None = None
         self._shm_tag: str | None = None
+        self._shm_tags: list[str] = []
+        self._group: tuple[int, int | None] | None = None  # (pgid, leader start time) told to the guardian
+        self.server_id: str | None = None  # --id of the process started, checked on /v2 before it counts as ready
         self.start_seconds = float("nan")
 
     # -- endpoints ---------------------------------------------------------------------------
@@ -527,6 +891,8 @@ class TritonServer:
             "--strict-readiness=true",
             "--disable-auto-complete-config",
             f"--log-verbose={self.log_verbose}",
+            # A per-launch identity (GET /v2 returns it): readiness counts only from the server this call started.
+            f"--id={self.server_id}",
             # Shared-memory regions of the Python backend's stubs, unique to this server:
             # two servers on one host (parallel test runs) must not meet in /dev/shm.
             f"--backend-config=python,shm-region-prefix-name={tag}",
@@ -541,63 +907,95 @@ class TritonServer:
         return command + list(self.extra_args)
 
     def start(self, progress: ProgressSink | None = None) -> "TritonServer":
-        """Start the server and wait until it is ready (up to ``ready_timeout`` seconds)."""
+        """Start the server and wait until it is ready (up to ``ready_timeout`` seconds).
+
+        Requested ports are checked free first (one line naming a busy one), and the
+        server counts as ready only when the process started here answers: ``/v2`` reports
+        this launch's ``--id`` and (Linux) the process itself listens on all three ports.
+        """
         if self.process is not None:
             raise MMExportError("this Triton server was already started")
         progress = sink(progress)
-        self.installation = self.installation or find_tritonserver()
-        self._workdir = Path(tempfile.mkdtemp(prefix="mmexport-triton-"))
-        started = time.monotonic()
+        labels = ("HTTP", "gRPC", "metrics")
+        check_ports_free(self.host, list(zip(labels, self.requested_ports)))
+        with _signals_unwind():
+            remove_dead_owners_leftovers()
+            self.installation = self.installation or find_tritonserver()
+            started = time.monotonic()
+            self._workdir = owned_temporary_directory("triton")
+            try:
+                return self._start(progress, started)
+            except MMExportError:
+                self.stop(keep_log=True)  # a failed start keeps the log its error names
+                raise
+            except BaseException:
+                self.stop()
+                raise
+
+    def _start(self, progress: ProgressSink, started: float) -> TritonServer:
+        assert self.installation is not None and self._workdir is not None
+        backends = self._backend_directory(self.installation, self._workdir)
+        python_bin = stub_python_bin(self.installation, prepare=self.prepare_python, progress=progress)
+        env = server_environment(self.installation, python_bin=python_bin)
+        attempts = 1 if all(p is not None for p in self.requested_ports) else 3
+        for attempt in range(attempts):
+            free = iter(free_ports(3, self.host if self.host not in ("", "0.0.0.0", "::") else LOOPBACK))
+            ports = [p if p is not None else next(free) for p in self.requested_ports]
+            self.http_port, self.grpc_port, self.metrics_port = ports
+            self.log_path = self._log_file or self._workdir / f"tritonserver-{attempt}.log"
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            tag = self._shm_tag = f"mmexport{os.getpid()}x{os.urandom(4).hex()}_"
+            self._shm_tags.append(tag)
+            _write_owner_record(self._workdir, self._shm_tags)  # a dead owner's regions are removed with its folder
+            _guardian().own("shm", tag)
+            self.server_id = f"mmexport-{os.getpid()}-{os.urandom(8).hex()}"
+            command = self._command(backends, ports, tag)
+            progress.message(f"starting tritonserver on {self.host} (HTTP {ports[0]}, gRPC {ports[1]}, metrics {ports[2]})")
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                                env=env, cwd=self._workdir, start_new_session=True,
+                                                preexec_fn=_parent_death_signal())
+            self._group = (self.process.pid, _process_start_time(self.process.pid))
+            _guardian().own("group", list(self._group))
+            self._finalizer = weakref.finalize(self, _kill_group, self.process)
+            _LIVE.add(self)
+            if self._wait_ready(started + self.ready_timeout):
+                self.start_seconds = time.monotonic() - started
+                progress.message(f"tritonserver ready after {self.start_seconds:.1f} s")
+                return self
+            tail = _log_tail(self.log_path)
+            code = self.process.poll()
+            busy = code is not None and ("already in use" in tail.lower() or "address in use" in tail.lower())
+            self._stop_process()
+            if busy and attempt + 1 < attempts:
+                continue  # another process took a port between picking and binding it
+            if code is None:
+                raise MMExportError(f"tritonserver was not ready within {self.ready_timeout:g} s: {tail} "
+                                    f"(log: {self.log_path})")
+            raise MMExportError(f"tritonserver exited with code {code} before it was ready: {tail} (log: {self.log_path})")
+        raise MMExportError("tritonserver could not bind its ports")  # pragma: no cover - the loop returns or raises
+
+    def _answers_as_this_server(self) -> bool:
+        """Whether the HTTP endpoint is the process started here: ready, with this launch's id, on all its ports."""
         try:
-            backends = self._backend_directory(self.installation, self._workdir)
-            python_bin = stub_python_bin(self.installation, prepare=self.prepare_python, progress=progress)
-            env = server_environment(self.installation, python_bin=python_bin)
-            attempts = 1 if all(p is not None for p in self.requested_ports) else 3
-            for attempt in range(attempts):
-                free = iter(free_ports(3, self.host if self.host not in ("", "0.0.0.0", "::") else LOOPBACK))
-                ports = [p if p is not None else next(free) for p in self.requested_ports]
-                self.http_port, self.grpc_port, self.metrics_port = ports
-                self.log_path = self._log_file or self._workdir / f"tritonserver-{attempt}.log"
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
-                tag = self._shm_tag = f"mmexport{os.getpid()}x{os.urandom(4).hex()}_"
-                command = self._command(backends, ports, tag)
-                progress.message(f"starting tritonserver on {self.host} (HTTP {ports[0]}, gRPC {ports[1]}, metrics {ports[2]})")
-                with open(self.log_path, "ab") as log:
-                    self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                                    env=env, cwd=self._workdir, start_new_session=True,
-                                                    preexec_fn=_parent_death_signal())
-                self._finalizer = weakref.finalize(self, _kill_group, self.process)
-                _LIVE.add(self)
-                if self._wait_ready(started + self.ready_timeout):
-                    self.start_seconds = time.monotonic() - started
-                    progress.message(f"tritonserver ready after {self.start_seconds:.1f} s")
-                    return self
-                tail = _log_tail(self.log_path)
-                code = self.process.poll()
-                busy = code is not None and ("already in use" in tail.lower() or "address in use" in tail.lower())
-                self._stop_process()
-                if busy and attempt + 1 < attempts:
-                    continue  # another process took a port between picking and binding it
-                if code is None:
-                    raise MMExportError(f"tritonserver was not ready within {self.ready_timeout:g} s: {tail} "
-                                        f"(log: {self.log_path})")
-                raise MMExportError(f"tritonserver exited with code {code} before it was ready: {tail} (log: {self.log_path})")
-            raise MMExportError("tritonserver could not bind its ports")  # pragma: no cover - the loop returns or raises
-        except BaseException:
-            self.stop(keep_log=True)
-            raise
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1.0) as response:
+                if response.status != 200:
+                    return False
+            with urllib.request.urlopen(f"{self.http_url}/v2", timeout=1.0) as response:
+                metadata = parse_json_object(response.read(64 * 1024), f"{self.http_url}/v2")
+        except (urllib.error.URLError, OSError, ValueError, MMExportError):
+            return False
+        if metadata.get("name") != self.server_id:
+            return False  # another server answers on this port (it held the port, or took it meanwhile)
+        listening = _listening_ports(self.process.pid) if self.process is not None else None
+        return listening is None or {self.http_port, self.grpc_port, self.metrics_port} <= listening
 
     def _wait_ready(self, deadline: float) -> bool:
-        url = f"{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 return False
-            try:
-                with urllib.request.urlopen(url, timeout=1.0) as response:
-                    if response.status == 200:
-                        return True
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
+            if self._answers_as_this_server():
+                return self.process.poll() is None
             time.sleep(0.2)
         return False
 
@@ -614,14 +1012,15 @@ class TritonServer:
         """SIGTERM, then SIGKILL to the whole process group after ``timeout`` s; returns the exit code.
 
         The temporary folder (backend links, the log unless ``log_file`` was given) is
-        removed, unless ``keep_log`` (a failed start keeps the log it names).
+        removed, unless ``keep_log`` (a failed start keeps the log it names: the folder
+        then is the user's, no longer a leftover any cleanup takes).
         """
         code = self._stop_process(timeout)
         if self._workdir is not None:
-            if keep_log and self.log_path is not None and self._workdir in self.log_path.parents:
+            keep = keep_log and self.log_path is not None and self._workdir in self.log_path.parents
+            if keep:
                 shutil.rmtree(self._workdir / "backends", ignore_errors=True)
-            else:
-                shutil.rmtree(self._workdir, ignore_errors=True)
+            release_temporary_directory(self._workdir, keep=keep)
             self._workdir = None
         return code
 
@@ -639,21 +1038,17 @@ class TritonServer:
                     pass
             _kill_group(process)  # the stubs too, whatever the server did with them
             code = process.returncode
-            self._remove_shared_memory()
+            if self._group is not None:
+                _guardian().release("group", list(self._group))
+                self._group = None
+            for tag in self._shm_tags:
+                _remove_shared_memory(tag)
+                _guardian().release("shm", tag)
+            self._shm_tags = []
             if self._finalizer is not None:
                 self._finalizer.detach()
             _LIVE.discard(self)
         return code
-
-    def _remove_shared_memory(self) -> None:
-        """The Python backend's /dev/shm regions of this server (its unique prefix), left by a stub that crashed."""
-        if not self._shm_tag:
-            return
-        shm = Path("/dev/shm")
-        if shm.is_dir():
-            for region in shm.glob(f"{self._shm_tag}*"):
-                with contextlib.suppress(OSError):
-                    region.unlink()
 
     def wait(self, poll_seconds: float = 0.5) -> int:
         """Block until the server exits; a server that dies is an error.
@@ -661,13 +1056,7 @@ class TritonServer:
         Ctrl-C raises KeyboardInterrupt here; in the main thread SIGTERM and SIGHUP raise
         SystemExit(128 + signal), so a ``with`` block around the wait stops the server either way.
         """
-        import threading
-
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGHUP):
-                handlers[signum] = signal.signal(signum, _raise_terminated)
-        try:
+        with _signals_unwind():
             while True:
                 if self.process is None:
                     return 0
@@ -677,9 +1066,6 @@ class TritonServer:
                     continue
                 tail = _log_tail(self.log_path) if self.log_path else "no log"
                 raise MMExportError(f"tritonserver exited with code {code}: {tail}")
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
 
     def log_text(self) -> str:
         if self.log_path is None or not self.log_path.is_file():
@@ -787,38 +1173,43 @@ def serve(
     environment if it is needed and missing (see :func:`prepare_python_environment`).
     """
 
+    ready_timeout = check_timeout(ready_timeout, "the ready timeout", MAX_READY_TIMEOUT)
+    check_ports_free(host, [("HTTP", http_port), ("gRPC", grpc_port), ("metrics", metrics_port)])  # before the copy
     progress = sink(progress)
     temporary = repo is None
-    repository = Path(tempfile.mkdtemp(prefix="mmexport-repo-")) if temporary else Path(repo).expanduser().absolute()
-    try:
-        if not temporary:
-            repository.mkdir(parents=True, exist_ok=True)
-        result = export_repository(target, repository, precision=precision, backend="python", name=name,
-                                   preprocess=preprocess, max_batch=max_batch, instance_kind=instance_kind, artifact=artifact,
-                                   threads=threads, allow_untracked=allow_untracked, progress=progress)
-        record = read_version_record(result.version_dir)
-        classes = tuple(record["interface"]["classes"])
-        size = result.inputs[0].dims[-1]
-        server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                              model_control_mode="explicit", load_models=(result.name,), ready_timeout=ready_timeout,
-                              log_file=log_file, prepare_python=prepare_python)
-        server.start(progress)
+    with _signals_unwind():  # SIGTERM/SIGHUP anywhere below unwinds through the cleanup
+        remove_dead_owners_leftovers()
+        repository = owned_temporary_directory("repo") if temporary else Path(repo).expanduser().absolute()
         try:
-            if not server.model_ready(result.name):
-                raise MMExportError(f"tritonserver is up but {result.name} is not ready: {_log_tail(server.log_path)}")
-            yield ServingSession(server=server, model=result.name, version=result.version, repository=repository,
-                                 preprocess=preprocess, image_size=size, classes=classes, artifact=result.artifact,
-                                 run=result.run, verified=result.verified, temporary_repository=temporary)
+            if not temporary:
+                repository.mkdir(parents=True, exist_ok=True)
+            result = export_repository(target, repository, precision=precision, backend="python", name=name,
+                                       preprocess=preprocess, max_batch=max_batch, instance_kind=instance_kind,
+                                       artifact=artifact, threads=threads, allow_untracked=allow_untracked, progress=progress)
+            record = read_version_record(result.version_dir)
+            classes = tuple(record["interface"]["classes"])
+            size = result.inputs[0].dims[-1]
+            server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                                  model_control_mode="explicit", load_models=(result.name,), ready_timeout=ready_timeout,
+                                  log_file=log_file, prepare_python=prepare_python)
+            server.start(progress)
+            try:
+                if not server.model_ready(result.name) or not server.is_running:
+                    raise MMExportError(f"tritonserver is up but {result.name} is not ready: {_log_tail(server.log_path)}")
+                yield ServingSession(server=server, model=result.name, version=result.version, repository=repository,
+                                     preprocess=preprocess, image_size=size, classes=classes, artifact=result.artifact,
+                                     run=result.run, verified=result.verified, temporary_repository=temporary)
+            finally:
+                server.stop()
         finally:
-            server.stop()
-    finally:
-        if temporary:
-            shutil.rmtree(repository, ignore_errors=True)
+            if temporary:
+                release_temporary_directory(repository)
 
 
 __all__ = [
-    "DEFAULT_READY_TIMEOUT", "DEFAULT_STOP_TIMEOUT", "ENV_BINARY", "ENV_PYTHON", "STUB_NUMPY", "ServingSession",
-    "TritonInstallation", "TritonServer", "find_tritonserver", "free_ports", "prepare_python_environment",
-    "python_environment_path", "python_library_dir", "python_path_entries", "serve", "server_environment",
-    "stub_python_bin", "stub_requirements",
+    "DEFAULT_READY_TIMEOUT", "DEFAULT_STOP_TIMEOUT", "ENV_BINARY", "ENV_PYTHON", "MAX_READY_TIMEOUT", "MAX_STOP_TIMEOUT",
+    "OWNER_RECORD", "STUB_NUMPY", "ServingSession", "TritonInstallation", "TritonServer", "check_ports_free",
+    "check_timeout", "find_tritonserver", "free_ports", "owned_temporary_directory", "prepare_python_environment",
+    "python_environment_path", "python_library_dir", "python_path_entries", "release_temporary_directory",
+    "remove_dead_owners_leftovers", "serve", "server_environment", "stub_python_bin", "stub_requirements",
 ]
