@@ -17,7 +17,8 @@ import torch
 
 from mmexport.bench import BenchReport, BenchRequest, bench_run
 from mmexport.config import TrainConfig
-from mmexport.errors import RunDirError, VerificationError
+from mmexport.errors import MMExportError, RunDirError, VerificationError
+from mmexport.jsonread import parse_json
 from mmexport.fileio import compare_tree, sha256_file, write_json_atomic
 from mmexport.progress import ProgressSink, SilentProgress
 from mmexport.runtime.compare import OutputStats
@@ -100,8 +101,8 @@ def _prepare(out: Path, force: bool) -> None:
         raise RunDirError(f"{out}: exists and is not a directory")
     marker = out / DEMO_MARKER
     try:
-        ledger = json.loads(marker.read_text()) if marker.is_file() else None
-    except (OSError, ValueError):
+        ledger = parse_json(marker.read_bytes(), str(marker)) if marker.is_file() else None
+    except (OSError, MMExportError):
         ledger = None
     if not isinstance(ledger, dict) or ledger.get("format") != "mmexport-demo/2" or not isinstance(ledger.get("files"), dict):
         raise RunDirError(f"{out}: is not empty and holds no demo ledger ({DEMO_MARKER}) of this mmexport; "

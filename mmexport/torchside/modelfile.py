@@ -15,6 +15,7 @@ from torch import nn
 from mmexport.torchside.backbones import get_backbone
 from mmexport.torchside.checkpoints import load_safetensors_with_metadata, save_state_dict
 from mmexport.errors import CheckpointError
+from mmexport.jsonread import parse_json_object
 from mmexport.torchside.merge import MergedModel
 from mmexport.runtime.modelinfo import ModelInfo
 
@@ -35,12 +36,7 @@ def pack_metadata(fields: dict[str, str]) -> dict[str, str]:
 def unpack_metadata(metadata: dict[str, str], source: str) -> dict[str, str]:
     if METADATA_KEY not in metadata:
         return dict(metadata)
-    try:
-        fields = json.loads(metadata[METADATA_KEY])
-    except ValueError:
-        raise CheckpointError(f"{source}: malformed mmexport metadata") from None
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{source}: malformed mmexport metadata")
+    fields = parse_json_object(metadata[METADATA_KEY], f"{source}: mmexport metadata")
     return {str(k): str(v) for k, v in fields.items()}
 
 
