@@ -345,6 +345,22 @@ def _source_name(source: Any) -> str:
         return type(source).__name__
 
 
+DICOM_MAGIC_OFFSET = 128  # the DICOM file preamble (PS3.10 §7.1): 128 bytes, then "DICM"
+
+
+def is_dicom(source: str | os.PathLike[str] | bytes) -> bool:
+    """Whether a file (path) or bytes is a DICOM Part 10 file, by its content (never its extension)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        head = bytes(source[: DICOM_MAGIC_OFFSET + 4])
+    else:
+        try:
+            with open(source, "rb") as handle:
+                head = handle.read(DICOM_MAGIC_OFFSET + 4)
+        except OSError:
+            return False  # the image reader reports the unreadable file
+    return head[DICOM_MAGIC_OFFSET:] == b"DICM"
+
+
 @contextmanager
 def open_image(source: str | os.PathLike[str] | bytes, prep: Preprocessing | None = None, *,
                where: str | None = None) -> Iterator[Any]:
@@ -359,6 +375,9 @@ def open_image(source: str | os.PathLike[str] | bytes, prep: Preprocessing | Non
     Image = _pil()
     where = _one_line(where) if where is not None else _source_name(source)
     handle: Any = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    if is_dicom(source):  # before any other decoder: a DICOM that is also a TIFF must not be read as a TIFF
+        raise DataError(f"{where}: a DICOM file; its pixels need the DICOM pixel pipeline (rescale, VOI window, "
+                        "MONOCHROME1 inversion), which this version does not record: convert it with that pipeline")
     Image.init()  # registers every plugin, so the formats below can be looked up
     allowed = [name for name in DECODABLE_FORMATS if name in Image.OPEN]
     try:
@@ -466,5 +485,5 @@ def model_pixels(path: str | os.PathLike[str] | Path, prep: Preprocessing) -> np
 __all__ = [
     "CENTER_CROP_FRACTION", "DECODABLE_FORMATS", "MAX_ASPECT_RATIO", "MAX_DECODED_PIXELS", "MAX_RESIZED_PIXELS",
     "MAX_SIZE", "PREPROCESSING_FORMAT", "Preprocessing", "check_pixel_budget", "model_pixels", "normalize",
-    "open_image", "pil_pipeline", "preprocess_image", "read_rgb", "resized_size", "to_rgb",
+    "is_dicom", "open_image", "pil_pipeline", "preprocess_image", "read_rgb", "resized_size", "to_rgb",
 ]

@@ -35,6 +35,7 @@ from mmexport.runtime.preprocess import (
     PREPROCESSING_FORMAT,
     Preprocessing,
     check_pixel_budget,
+    is_dicom,
     model_pixels,
     preprocess_image,
     read_rgb,
@@ -477,3 +478,25 @@ def test_any_model_metadata_is_read_or_refused_in_one_line(changes):
         return
     assert info.preprocessing.mean == info.mean and info.preprocessing.output_size == (info.image_size,) * 2
     assert ModelInfo.from_metadata(info.to_metadata(), "again") == info
+
+
+def _dual_personality():
+    """A DICOM Part 10 file whose 128-byte preamble is a TIFF header (as radiography systems write them)."""
+    tiff = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 3, np.uint8)).save(tiff, format="TIFF")
+    data = tiff.getvalue()[:128].ljust(128, b"\0") + b"DICM" + b"\x02\x00\x10\x00UI\x00\x00"
+    return data
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_a_dicom_is_recognised_by_its_content_before_any_other_decoder(tmp_path, as_file):
+    """Before: a DICOM carrying a TIFF header was decoded as that TIFF (raw stored values, no rescale, no window)."""
+    data = _dual_personality()
+    source = data
+    if as_file:
+        source = tmp_path / "radiograph.tif"  # the extension says TIFF; the content says DICOM
+        source.write_bytes(data)
+    with pytest.raises(DataError) as excinfo:
+        read_rgb(source)
+    assert "a DICOM file" in one_line(excinfo)
+    assert is_dicom(data) and not is_dicom(data[:128] + b"DICX")
