@@ -363,7 +363,7 @@ def test_training_refuses_images_over_the_budget_and_unshippable_class_names(tmp
 
 junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=4), children, max_size=3)),
     max_leaves=8,
 )
 # sizes that are valid but cheap, plus the edges and the absurd (8192 itself is covered above: too slow here)

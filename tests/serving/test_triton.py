@@ -230,7 +230,8 @@ def _fake_engine(run_dir: Path, folder: Path, cc: tuple[int, int], max_batch: in
     plan = folder / name
     plan.write_bytes(b"ftrt" + bytes(20) + bytes((10, 16, 1, 11)) + f"engine for sm{cc[0]}{cc[1]}".encode())
     source = RunDir.open(run_dir)
-    metadata = runtime.load(run_dir / "model.onnx").runner.metadata()
+    # an engine of another precision is built from that precision's ONNX, whose description says so
+    metadata = {**runtime.load(run_dir / "model.onnx").runner.metadata(), "precision": precision}
     sidecar = {
         "format": "mmexport-engine/1", "tensorrt_version": "10.16.1.11", "plan_tensorrt_version": "10.16.1.11",
         "plan_layout": 0, "plan_archive_version": 239, "gpu_name": f"GPU sm{cc[0]}{cc[1]}", "compute_capability": list(cc),
@@ -246,6 +247,9 @@ def _fake_engine(run_dir: Path, folder: Path, cc: tuple[int, int], max_batch: in
     manifest = {**source.manifest, "outputs": {}, "verification": []}
     write_json_atomic(folder / "manifest.json", manifest)
     run = RunDir.open(folder)
+    # the run's own weights: what an engine's embedded description is checked against on export
+    shutil.copyfile(run_dir / "model.safetensors", folder / "model.safetensors")
+    run.record_output("model.safetensors", source.manifest["outputs"]["model.safetensors"]["kind"])
     run.record_output(f"{name}.json", "engine-sidecar", engine=name)
     run.record_output(name, "engine", precision=precision, verified=True, compute_capability=list(cc))
     record = next(r for r in source.manifest["verification"] if r.get("artifact") == "model.onnx")
