@@ -98,7 +98,7 @@ def read_json_object(path: str | os.PathLike[str], what: str, *, max_bytes: int 
         reason = exc.strerror or " ".join(str(exc).split())
         raise error(f"{path}: {what} cannot be read ({reason})") from None
     if len(data) > max_bytes:
-        raise error(f"{path}: over {max_bytes // 2**20} MiB, not {what}")
+        raise error(f"{path}: {what} over {max_bytes // 2**20} MiB, refused unread")
     return parse_json_object(data, f"{path}: {what}", error=error)
 
 

@@ -334,7 +334,7 @@ class EngineSidecar:
     @classmethod
     def read(cls, path: str | Path) -> "EngineSidecar":
         path = Path(path)
-        data = read_json_object(path, "an engine sidecar", max_bytes=MAX_SIDECAR_BYTES,
+        data = read_json_object(path, "engine sidecar", max_bytes=MAX_SIDECAR_BYTES,
                                 missing=f"{path}: engine sidecar not found")
         return cls.from_dict(data, str(path))
 

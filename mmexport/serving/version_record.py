@@ -32,7 +32,7 @@ def read_version_record(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
     digits, the classes of ``interface`` valid class names.
     """
     path = Path(version_dir) / VERSION_RECORD
-    data = read_json_object(path, "an mmexport Triton record", max_bytes=MAX_RECORD_BYTES,
+    data = read_json_object(path, "mmexport Triton record", max_bytes=MAX_RECORD_BYTES,
                             missing=f"{path.parent}: no {VERSION_RECORD}: not a version mmexport wrote")
     if data.get("format") != RECORD_FORMAT:
         found = data.get("format")
