@@ -19,8 +19,8 @@ from mmexport.errors import MissingDependencyError, MMExportError, VerificationE
 
 from .console import (
     RichProgress, console, error_console, literal, one_line, print_bench, print_comparison_model, print_demo,
-    print_doctor, print_onnx_exports, print_provenance, print_published, print_refold, print_run_summary,
-    print_serving, print_training_outcome, print_triton_export, print_verification, print_written,
+    print_doctor, print_onnx_exports, print_predictions, print_provenance, print_published, print_refold,
+    print_run_summary, print_serving, print_training_outcome, print_triton_export, print_verification, print_written,
 )
 
 app = typer.Typer(
@@ -462,6 +462,43 @@ def doctor(
     from mmexport.runs.engine_build import doctor as diagnose
 
     print_doctor(diagnose(run), run)
+
+
+@app.command()
+def predict(
+    target: Annotated[Path, typer.Argument(help="Run directory (its verified model.onnx, or --precision's), or a deployable artifact of a run (.onnx; .plan with --backend tensorrt).")],
+    files: Annotated[list[Path], typer.Argument(help="Images to classify (PNG, JPEG, ...; DICOM where the model records a DICOM pipeline).")],
+    top: Annotated[int, typer.Option(help="How many of the most probable classes to show per file.")] = 3,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every result (and the model's hash and verification) to this JSON file.")] = None,
+    sr_out: Annotated[Optional[Path], typer.Option(help="Write one DICOM Structured Report per classified DICOM file into this directory (created if missing; needs mmexport[dicom]).")] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime (the ONNX file, CPU) or tensorrt (the run's engine, GPU).")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="With a run directory: fp32 (model.onnx), fp16 or int8.")] = "fp32",
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: ONNX Runtime's).")] = None,
+    allow_unverified: Annotated[bool, typer.Option(help="Classify with an artifact that failed its verification or lies outside any run (the SRs and --json say so).")] = False,
+) -> None:
+    """Classify files with a run's deployed model, as a server would: the check to run before deploying.
+
+    A file that cannot be read is one line in its row; the others are still classified, and the
+    command exits 1 at the end.
+    """
+    from mmexport.runs import predict as predicting
+
+    check_int(top, "--top", low=1)
+    if threads is not None:
+        check_int(threads, "--threads", low=1)
+    model = predicting.resolve_model(target, backend=backend, precision=precision, allow_unverified=allow_unverified)
+    predicting.check_outputs(model, json_path=json_path, sr_out=sr_out)
+    with predicting.open_predictor(model, threads=threads) as predictor:
+        report = predicting.predict_files(predictor, model, [str(f) for f in files], top=top, sr_out=sr_out)
+    print_predictions(report)
+    if json_path is not None:
+        predicting.write_predictions(report, json_path)
+        print_written(json_path)
+    failed = report.failed
+    if failed:
+        first = failed[0].error or ""
+        first = first if failed[0].file in first else f"{failed[0].file}: {first}"  # errors mostly name their file
+        raise MMExportError(f"{len(failed)} of {len(report.rows)} file(s) failed, see the table; first: {first}")
 
 
 @app.command("serve")

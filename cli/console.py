@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the commands import the library lazily; so does the renderi
     from mmexport.runs.engine_build import DoctorReport
     from mmexport.runs.inspect import RunSummary, SplitMetrics, TrainingOutcome, TrainingReport
     from mmexport.runs.manifest import PublishedArtifact
+    from mmexport.runs.predict import PredictReport
     from mmexport.runs.provenance import ProvenanceReport
     from mmexport.serving.server import ServingSession
     from mmexport.serving.triton import RepositoryResult
@@ -406,6 +407,37 @@ def print_bench(report: BenchReport) -> None:
     console.print(ratio_table_view(report))
     for warning in report.warnings():
         console.print(f"[yellow]warning[/yellow] {literal(warning)}", soft_wrap=True)
+
+
+def print_predictions(report: PredictReport) -> None:
+    """``predict``: the model and its verification, then one row per file (its answer, or its one-line error)."""
+    model = report.model
+    colour = "green" if model.verified else "red"
+    console.print(f"model {literal(str(model.path))}  sha256 {literal(model.sha256[:16])}…  "
+                  f"[{colour}]{literal(model.verification)}[/{colour}]", soft_wrap=True)
+    table = Table(title_justify="left")
+    for column in ("file", "label", "probability", f"top {report.top}"):
+        table.add_column(column, justify="right" if column == "probability" else "left")
+    if report.sr_out is not None:
+        table.add_column("SR")
+    for row in report.rows:
+        if row.label is None:
+            cells = [literal(row.file), "[red]error[/red]", "—", f"[red]{literal(row.error)}[/red]"]
+        else:
+            ranked = ", ".join(f"{literal(label)} {p:.3f}" for label, p in row.top)
+            cells = [literal(row.file), literal(row.label), f"{row.probability:.3f}", ranked]
+        if report.sr_out is not None:
+            if row.sr is not None:
+                cells.append(literal(Path(row.sr).name))
+            elif row.label is not None and row.error is not None:
+                cells.append(f"[red]{literal(row.error)}[/red]")
+            else:
+                cells.append(literal(row.note or "—"))
+        table.add_row(*cells)
+    console.print(table)
+    if report.sr_out is not None:
+        written = sum(row.sr is not None for row in report.rows)
+        console.print(f"{written} Structured Report(s) in {literal(str(report.sr_out))} (not for clinical use)", soft_wrap=True)
 
 
 def print_written(path: str | os.PathLike[str]) -> None:

@@ -1,7 +1,9 @@
 """``load(path) -> Predictor``: a deployed artifact plus the preprocessing recorded in it.
 
 The predictor takes decoded images (uint8 HWC arrays, PIL images), encoded ones
-(paths, bytes) or an already-normalised float32 NCHW batch, applies exactly the
+(paths, bytes -- PNG/JPEG/..., or DICOM recognised by its content, and ``pydicom.Dataset``
+objects, through the block's DICOM pipeline, :mod:`mmexport.runtime.dicom`) or an
+already-normalised float32 NCHW batch, applies exactly the
 preprocessing block the file records (:mod:`mmexport.runtime.preprocess`), runs
 batches within the model's batch limits, and returns logits, probabilities and
 labels. Batched and one-image calls give the same numbers: every image is

@@ -24,6 +24,13 @@ image, in this order:
 :func:`normalize` runs 4-5. The training side's evaluation transform calls exactly
 these two functions, so the accuracy a run reports is the accuracy of this block.
 
+**DICOM.** A block may carry a DICOM section (:class:`~mmexport.runtime.dicom.DicomPixels`,
+format ``mmexport-preprocessing/2``; a block without one is still written as ``/1``): the
+pixel pipeline (modality LUT/rescale, VOI policy, MONOCHROME1 inversion, colour, frames) that
+turns a DICOM into the 8-bit RGB image step 2 takes. A DICOM is recognised by its content
+(:func:`is_dicom`) before any other decoder and goes through :func:`read_dicom`; a block
+without the section refuses it in one line.
+
 **Budgets.** Every image is sized before work is spent on it (:func:`check_pixel_budget`):
 files and bytes are opened lazily (:func:`open_image`: Pillow reads only the header, in
 one of :data:`DECODABLE_FORMATS`), and refused in one :class:`~mmexport.errors.DataError`
@@ -44,7 +51,7 @@ import numbers
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +64,12 @@ from mmexport.errors import (
     MMExportError,
 )
 from mmexport.jsonread import parse_json
+from mmexport.runtime.dicom import DicomPixels, dicom_to_rgb, is_dataset
+from mmexport.runtime.dicom import source_name as dicom_source_name
 
-PREPROCESSING_FORMAT = "mmexport-preprocessing/1"
+PREPROCESSING_FORMAT = "mmexport-preprocessing/1"  # a block without a DICOM section (written as before)
+PREPROCESSING_FORMAT_DICOM = "mmexport-preprocessing/2"  # a block with one (``dicom``: the DICOM pixel pipeline)
+PREPROCESSING_FORMATS = (PREPROCESSING_FORMAT, PREPROCESSING_FORMAT_DICOM)
 RESIZE_MODES = ("shorter_side", "exact", "none")
 CROP_MODES = ("center", "none")
 COLOR_RULES = ("rgb-v1",)
@@ -74,6 +85,9 @@ MAX_SIZE = 8192
 # at most ~6000x4000 = 24 Mpx), and stays below Pillow's own bomb warning (89.5 Mpx), so
 # Pillow never warns about an image admitted here. 80 Mpx is 240 MB as 8-bit RGB.
 MAX_DECODED_PIXELS = 80_000_000
+# Bytes of one DICOM's Pixel Data as decoded, all frames: the size of the largest 8-bit RGB image
+# admitted (240 MB). An 80 Mpx 16-bit radiograph (160 MB) fits; an 80 Mpx 32-bit dose grid does not.
+MAX_DICOM_BYTES = 3 * MAX_DECODED_PIXELS
 # Pixels after the recorded resize: an exact MAX_SIZE x MAX_SIZE resize fits; a sliver whose
 # shorter side is scaled up to the block's size (65000x1 -> 16.6 Mpx x 256) does not.
 MAX_RESIZED_PIXELS = MAX_SIZE * MAX_SIZE
@@ -106,6 +120,7 @@ class Preprocessing:
     scale: float = 255.0
     layout: str = "NCHW"
     dtype: str = "float32"
+    dicom: DicomPixels | None = None  # the DICOM pixel pipeline (format /2); None: image files only (format /1)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -147,6 +162,8 @@ class Preprocessing:
         mean = _numbers(self.mean, "mean", problems, -MAX_ABS_MEAN, MAX_ABS_MEAN)
         std = _numbers(self.std, "std", problems, MIN_STD, MAX_STD)
         scale = _numbers((self.scale,), "scale", problems, MIN_SCALE, MAX_SCALE, single=True)
+        if self.dicom is not None and not isinstance(self.dicom, DicomPixels):
+            problems.append(f"dicom must be a DICOM pixel policy or null, got {shown_value(self.dicom)}")
         if problems:
             raise CheckpointError("invalid preprocessing block: " + "; ".join(problems))
         object.__setattr__(self, "resize_size", resize_size)
@@ -174,12 +191,19 @@ class Preprocessing:
             return tuple(self.crop_size)  # type: ignore[return-value]
         return tuple(self.resize_size)  # type: ignore[return-value]
 
+    def with_dicom(self, dicom: DicomPixels | None) -> Preprocessing:
+        """The same block with (or without) a DICOM pixel pipeline."""
+        return replace(self, dicom=dicom)
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """Version 1 without a DICOM section (byte for byte what earlier versions wrote), version 2 with one."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dicom"}
         data["resize_size"] = list(self.resize_size)
         data["crop_size"] = list(self.crop_size) if self.crop_size is not None else None
         data["mean"], data["std"] = list(self.mean), list(self.std)
-        return {"format": PREPROCESSING_FORMAT, **data}
+        if self.dicom is None:
+            return {"format": PREPROCESSING_FORMAT, **data}
+        return {"format": PREPROCESSING_FORMAT_DICOM, **data, "dicom": self.dicom.to_dict()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -189,16 +213,26 @@ class Preprocessing:
         """A block read from a file: exactly the fields :meth:`to_dict` writes, each validated (one line if not)."""
         if not isinstance(data, dict):
             raise CheckpointError(f"preprocessing block must be a JSON object, got {type(data).__name__}")
-        if data.get("format") != PREPROCESSING_FORMAT:
-            raise CheckpointError(f"unknown preprocessing block {shown_value(data.get('format'))} (expected {PREPROCESSING_FORMAT})")
-        names = [f.name for f in fields(cls)]
+        version = data.get("format")
+        if not isinstance(version, str) or version not in PREPROCESSING_FORMATS:
+            raise CheckpointError(f"unknown preprocessing block {shown_value(version)} "
+                                  f"(expected {' or '.join(PREPROCESSING_FORMATS)})")
+        names = [f.name for f in fields(cls) if f.name != "dicom" or version == PREPROCESSING_FORMAT_DICOM]
         unknown = [key for key in data if key != "format" and key not in names]
         missing = [name for name in names if name not in data]
         if unknown or missing:
             found = ([f"unknown field(s) {', '.join(shown_value(k, 30) for k in unknown[:5])}"] if unknown else []) + (
                 [f"missing field(s) {', '.join(missing)}"] if missing else [])
             raise CheckpointError("invalid preprocessing block: " + "; ".join(found))
-        return cls(**{name: data[name] for name in names})
+        values = {name: data[name] for name in names}
+        if version == PREPROCESSING_FORMAT_DICOM:
+            if values["dicom"] is None:  # a block without DICOM is written as version 1: one form per meaning
+                raise CheckpointError(f"invalid preprocessing block: {PREPROCESSING_FORMAT_DICOM} needs a dicom section")
+            try:
+                values["dicom"] = DicomPixels.from_dict(values["dicom"])
+            except CheckpointError as exc:
+                raise CheckpointError(f"invalid preprocessing block: dicom: {exc}") from None
+        return cls(**values)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Preprocessing:
@@ -208,7 +242,8 @@ class Preprocessing:
 
     def describe(self) -> str:
         """One line, for reports and the README."""
-        steps = ["RGB"]
+        steps = [self.dicom.describe()] if self.dicom is not None else []
+        steps.append("RGB")
         if self.resize == "shorter_side":
             steps.append(f"shorter side → {self.resize_size[0]} ({self.interpolation}, antialiased)")
         elif self.resize == "exact":
@@ -339,6 +374,8 @@ def check_pixel_budget(width: int, height: int, prep: Preprocessing | None = Non
 def _source_name(source: Any) -> str:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return "image bytes"
+    if is_dataset(source):
+        return "DICOM dataset"
     try:
         return os.fsdecode(source).replace("\r", "\\r").replace("\n", "\\n")
     except (TypeError, ValueError):
@@ -361,6 +398,41 @@ def is_dicom(source: str | os.PathLike[str] | bytes) -> bool:
     return head[DICOM_MAGIC_OFFSET:] == b"DICM"
 
 
+def _no_dicom_pipeline(where: str) -> DataError:
+    return DataError(f"{where}: a DICOM file, but this model was not trained with a recorded DICOM pipeline (rescale, "
+                     "VOI window, MONOCHROME1 inversion, colour): its preprocessing block has no dicom section")
+
+
+def dicom_budget(prep: Preprocessing | None, where: str) -> Any:
+    """The budgets for a DICOM, checked from its header before decoding (see :func:`dicom_to_rgb`).
+
+    One frame is held to :func:`check_pixel_budget` (decoded pixels, aspect ratio, size after the
+    recorded resize); the whole object -- Rows x Columns x frames -- to :data:`MAX_DECODED_PIXELS`
+    and, as decoded (samples x bits), to :data:`MAX_DICOM_BYTES`.
+    """
+    def check(columns: int, rows: int, frames: int, decoded_bytes: int) -> None:
+        check_pixel_budget(columns, rows, prep, where)
+        if columns * rows * frames > MAX_DECODED_PIXELS:
+            raise DataError(f"{where}: {frames} frames of {columns}x{rows} px ({columns * rows * frames / 1e6:.1f} Mpx) "
+                            f"are over the decoding budget of {MAX_DECODED_PIXELS / 1e6:g} Mpx; refused before decoding")
+        if decoded_bytes > MAX_DICOM_BYTES:
+            raise DataError(f"{where}: Pixel Data of {decoded_bytes / 1e6:.1f} MB as decoded ({frames} frame(s) of "
+                            f"{columns}x{rows} px) is over the budget of {MAX_DICOM_BYTES / 1e6:g} MB; refused before decoding")
+    return check
+
+
+def read_dicom(source: Any, prep: Preprocessing, *, where: str | None = None) -> Any:
+    """A DICOM (path, bytes or ``pydicom.Dataset``) -> 8-bit RGB PIL image, by the block's DICOM section.
+
+    Sized from its header against the budgets (:func:`dicom_budget`) before any pixel is decoded.
+    A block without a DICOM section refuses it in one line: its model never saw DICOM pixels.
+    """
+    where = _one_line(where) if where is not None else dicom_source_name(source)
+    if prep is None or prep.dicom is None:
+        raise _no_dicom_pipeline(where)
+    return dicom_to_rgb(source, prep.dicom, check_size=dicom_budget(prep, where), where=where)
+
+
 @contextmanager
 def open_image(source: str | os.PathLike[str] | bytes, prep: Preprocessing | None = None, *,
                where: str | None = None) -> Iterator[Any]:
@@ -376,8 +448,9 @@ def open_image(source: str | os.PathLike[str] | bytes, prep: Preprocessing | Non
     where = _one_line(where) if where is not None else _source_name(source)
     handle: Any = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     if is_dicom(source):  # before any other decoder: a DICOM that is also a TIFF must not be read as a TIFF
-        raise DataError(f"{where}: a DICOM file; its pixels need the DICOM pixel pipeline (rescale, VOI window, "
-                        "MONOCHROME1 inversion), which this version does not record: convert it with that pipeline")
+        # the DICOM pipeline decodes (it has its own budgets); the caller gets its 8-bit RGB result
+        yield read_dicom(source, prep, where=where)  # type: ignore[arg-type]
+        return
     Image.init()  # registers every plugin, so the formats below can be looked up
     allowed = [name for name in DECODABLE_FORMATS if name in Image.OPEN]
     try:
@@ -399,8 +472,12 @@ def read_rgb(source: str | os.PathLike[str] | bytes, prep: Preprocessing | None 
     """Decode a file (path) or encoded bytes (PNG, JPEG, ...) to an 8-bit RGB PIL image, within the budgets.
 
     Given ``prep`` (the block it will go through), the size after its resize is bounded too.
-    Only the first frame of a multi-frame file is decoded.
+    Only the first frame of a multi-frame file is decoded. A DICOM (recognised by its content,
+    whatever its name) goes through the block's DICOM pipeline (:func:`read_dicom`), or is refused
+    in one line when the block has none.
     """
+    if is_dicom(source):
+        return read_dicom(source, prep)  # type: ignore[arg-type]
     with open_image(source, prep) as image:
         image.load()
         if image.size[0] * image.size[1] > MAX_DECODED_PIXELS:  # no format read here grows on load; be sure
@@ -456,9 +533,12 @@ def preprocess_image(image: Any, prep: Preprocessing) -> np.ndarray:
     """One image (path, bytes, PIL image, or uint8 HWC/HW array) -> float32 CHW, exactly as evaluation did.
 
     Every kind of input is held to the same budgets (:func:`check_pixel_budget`) before it is decoded or resized.
+    DICOM paths and bytes (by content) and ``pydicom.Dataset`` objects go through the block's DICOM pipeline.
     """
     Image = _pil()
-    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+    if is_dataset(image):
+        pil = read_dicom(image, prep)
+    elif isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
         pil = read_rgb(image, prep)
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -483,7 +563,27 @@ def model_pixels(path: str | os.PathLike[str] | Path, prep: Preprocessing) -> np
 
 
 __all__ = [
-    "CENTER_CROP_FRACTION", "DECODABLE_FORMATS", "MAX_ASPECT_RATIO", "MAX_DECODED_PIXELS", "MAX_RESIZED_PIXELS",
-    "MAX_SIZE", "PREPROCESSING_FORMAT", "Preprocessing", "check_pixel_budget", "model_pixels", "normalize",
-    "is_dicom", "open_image", "pil_pipeline", "preprocess_image", "read_rgb", "resized_size", "to_rgb",
+    "CENTER_CROP_FRACTION",
+    "DECODABLE_FORMATS",
+    "MAX_ASPECT_RATIO",
+    "MAX_DECODED_PIXELS",
+    "MAX_DICOM_BYTES",
+    "MAX_RESIZED_PIXELS",
+    "MAX_SIZE",
+    "PREPROCESSING_FORMAT",
+    "PREPROCESSING_FORMAT_DICOM",
+    "DicomPixels",
+    "Preprocessing",
+    "check_pixel_budget",
+    "dicom_budget",
+    "is_dicom",
+    "model_pixels",
+    "normalize",
+    "open_image",
+    "pil_pipeline",
+    "preprocess_image",
+    "read_dicom",
+    "read_rgb",
+    "resized_size",
+    "to_rgb",
 ]
