@@ -12,8 +12,9 @@ Inputs (see the model's ``config.pbtxt``):
 * ``image``: FP32, ``[-1, 3, S, S]``, already normalised with the model's recorded
   preprocessing (what ``mmexport.runtime.Predictor.preprocess`` produces);
 * ``image_bytes`` (repositories exported with ``preprocess=True``): BYTES, ``[-1, 1]``,
-  one encoded image (PNG, JPEG, ...) per row. The server decodes and preprocesses it
-  with the model's own recorded preprocessing block
+  one encoded image (PNG, JPEG, ...) per row -- or a DICOM Part 10 file, recognised by
+  content, when the block records a DICOM pixel pipeline. The server decodes and preprocesses
+  it with the model's own recorded preprocessing block
   (:func:`mmexport.runtime.preprocess.preprocess_image`), exactly as evaluation did.
 
 Both inputs are optional in such a repository; a request carries exactly one of them.
@@ -93,9 +94,12 @@ class TritonPythonModel:
         self.names = {item["name"] for item in config.get("input", [])}
         self.accepts_bytes = BYTES_INPUT in self.names
         size = self.predictor.info.image_size
+        # A model whose block records a DICOM pixel pipeline also takes DICOM Part 10 files as image_bytes.
+        dicom = getattr(self.predictor.info.preprocessing, "dicom", None) is not None
+        encoded = "encoded PNG/JPEG images or DICOM files" if dicom else "encoded PNG/JPEG images"
         self.expected = (
             f"send exactly one of {IMAGE_INPUT} (FP32, N x 3 x {size} x {size}, normalised)"
-            + (f" or {BYTES_INPUT} (BYTES, N x 1 encoded PNG/JPEG images)" if self.accepts_bytes else "")
+            + (f" or {BYTES_INPUT} (BYTES, N x 1 {encoded})" if self.accepts_bytes else "")
         )
 
     def _batch(self, request) -> np.ndarray:

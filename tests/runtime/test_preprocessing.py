@@ -69,9 +69,9 @@ def test_colour_rule_and_inputs_accepted():
         preprocess_image(b"not an image", prep)
 
 
-def _readme_snippet() -> str:
+def _readme_snippet(name: str = "metadata-only") -> str:
     text = README.read_text()
-    block = text.split("<!-- snippet:metadata-only -->", 1)[1].split("<!-- /snippet:metadata-only -->", 1)[0]
+    block = text.split(f"<!-- snippet:{name} -->", 1)[1].split(f"<!-- /snippet:{name} -->", 1)[0]
     return block.split("```python", 1)[1].rsplit("```", 1)[0]
 
 
@@ -142,3 +142,38 @@ def test_metadata_only_snippet_from_the_readme_gives_the_same_answers(file_run):
         exec(compile(snippet, "README snippet", "exec"), namespace)  # noqa: S102 - our own README's code
         np.testing.assert_allclose(namespace["logits"][0], expected.logits[index], rtol=0, atol=0)
     assert labels == expected.labels
+
+
+def test_the_dicom_twin_of_the_snippet_gives_the_runtimes_answers(tmp_path):
+    """docs/deploying.md's DICOM client, on real pydicom test files, against a model with a /2 block."""
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from mmexport import runtime
+    from mmexport.runtime.dicom import DicomPixels
+    from mmexport.runtime.modelinfo import ModelInfo
+    from tests.runtime.test_hostile_runtime import tiny_onnx
+
+    prep = Preprocessing.center_crop(16, MEAN, STD).with_dicom(DicomPixels.full_range())
+    info = ModelInfo("resnet18", ("effusion", "nodule", "normal"), 16, MEAN, STD, preprocessing=prep)
+    model = tiny_onnx(tmp_path / "model.onnx", info.to_metadata(), size=16, classes=3)
+    snippet = _readme_snippet("metadata-only-dicom").replace('"model.onnx"', repr(str(model)))
+    # CT and MR (MONOCHROME2, rescaled), CR MONOCHROME1 (inverted), YBR_FULL (converted to RGB)
+    files = [get_testdata_file(name) for name in ("CT_small.dcm", "MR_small.dcm", "RG3_UNCR.dcm",
+                                                  "SC_ybr_full_uncompressed.dcm")]
+    with runtime.load(model) as predictor:
+        expected = predictor.predict(files)
+    assert len({tuple(row) for row in expected.logits}) == len(files)  # four different images, not one grey one
+    labels = []
+    for index, path in enumerate(files):
+        namespace = {"DICOM_FILE": path, "print": labels.append}
+        exec(compile(snippet, "deploying.md DICOM snippet", "exec"), namespace)  # noqa: S102 - our own docs' code
+        np.testing.assert_allclose(namespace["logits"][0], expected.logits[index], rtol=0, atol=0)
+    assert labels == expected.labels
+    # A model without a DICOM section: the snippet stops rather than guess the pixels.
+    plain = tiny_onnx(tmp_path / "plain.onnx", ModelInfo("resnet18", ("a", "b", "c"), 16, MEAN, STD,
+                                                        preprocessing=Preprocessing.center_crop(16, MEAN, STD)).to_metadata(),
+                      size=16, classes=3)
+    with pytest.raises(SystemExit, match="no DICOM pipeline"):
+        exec(compile(_readme_snippet("metadata-only-dicom").replace('"model.onnx"', repr(str(plain))),  # noqa: S102
+                     "deploying.md DICOM snippet", "exec"), {"DICOM_FILE": files[0]})
