@@ -100,6 +100,8 @@ def train(
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Kept for scripts: --no-augment is --augmentation none; --augment is the default preset.")] = None,
     bn_init: Annotated[str, typer.Option(help="BatchNorm statistics before stage 1: blend (of the sources') or reestimate (on target images).")] = _TRAIN_DEFAULTS.bn_init,
     image_size: Annotated[Optional[int], typer.Option(help="Input size (default 224 for folders, 64 for synthetic).")] = None,
+    dicom_voi: Annotated[Optional[str], typer.Option(help="DICOM datasets: the VOI step recorded in the run: none (default: the full modality range), file (each file's own window; files without one are refused) or window:CENTER,WIDTH[:linear|linear_exact|sigmoid] (e.g. window:-600,1500). See docs/dicom.md.")] = None,
+    dicom_frame: Annotated[Optional[int], typer.Option(help="DICOM datasets: use this frame (0-based) of multi-frame files (default: refuse them).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for every random generator (0 to 2**32-1).")] = _TRAIN_DEFAULTS.seed,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = _TRAIN_DEFAULTS.amp,
@@ -123,7 +125,7 @@ def train(
         lr_probe_epochs=lr_probe_epochs, sigma_bound=sigma_bound, lr_head=lr_head, lr_backbone=lr_backbone,
         weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, patience=patience,
         class_weights=class_weights, sampler=sampler, augmentation=preset, bn_init=bn_init, image_size=image_size,
-        seed=seed, device=device, amp=amp, num_workers=workers, force=force, resume=resume,
+        dicom_voi=dicom_voi, dicom_frame=dicom_frame, seed=seed, device=device, amp=amp, num_workers=workers, force=force, resume=resume,
     )
     config.validate()  # before torch is imported: option errors are immediate
     compare_seeds = parse_seeds(seeds) if seeds.strip() else ()

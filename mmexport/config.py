@@ -137,6 +137,50 @@ def check_image_size(image_size: object, batch_size: int, option: str = "--image
         )
 
 
+DICOM_VOI_POLICIES = ("none", "file", "window")
+DICOM_WINDOW_FUNCTIONS = ("linear", "linear_exact", "sigmoid")
+# Kept equal to mmexport.runtime.dicom's MAX_FRAME_INDEX and MAX_WINDOW_VALUE (checked in torchside.data.formats).
+MAX_DICOM_FRAME = 65535
+MAX_DICOM_WINDOW = 1e7
+
+
+def parse_dicom_voi(text: object) -> dict:
+    """``none`` | ``file`` | ``window:CENTER,WIDTH[:linear|linear_exact|sigmoid]`` -> the VOI fields; one-line errors.
+
+    Plain data (this module is below the runtime): the runtime's ``DicomPixels`` is built from it.
+    """
+    usage = "give none, file or window:CENTER,WIDTH[:linear|linear_exact|sigmoid] (e.g. window:-600,1500)"
+    if not isinstance(text, str):
+        raise MMExportError(f"--dicom-voi must be a string; {usage}")
+    shown = repr(text[:60]).replace("\n", "\\n")
+    kind, _, rest = text.strip().partition(":")
+    if kind in ("none", "file") and not rest:
+        return {"voi": kind, "window_center": None, "window_width": None, "window_function": None}
+    if kind != "window" or not rest:
+        raise MMExportError(f"--dicom-voi {shown}: unknown policy; {usage}")
+    numbers_text, _, function = rest.partition(":")
+    function = function.strip() or "linear"
+    if function not in DICOM_WINDOW_FUNCTIONS:
+        raise MMExportError(f"--dicom-voi {shown}: unknown window function {function!r}; "
+                            f"choose one of {', '.join(DICOM_WINDOW_FUNCTIONS)}")
+    parts = [p.strip() for p in numbers_text.split(",")]
+    try:
+        center, width = (float(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        center = width = None
+    if center is None or width is None:
+        raise MMExportError(f"--dicom-voi {shown}: the window must be two numbers CENTER,WIDTH; {usage}")
+    if not (math.isfinite(center) and math.isfinite(width) and abs(center) <= MAX_DICOM_WINDOW
+            and width <= MAX_DICOM_WINDOW):
+        raise MMExportError(f"--dicom-voi {shown}: centre and width must be finite numbers of magnitude "
+                            f"at most {MAX_DICOM_WINDOW:g}")
+    if function == "linear" and width < 1:
+        raise MMExportError(f"--dicom-voi {shown}: a linear window needs a width of at least 1 (PS3.3 C.11.2.1.2)")
+    if width <= 0:
+        raise MMExportError(f"--dicom-voi {shown}: the window width must be above 0")
+    return {"voi": "window", "window_center": center, "window_width": width, "window_function": function}
+
+
 def check_arch(name: str) -> str:
     if name not in ARCHITECTURES:
         raise ArchitectureError(f"unknown architecture {name!r}; supported: {', '.join(ARCHITECTURES)}")
@@ -182,6 +226,10 @@ class TrainConfig:
     initial_logit: float = 0.0
     bn_init: str = "reestimate"
     image_size: int | None = None
+    # The DICOM pixel policy recorded in the run's preprocessing block (see docs/dicom.md): ``none``,
+    # ``file`` or ``window:CENTER,WIDTH[:FUNCTION]``; None: ``none`` for a DICOM dataset, nothing otherwise.
+    dicom_voi: str | None = None
+    dicom_frame: int | None = None  # None: multi-frame DICOMs are refused; N: their frame N (0-based)
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -213,6 +261,7 @@ class TrainConfig:
         check_int(self.batch_size, "--batch-size", low=1, high=MAX_BATCH_SIZE)
         check_int(self.num_workers, "--workers", low=0, high=max_workers())
         check_image_size(self.image_size, self.batch_size)
+        self.dicom_policy()
         if self.warmup_epochs < 0 or self.patience < 0:
             raise MMExportError("--warmup-epochs and --patience must be >= 0")
         for name in ("lr_logits", "lr_head", "lr_backbone"):
@@ -229,6 +278,16 @@ class TrainConfig:
                 raise MMExportError(f"--source-{label} is required for --method {self.method}")
         if self.force and self.resume:
             raise MMExportError("--force and --resume contradict each other: choose one")
+
+    def dicom_policy(self) -> dict | None:
+        """The DICOM section's fields (for ``DicomPixels(**...)``), or None when neither option was given."""
+        if self.dicom_voi is None and self.dicom_frame is None:
+            return None
+        policy = parse_dicom_voi("none" if self.dicom_voi is None else self.dicom_voi)
+        if self.dicom_frame is None:
+            return {**policy, "multiframe": "refuse", "frame_index": None}
+        check_int(self.dicom_frame, "--dicom-frame", low=0, high=MAX_DICOM_FRAME)
+        return {**policy, "multiframe": "frame", "frame_index": int(self.dicom_frame)}
 
     def sources_needed(self) -> str:
         """"AB", "A" or "B": the sources this method reads."""

@@ -111,7 +111,8 @@ def verify_run(
 def task_for(spec: str, info: ModelInfo, what: str, *, same_classes: bool = True, run: RunDir | None = None) -> TaskData:
     """Load ``spec`` for ``info``'s model. With ``run``: refuse it where it names the run's own dataset
     (its path as given at training) but now resolves elsewhere or its content changed."""
-    task = load_task(spec, image_size=info.image_size)
+    # the run's own DICOM pixel policy: evaluating with another would judge other pixels without an error
+    task = load_task(spec, image_size=info.image_size, dicom=info.preprocessing.dicom)
     if same_classes and list(task.classes) != list(info.classes):
         raise DataError(f"{what} {spec}: classes {task.classes} differ from the model's {list(info.classes)}")
     if run is not None:
@@ -305,7 +306,8 @@ def export_comparison(run: RunDir, kind: str, precision: str, *, progress: Progr
             progress.message(f"converting the {kind} comparison model to fp16 ({row.filename})")
             write = lambda tmp: convert_fp16(source, tmp)  # noqa: E731
         else:
-            calib = load_task(run_data_spec(run), image_size=info.image_size).arrays("train", limit=64, spread=True)[0]
+            calib = load_task(run_data_spec(run), image_size=info.image_size,
+                              dicom=info.preprocessing.dicom).arrays("train", limit=64, spread=True)[0]
             write = lambda tmp: quantize_int8(source, tmp, calib, max_images=64, progress=progress)  # noqa: E731
     details = {"precision": precision, "model_kind": kind, "note": "benchmark comparison model, not deployable"}
     try:

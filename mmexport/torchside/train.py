@@ -56,12 +56,13 @@ from mmexport.config import (
     TrainConfig,
     check_seed,
 )
-from mmexport.errors import DataError, MMExportError, RunDirError, VerificationError
+from mmexport.errors import CheckpointError, DataError, MMExportError, RunDirError, VerificationError
 from mmexport.fileio import atomic_path
 from mmexport.progress import ProgressSink, SilentProgress
 from mmexport.runs.manifest import RunDir
 from mmexport.runtime.metrics import classification_metrics
 from mmexport.runtime.modelinfo import ModelInfo
+from mmexport.runtime.preprocess import DicomPixels
 from mmexport.torchside.backbones import get_backbone
 from mmexport.torchside.checkpoints import SourceCheckpoint, check_compatible, load_source
 from mmexport.torchside.data import TaskData, load_task
@@ -670,7 +671,12 @@ def train(
 def _train(config: TrainConfig, progress: ProgressSink, command: str, after_epoch, device: torch.device,
            ctx: DistContext, *, lock_wait: float | None = None) -> Path:
     seed_everything(config.seed)
-    task = load_task(config.data, image_size=config.image_size)
+    policy = config.dicom_policy()
+    try:
+        dicom = DicomPixels(**policy) if policy is not None else None
+    except CheckpointError as exc:  # config checked the syntax; the runtime's policy has the last word
+        raise MMExportError(f"--dicom-voi/--dicom-frame: {exc}") from None
+    task = load_task(config.data, image_size=config.image_size, dicom=dicom)
     check_trainable(len(task.labels("train")), ctx)
     sources = _load_sources(config)
     inputs = {**{f"source_{k.lower()}": v.info for k, v in sources.items()}, "data": task.description}

@@ -16,9 +16,9 @@ from torch.utils.data import Dataset
 
 from mmexport.config import MIN_IMAGE_SIZE, check_int
 from mmexport.errors import DataError
-from mmexport.runtime.preprocess import Preprocessing
+from mmexport.runtime.preprocess import DicomPixels, Preprocessing
 from mmexport.torchside.data import synthetic
-from mmexport.torchside.data.formats import load_file_task
+from mmexport.torchside.data.formats import load_file_task, no_dicom_files
 from mmexport.torchside.data.tasks import (
     FOLDER_IMAGE_SIZE,
     IMAGENET_MEAN,
@@ -37,16 +37,20 @@ __all__ = [
     "check_recorded_data", "load_task", "recorded_spec",
 ]
 
-def load_task(spec: str, *, image_size: int | None = None) -> TaskData:
+def load_task(spec: str, *, image_size: int | None = None, dicom: DicomPixels | None = None) -> TaskData:
     """``synthetic:<task>[?...]`` or ``PATH[?key=value&...]``: an image folder, a CSV or a MedMNIST .npz.
 
-    File formats and their options are in :mod:`mmexport.torchside.data.formats`.
+    File formats and their options are in :mod:`mmexport.torchside.data.formats`. ``dicom``: the
+    DICOM pixel policy for a dataset of DICOM files (default: ``DicomPixels.full_range()``);
+    refused for a dataset without DICOM files.
     """
     if image_size is not None:
         check_int(image_size, f"{spec}: image size", low=MIN_IMAGE_SIZE, error=DataError)
     if spec.startswith("synthetic:"):
+        if dicom is not None:
+            raise DataError(no_dicom_files(spec))
         return _synthetic_task(spec, image_size)
-    return load_file_task(spec, image_size)
+    return load_file_task(spec, image_size, dicom)
 
 
 def _spec_path(spec: str) -> str:

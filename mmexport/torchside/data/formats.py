@@ -64,7 +64,13 @@ Decisions, so that a dataset description can be defended:
 * ``split.sizes`` in the description counts every candidate per split;
   ``counts`` and ``class_counts`` count the images actually used.
 * Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``, macOS
-  ``._x.jpg`` forks) are ignored, as are files without an image extension.
+  ``._x.jpg`` forks) are ignored, as are files without an image extension
+  that are not DICOM files.
+* DICOM files are recognised by content (``is_dicom``), whatever their names. A dataset
+  is all DICOM or all image files (mixing them is refused). A DICOM dataset's block
+  carries the DICOM pixel policy (``dicom=``; default ``DicomPixels.full_range()``), so
+  the scan (one decode per file, by :func:`read_dicom`), evaluation and the runtime
+  apply one pipeline; the policy given for a dataset without DICOM files is refused.
 * Pixels: every image is converted to RGB. 16-bit greyscale (``I;16``, ``I``)
   is scaled by 255/65535 -- PIL's own conversion clips it at 255, which turns
   a real X-ray white. Palette images with transparency go through RGBA; alpha
@@ -93,15 +99,19 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmexport.config import check_int
+from mmexport.config import MAX_DICOM_FRAME, MAX_DICOM_WINDOW, check_int
 from mmexport.errors import CheckpointError, DataError
 from mmexport.fileio import sha256_file
+from mmexport.runtime import dicom as runtime_dicom
 from mmexport.runtime.modelinfo import check_class_names
 from mmexport.runtime.preprocess import (
+    DicomPixels,
     Preprocessing,
+    is_dicom,
     normalize,
     open_image,
     pil_pipeline,
+    read_dicom,
     read_rgb,
 )
 from mmexport.torchside.data.tasks import (
@@ -119,6 +129,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".t
 CSV_DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MAX_EXAMPLES = 3
+# config.py (below the runtime) repeats the runtime's DICOM bounds for its option checks
+assert (MAX_DICOM_FRAME, MAX_DICOM_WINDOW) == (runtime_dicom.MAX_FRAME_INDEX, runtime_dicom.MAX_WINDOW_VALUE)
 
 # kind -> option -> default (None: no default / derived). The order is the order printed in errors.
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -140,8 +152,12 @@ def _error(message: str) -> DataError:
 # --------------------------------------------------------------------------- entry point
 
 
-def load_file_task(spec: str, image_size: int | None) -> TaskData:
-    """Load ``PATH[?key=value&...]``: an ImageFolder root, a class-folder tree, a ``.csv`` or a MedMNIST ``.npz``."""
+def load_file_task(spec: str, image_size: int | None, dicom: DicomPixels | None = None) -> TaskData:
+    """Load ``PATH[?key=value&...]``: an ImageFolder root, a class-folder tree, a ``.csv`` or a MedMNIST ``.npz``.
+
+    ``dicom``: the DICOM pixel policy to record (a dataset of DICOM files without one gets
+    :meth:`DicomPixels.full_range`); given for a dataset without DICOM files, it is refused.
+    """
     if image_size is not None:
         check_int(image_size, f"{spec}: image_size", error=DataError)
     raw_path, _, query = spec.partition("?")
@@ -165,8 +181,17 @@ def load_file_task(spec: str, image_size: int | None) -> TaskData:
             f"a .csv or a .npz file"
         )
     options = _parse_query(path, query, kind)
-    loader = {"imagefolder": _imagefolder, "imagetree": _imagetree, "csv": _csv, "npz": _npz}[kind]
-    return loader(path, options, image_size)
+    if kind == "npz" and dicom is not None:
+        raise _error(no_dicom_files(path))
+    loader = {"imagefolder": _imagefolder, "imagetree": _imagetree, "csv": _csv}.get(kind)
+    if loader is None:
+        return _npz(path, options, image_size)
+    return loader(path, options, image_size, dicom)
+
+
+def no_dicom_files(path: Path | str) -> str:
+    return (f"{path}: a DICOM pixel policy (--dicom-voi/--dicom-frame) was given, but this dataset holds no DICOM "
+            "files: drop the option")
 
 
 def _parse_query(path: Path, query: str, kind: str) -> dict[str, str]:
@@ -279,7 +304,8 @@ def _walk_images(folder: Path, others: tuple[str, ...] = ()) -> tuple[list[Path]
         listed.append((root, files))
     for root, files in sorted(listed, key=lambda entry: entry[0]):
         for name in sorted(files):
-            if _is_image_name(name):
+            # DICOMs are recognised by content (they are often named without an extension, or .dcm)
+            if _is_image_name(name) or (not name.startswith(".") and is_dicom(Path(root) / name)):
                 file = Path(root) / name
                 if others and os.path.islink(file):
                     real = os.path.realpath(file)
@@ -313,6 +339,14 @@ def scan_image(path: str | os.PathLike, preprocessing: Preprocessing | None = No
     if not data:
         return "empty file (0 bytes)", None
     digest = hashlib.sha256(data).hexdigest()
+    if is_dicom(data):
+        try:  # decoded once, by the recorded DICOM pipeline (a block without one refuses it in one line)
+            read_dicom(data, preprocessing, where=path.name)
+        except DataError as exc:
+            return str(exc).removeprefix(f"{path.name}: "), digest
+        except Exception as exc:  # noqa: BLE001 - any failure to decode makes the file unusable
+            return _first_line(exc), digest
+        return None, digest
     try:
         with warnings.catch_warnings():
             # Pillow only warns (on stderr, mid-run) above a MAX_IMAGE_PIXELS a user lowered below our budget.
@@ -471,14 +505,32 @@ def _finish_file_task(
     max_bad: float,
     given: dict[str, str],
     extra: dict[str, Any],
+    dicom: DicomPixels | None = None,
 ) -> TaskData:
-    """Scan every candidate ``(path or None if missing, class, display name)`` per split, skip and count bad ones, build TaskData."""
+    """Scan every candidate ``(path or None if missing, class, display name)`` per split, skip and count bad ones, build TaskData.
+
+    A dataset of DICOM files (by content) records ``dicom`` (default :meth:`DicomPixels.full_range`)
+    in its preprocessing block, so evaluation, export and the runtime apply the same DICOM pipeline.
+    """
     _check_classes(classes, path)
     size = image_size or FOLDER_IMAGE_SIZE
     try:
         preprocessing = Preprocessing.center_crop(size, IMAGENET_MEAN, IMAGENET_STD)
     except CheckpointError as exc:  # an image size beyond what the block allows
         raise _error(f"{path}: image size {size}: {exc}") from None
+    present = [file for items in candidates.values() for file, _, _ in items if file is not None and file.is_file()]
+    dicoms = [file for file in present if is_dicom(file)]
+    if dicoms:
+        others = [file for file in present if not is_dicom(file)]
+        if others:
+            raise _error(
+                f"{path}: mixes {len(dicoms)} DICOM file(s) with {len(others)} other image file(s) (e.g. "
+                f"{', '.join(str(f) for f in others[:MAX_EXAMPLES])}): a dataset is either DICOM or image files, "
+                "since DICOM pixels go through the recorded DICOM pipeline; separate or convert them"
+            )
+        preprocessing = preprocessing.with_dicom(dicom or DicomPixels.full_range())
+    elif dicom is not None:
+        raise _error(no_dicom_files(path))
     index = {name: i for i, name in enumerate(classes)}
     digests: list[str] = []
     samples: dict[str, list[tuple[str, int]]] = {}
@@ -532,7 +584,9 @@ def _finish_file_task(
         **extra,
         "skipped": {s: skipped[s] for s in splits},
         "max_bad": max_bad,
-        "scan": "PIL verify(); JPEG also decoded at 1/8 scale, every other format (PNG included) fully decoded",
+        "scan": ("every DICOM decoded by the recorded DICOM pipeline" if preprocessing.dicom is not None else
+                 "PIL verify(); JPEG also decoded at 1/8 scale, every other format (PNG included) fully decoded"),
+        **({"pixels": "DICOM", "dicom": preprocessing.dicom.to_dict()} if preprocessing.dicom is not None else {}),
         "options": dict(given),
         "preprocessing": preprocessing.describe(),
     }
@@ -569,7 +623,7 @@ def _class_folders(*split_dirs: Path) -> list[dict[str, tuple[list[Path], int]]]
     return result
 
 
-def _imagefolder(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
+def _imagefolder(path: Path, given: dict[str, str], image_size: int | None, dicom: DicomPixels | None) -> TaskData:
     max_bad = _max_bad(path, given)
     present = [s for s in SPLITS if (path / s).is_dir()]
     if "train" not in present or "val" not in present:
@@ -596,10 +650,10 @@ def _imagefolder(path: Path, given: dict[str, str], image_size: int | None) -> T
     }
     ignored = {split: sum(n for _, n in folders[split].values()) for split in present}
     return _finish_file_task(path, "imagefolder", candidates, classes, image_size, max_bad, given,
-                             {"ignored_files": ignored})
+                             {"ignored_files": ignored}, dicom)
 
 
-def _imagetree(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
+def _imagetree(path: Path, given: dict[str, str], image_size: int | None, dicom: DicomPixels | None) -> TaskData:
     max_bad = _max_bad(path, given)
     val, test, seed = _split_options(path, given)
     (folders,) = _class_folders(path)
@@ -623,13 +677,13 @@ def _imagetree(path: Path, given: dict[str, str], image_size: int | None) -> Tas
     split_info = {"method": "stratified sha256(seed, relative path)", "val": val, "test": test, "seed": seed,
                   "sizes": {s: len(candidates[s]) for s in splits}}
     return _finish_file_task(path, "imagetree", candidates, classes, image_size, max_bad, given,
-                             {"split": split_info, "ignored_files": sum(n for _, n in folders.values())})
+                             {"split": split_info, "ignored_files": sum(n for _, n in folders.values())}, dicom)
 
 
 # --------------------------------------------------------------------------- CSV
 
 
-def _csv(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
+def _csv(path: Path, given: dict[str, str], image_size: int | None, dicom: DicomPixels | None) -> TaskData:
     max_bad = _max_bad(path, given)
     image_col = given.get("image_col", "image_id")
     label_col = given.get("label_col", "dx")
@@ -707,6 +761,11 @@ def _csv(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
                 candidate = directory / name
                 if candidate.is_file():
                     return candidate
+        if ext is None:  # a DICOM, by content, named as the CSV gives it (often .dcm or no extension)
+            for directory in image_dirs:
+                candidate = directory / image_id
+                if candidate.is_file() and is_dicom(candidate):
+                    return candidate
         return None
 
     if split_col is not None:
@@ -757,7 +816,7 @@ def _csv(path: Path, given: dict[str, str], image_size: int | None) -> TaskData:
                 "group_col": group_col, "images": [str(d.absolute()) for d in image_dirs],
                 "ext": ext or list(CSV_DEFAULT_EXTENSIONS)},
     }
-    return _finish_file_task(path, "csv", candidates, classes, image_size, max_bad, given, extra)
+    return _finish_file_task(path, "csv", candidates, classes, image_size, max_bad, given, extra, dicom)
 
 
 # --------------------------------------------------------------------------- MedMNIST .npz
