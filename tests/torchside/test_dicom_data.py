@@ -30,6 +30,8 @@ _spec = importlib.util.spec_from_file_location(
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
+from tests.serving.test_triton import triton  # noqa: E402,F401  (module fixture: the tritonserver installation)
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -181,8 +183,9 @@ def test_cli_refuses_bad_dicom_voi(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_accuracy_through_runtime_and_predict_equals_the_manifest(tmp_path, resnet18_sources):
-    """Train on DICOMs, export ONNX; runtime and `mmexport predict` reproduce the test accuracy; naive pixels do not."""
+def test_accuracy_through_runtime_predict_and_triton_equals_the_manifest(tmp_path, resnet18_sources, triton):  # noqa: F811
+    """Train on DICOMs, export ONNX; runtime, `mmexport predict` and a real Triton server (DICOM bytes) reproduce
+    the test accuracy; naive pixels do not."""
     # the benchmark's seed-0 configuration with half its images (~15 s on 2 cores)
     data = bench.write_dicom_dataset(tmp_path / "data", per_class=48, seed=0)
     run = bench.train_run(data, tmp_path / "run", tuple(str(s) for s in resnet18_sources), seed=0)
@@ -195,6 +198,20 @@ def test_accuracy_through_runtime_and_predict_equals_the_manifest(tmp_path, resn
     # benchmarks/results/dicom-accuracy.json: recorded 0.96-1.0, naive 0.56-0.65 over 3 seeds; the
     # MONOCHROME1 files alone flip (naive 0-0.14), so the gap holds on 24 images too
     assert result["naive_accuracy"] < result["manifest_test_accuracy"] - 0.15
+
+    # the same .dcm files as bytes through Triton's image_bytes (python backend, --preprocess): the server's answer
+    from mmexport.serving.server import TritonServer
+    from mmexport.serving.triton import export_repository
+    from tests.serving.test_serve_hostile import _bytes_request, _infer
+
+    files, truth = bench.split_files(data, 32)
+    export_repository(run, tmp_path / "repo", backend="python", name="dicom", preprocess=True)
+    with TritonServer(tmp_path / "repo", ready_timeout=120, installation=triton, log_file=tmp_path / "server.log") as server:
+        status, answer = _infer(server.http_port, "dicom", *_bytes_request([Path(f).read_bytes() for f in files]))
+    assert status == 200, answer
+    logits = np.asarray(answer["outputs"][0]["data"], np.float32).reshape(len(files), -1)
+    labels = [manifest["model"]["classes"][i] for i in logits.argmax(axis=1)]
+    assert bench.accuracy(labels, truth) == result["manifest_test_accuracy"]
 
 
 def test_verify_and_calibration_load_a_dataset_with_the_runs_own_dicom_policy(dicom_tree):
