@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("pydicom")
+pydicom = pytest.importorskip("pydicom", reason="the DICOM dataset tests need the [dicom] extra (the test extra installs it)")
 
+from mmexport import runtime
 from mmexport.config import TrainConfig, parse_dicom_voi
 from mmexport.errors import DataError, MMExportError
 from mmexport.runtime.preprocess import DicomPixels, read_rgb
@@ -212,6 +213,23 @@ def test_accuracy_through_runtime_predict_and_triton_equals_the_manifest(tmp_pat
     logits = np.asarray(answer["outputs"][0]["data"], np.float32).reshape(len(files), -1)
     labels = [manifest["model"]["classes"][i] for i in logits.argmax(axis=1)]
     assert bench.accuracy(labels, truth) == result["manifest_test_accuracy"]
+
+    # and the answer out as DICOM, end to end: `predict --sr-out` on the trained run's .dcm files
+    out = tmp_path / "sr"
+    chosen = files[:3]
+    done = subprocess.run([sys.executable, "-m", "mmexport", "predict", str(run), *chosen, "--sr-out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from mmexport.runtime.report import read_classification_sr
+
+    with runtime.load(run / "model.onnx") as predictor:
+        predicted = predictor.predict(chosen)
+    for file, label, probabilities in zip(chosen, predicted.labels, predicted.probabilities):
+        source = pydicom.dcmread(file, stop_before_pixels=True)
+        said = read_classification_sr(out / f"{source.SOPInstanceUID}.sr.dcm")
+        assert said["label"] == label and said["sources"][0] == source.SOPInstanceUID
+        assert said["study"] == source.StudyInstanceUID
+        assert abs(said["probability"] - float(probabilities.max())) < 1e-3
 
 
 def test_verify_and_calibration_load_a_dataset_with_the_runs_own_dicom_policy(dicom_tree):
