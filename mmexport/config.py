@@ -139,9 +139,11 @@ def check_image_size(image_size: object, batch_size: int, option: str = "--image
 
 DICOM_VOI_POLICIES = ("none", "file", "window")
 DICOM_WINDOW_FUNCTIONS = ("linear", "linear_exact", "sigmoid")
-# Kept equal to mmexport.runtime.dicom's MAX_FRAME_INDEX and MAX_WINDOW_VALUE (checked in torchside.data.formats).
-MAX_DICOM_FRAME = 65535
+# The DICOM policy's bounds, for the options here and for mmexport.runtime.dicom (which imports them).
+# A window is in modality units (HU for CT: lung -600/1500, brain 40/80, bone 400/1800); 1e7 covers
+# 32-bit stored values rescaled, and keeps a forged block's numbers finite.
 MAX_DICOM_WINDOW = 1e7
+MAX_DICOM_FRAME = 65535  # Number of Frames is an IS; real cine loops and tomosynthesis stay far below
 
 
 def parse_dicom_voi(text: object) -> dict:

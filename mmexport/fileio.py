@@ -89,6 +89,14 @@ def remove_temporaries(root: str | os.PathLike[str], tokens: Iterable[str]) -> l
     return removed
 
 
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # what sha256_file returns; the manifest schema states the same pattern
+
+
+def is_sha256_hex(value: object) -> bool:
+    """Whether ``value`` is a sha256 as mmexport records one: 64 lowercase hex digits."""
+    return isinstance(value, str) and SHA256_HEX.match(value) is not None
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -31,7 +31,7 @@ import numpy as np
 
 from mmexport import __version__, artifacts
 from mmexport.config import check_int
-from mmexport.errors import MMExportError, RunDirError
+from mmexport.errors import MMExportError, RunDirError, one_line
 from mmexport.fileio import sha256_file, write_json_atomic
 from mmexport.runs.manifest import MANIFEST_NAME, RunDir
 from mmexport.runs.verify import describes_run
@@ -203,8 +203,6 @@ def check_outputs(model: PredictModel, *, json_path: str | os.PathLike[str] | No
             raise RunDirError(f"{sr_out}: inside the run {run.path.name}; write the SRs outside the run directory")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _write_sr(row: PredictRow, file: str, model: PredictModel, sr_out: Path, series: dict[str, str],
@@ -227,7 +225,7 @@ def _write_sr(row: PredictRow, file: str, model: PredictModel, sr_out: Path, ser
                                        series_instance_uid=series_uid, instance_number=counter[0])
         row.sr = str(path)
     except MMExportError as exc:
-        row.error = f"classified, but no SR written: {_one_line(exc)}"
+        row.error = f"classified, but no SR written: {one_line(exc)}"
 
 
 def predict_files(predictor: Any, model: PredictModel, files: Sequence[str | os.PathLike[str]], *, top: int = DEFAULT_TOP,
@@ -257,7 +255,7 @@ def predict_files(predictor: Any, model: PredictModel, files: Sequence[str | os.
             try:
                 ready.append((row, predictor.preprocess([row.file])))
             except (MMExportError, OSError) as exc:  # one bad file is its row's error, not the end of the call
-                row.error = _one_line(exc)
+                row.error = one_line(exc)
         if not ready:
             continue
         prediction = predictor.predict(np.concatenate([batch for _, batch in ready]))

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mmexport.errors import MissingDependencyError, MMExportError
+from mmexport.errors import MissingDependencyError, MMExportError, one_line
 
 BACKENDS: tuple[str, ...] = ("cuda-bindings", "torch", "pycuda")
 _ALIASES = {"cuda-bindings": "cuda-bindings", "cuda-python": "cuda-bindings", "cudart": "cuda-bindings",
@@ -48,9 +48,6 @@ class BindingNotInstalled(MissingDependencyError):
     """The Python package of a backend is not installed (``auto`` then tries the next one)."""
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -341,7 +338,7 @@ class TorchBackend(CudaBackend):
         try:
             return fn(*args, **kwargs)
         except RuntimeError as exc:
-            raise CudaError(f"torch CUDA call {name} failed: {_one_line(exc)}") from None
+            raise CudaError(f"torch CUDA call {name} failed: {one_line(exc)}") from None
 
     def device_count(self) -> int:
         return int(self.torch.cuda.device_count())
@@ -450,7 +447,7 @@ class PycudaBackend(CudaBackend):
         except Exception as exc:
             if isinstance(exc, MMExportError):
                 raise
-            raise CudaError(f"pycuda call {name} failed: {_one_line(exc)}") from None
+            raise CudaError(f"pycuda call {name} failed: {one_line(exc)}") from None
 
     def close(self) -> None:
         if self._pushed:

@@ -49,21 +49,22 @@ from typing import Any
 
 import numpy as np
 
+from mmexport.config import DICOM_WINDOW_FUNCTIONS, MAX_DICOM_FRAME, MAX_DICOM_WINDOW
 from mmexport.errors import (
     CheckpointError,
     DataError,
     MissingDependencyError,
     MMExportError,
+    shown_value,
 )
 
 DICOM_PIPELINE = "dicom-v1"
 VOI_POLICIES = ("none", "window", "file")
-WINDOW_FUNCTIONS = ("linear", "linear_exact", "sigmoid")
+WINDOW_FUNCTIONS = DICOM_WINDOW_FUNCTIONS
 MULTIFRAME_POLICIES = ("refuse", "frame")
-# A window is in modality units (HU for CT: lung -600/1500, brain 40/80, bone 400/1800);
-# 1e7 covers 32-bit stored values rescaled, and keeps a forged block's numbers finite.
-MAX_WINDOW_VALUE = 1e7
-MAX_FRAME_INDEX = 65535  # Number of Frames is an IS; real cine loops and tomosynthesis stay far below
+# The bounds live in mmexport.config, below the runtime, so that `train --dicom-voi` checks the same ones.
+MAX_WINDOW_VALUE = MAX_DICOM_WINDOW
+MAX_FRAME_INDEX = MAX_DICOM_FRAME
 PIXELS_EXTRA = "DICOM input needs pydicom: pip install 'mmexport[dicom]'"
 PREAMBLE = 128  # PS3.10 7.1: a 128-byte preamble, then "DICM"
 GREY = ("MONOCHROME1", "MONOCHROME2")
@@ -91,15 +92,6 @@ _DECODER_PACKAGES = {
 }
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    """A short one-line ASCII rendering of a value read from a file (which may be huge or hostile)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)) >= 10**18:
-        return f"an integer of {int(value).bit_length()} bits"
-    try:
-        text = ascii(value)
-    except (ValueError, RecursionError):
-        text = f"a {type(value).__name__}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _line(text: Any, limit: int = 300) -> str:
@@ -125,39 +117,39 @@ class DicomPixels:
         problems: list[str] = []
         for name in ("voi", "multiframe", "pipeline"):
             if not isinstance(getattr(self, name), str):
-                problems.append(f"{name} must be a string, got {_shown(getattr(self, name))}")
+                problems.append(f"{name} must be a string, got {shown_value(getattr(self, name))}")
         if problems:
             raise CheckpointError("invalid DICOM pixel policy: " + "; ".join(problems))
         if self.pipeline != DICOM_PIPELINE:
-            problems.append(f"pipeline {_shown(self.pipeline)} (known: {DICOM_PIPELINE})")
+            problems.append(f"pipeline {shown_value(self.pipeline)} (known: {DICOM_PIPELINE})")
         if self.voi not in VOI_POLICIES:
-            problems.append(f"voi {_shown(self.voi)} (known: {', '.join(VOI_POLICIES)})")
+            problems.append(f"voi {shown_value(self.voi)} (known: {', '.join(VOI_POLICIES)})")
         window = (self.window_center, self.window_width, self.window_function)
         if self.voi == "window":
             center = _finite(self.window_center, "window_center", problems, -MAX_WINDOW_VALUE, MAX_WINDOW_VALUE)
             width = _finite(self.window_width, "window_width", problems, 0.0, MAX_WINDOW_VALUE)
             if self.window_function not in WINDOW_FUNCTIONS:
-                problems.append(f"window_function {_shown(self.window_function)} (known: {', '.join(WINDOW_FUNCTIONS)})")
+                problems.append(f"window_function {shown_value(self.window_function)} (known: {', '.join(WINDOW_FUNCTIONS)})")
             elif width is not None and (width < 1 if self.window_function == "linear" else width <= 0):
                 bound = "at least 1" if self.window_function == "linear" else "above 0"
-                problems.append(f"window_width must be {bound} for a {self.window_function} window, got {_shown(width)}")
+                problems.append(f"window_width must be {bound} for a {self.window_function} window, got {shown_value(width)}")
             if center is not None and width is not None:
                 object.__setattr__(self, "window_center", center)
                 object.__setattr__(self, "window_width", width)
         elif window != (None, None, None):
-            problems.append(f"window_center/window_width/window_function must be null for voi {_shown(self.voi)}, "
-                            f"got {_shown(list(window))}")
+            problems.append(f"window_center/window_width/window_function must be null for voi {shown_value(self.voi)}, "
+                            f"got {shown_value(list(window))}")
         if self.multiframe not in MULTIFRAME_POLICIES:
-            problems.append(f"multiframe {_shown(self.multiframe)} (known: {', '.join(MULTIFRAME_POLICIES)})")
+            problems.append(f"multiframe {shown_value(self.multiframe)} (known: {', '.join(MULTIFRAME_POLICIES)})")
         elif self.multiframe == "frame":
             index = self.frame_index
             if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index <= MAX_FRAME_INDEX:
                 problems.append(f"frame_index must be an integer from 0 to {MAX_FRAME_INDEX} for multiframe frame, "
-                                f"got {_shown(index)}")
+                                f"got {shown_value(index)}")
             else:
                 object.__setattr__(self, "frame_index", int(index))
         elif self.frame_index is not None:
-            problems.append(f"frame_index must be null for multiframe refuse, got {_shown(self.frame_index)}")
+            problems.append(f"frame_index must be null for multiframe refuse, got {shown_value(self.frame_index)}")
         if problems:
             raise CheckpointError("invalid DICOM pixel policy: " + "; ".join(problems))
 
@@ -190,7 +182,7 @@ class DicomPixels:
         unknown = [key for key in data if key not in names]
         missing = [name for name in names if name not in data]
         if unknown or missing:
-            found = ([f"unknown field(s) {', '.join(_shown(k, 30) for k in unknown[:5])}"] if unknown else []) + (
+            found = ([f"unknown field(s) {', '.join(shown_value(k, 30) for k in unknown[:5])}"] if unknown else []) + (
                 [f"missing field(s) {', '.join(missing)}"] if missing else [])
             raise CheckpointError("invalid DICOM pixel policy: " + "; ".join(found))
         return cls(**{name: data[name] for name in names})
@@ -214,14 +206,14 @@ def _frames(frame: int | None) -> dict[str, Any]:
 
 def _finite(value: Any, name: str, problems: list[str], low: float, high: float) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        problems.append(f"{name} must be a number, got {_shown(value)}")
+        problems.append(f"{name} must be a number, got {shown_value(value)}")
         return None
     try:
         number = float(value)
     except (OverflowError, ValueError):
         number = math.inf
     if not math.isfinite(number) or not low <= number <= high:
-        problems.append(f"{name} must be finite and from {low:g} to {high:g}, got {_shown(value)}")
+        problems.append(f"{name} must be finite and from {low:g} to {high:g}, got {shown_value(value)}")
         return None
     return number
 
@@ -307,7 +299,7 @@ def _int(ds: Any, keyword: str, where: str, low: int, high: int, default: int | 
     except (TypeError, ValueError, OverflowError):
         exact = False
     if not exact or not low <= number <= high:
-        raise DataError(f"{where}: {keyword} {_shown(value)} is not an integer from {low} to {high}")
+        raise DataError(f"{where}: {keyword} {shown_value(value)} is not an integer from {low} to {high}")
     return number
 
 
@@ -317,7 +309,7 @@ def _float(value: Any, keyword: str, where: str) -> float:
     except (TypeError, ValueError, OverflowError):
         number = math.nan
     if not math.isfinite(number):
-        raise DataError(f"{where}: {keyword} {_shown(value)} is not a finite number")
+        raise DataError(f"{where}: {keyword} {shown_value(value)} is not a finite number")
     return number
 
 
@@ -363,7 +355,7 @@ def _header(ds: Any, where: str) -> _Header:
     if not photometric:
         raise DataError(f"{where}: missing PhotometricInterpretation, which an image needs")
     if photometric not in GREY + COLOUR:
-        raise DataError(f"{where}: unsupported photometric interpretation {_shown(photometric)} "
+        raise DataError(f"{where}: unsupported photometric interpretation {shown_value(photometric)} "
                         f"(supported: {', '.join(GREY + COLOUR)})")
     samples = _int(ds, "SamplesPerPixel", where, 1, 3)
     if samples != (1 if photometric in GREY + ("PALETTE COLOR",) else 3):
@@ -521,7 +513,7 @@ def _file_voi(values: np.ndarray, view: Any, where: str) -> np.ndarray:
     center, width = _float(center, "Window Center", where), _float(width, "Window Width", where)
     function = str(view.get("VOILUTFunction", "") or "LINEAR").strip().lower()
     if function not in WINDOW_FUNCTIONS:
-        raise DataError(f"{where}: unsupported VOI LUT Function {_shown(function.upper())} "
+        raise DataError(f"{where}: unsupported VOI LUT Function {shown_value(function.upper())} "
                         "(LINEAR, LINEAR_EXACT, SIGMOID)")
     if width < 1 if function == "linear" else width <= 0:
         raise DataError(f"{where}: Window Width {width:g} is invalid for a {function.upper()} window")
@@ -619,7 +611,7 @@ def _to_rgb8(stored: np.ndarray, meta: dict[str, Any], ds: Any, header: _Header,
         return to_uint8(stored / top)
     if photometric in ("YBR_FULL", "YBR_FULL_422"):  # 422: pydicom has already undone the subsampling
         return to_uint8(ybr_full_to_rgb(stored, header.bits_stored) / top)
-    raise DataError(f"{where}: decoded as {_shown(photometric)} ({header.photometric} in "
+    raise DataError(f"{where}: decoded as {shown_value(photometric)} ({header.photometric} in "
                     f"{_syntax_name(header.transfer_syntax)}), which is not converted to RGB here")
 
 

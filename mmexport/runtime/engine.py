@@ -52,8 +52,8 @@ from typing import Any, Mapping
 from mmexport import __version__
 from mmexport.artifacts import PRECISIONS, check_precision, engine_artifact
 from mmexport.config import MAX_BATCH_SIZE, check_int
-from mmexport.errors import CheckpointError, MissingDependencyError, MMExportError
-from mmexport.fileio import sha256_file
+from mmexport.errors import CheckpointError, MissingDependencyError, MMExportError, one_line
+from mmexport.fileio import is_sha256_hex, sha256_file
 from mmexport.jsonread import parse_json, parse_json_object, read_json_object
 
 SIDECAR_FORMAT = "mmexport-engine/1"
@@ -350,7 +350,6 @@ MAX_SIDECAR_BYTES = 4 * 2**20  # a real sidecar is about 2 kB
 MAX_SIDECAR_TEXT = 65536  # characters of one text field (fused TensorRT layer names are long)
 MAX_SIDECAR_ITEMS = 100_000  # entries of one list or map
 INSPECTOR_LAYOUTS = ("10.x", "11.x", "unknown")
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_TEXT = re.compile(r"^[0-9]+(\.[0-9A-Za-z]+){0,5}$")  # TensorRT "10.16.1.11", "10.0.0b6"
 
 
@@ -419,7 +418,7 @@ class _SidecarFields:
 
     def sha256(self, data: Any, name: str) -> str:
         value = self.value(data, name)
-        if not isinstance(value, str) or not _SHA256_HEX.match(value):
+        if not is_sha256_hex(value):
             raise self.fail(name, "64 lowercase hex digits (a sha256)", value)
         return value
 
@@ -456,9 +455,6 @@ class _SidecarFields:
         return result
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def utc_now() -> str:
@@ -497,11 +493,11 @@ def import_tensorrt():
         if getattr(exc, "name", None) == "tensorrt":
             raise MissingDependencyError(f"TensorRT is not installed: {GPU_INSTALL_HINT}") from None
         raise MissingDependencyError(
-            f"TensorRT is installed but cannot be imported ({_one_line(exc)}); reinstall it: {GPU_INSTALL_HINT}"
+            f"TensorRT is installed but cannot be imported ({one_line(exc)}); reinstall it: {GPU_INSTALL_HINT}"
         ) from None
     except OSError as exc:  # a missing libnvinfer.so and friends
         raise MissingDependencyError(
-            f"TensorRT is installed but its libraries cannot be loaded ({_one_line(exc)}); reinstall it: {GPU_INSTALL_HINT}"
+            f"TensorRT is installed but its libraries cannot be loaded ({one_line(exc)}); reinstall it: {GPU_INSTALL_HINT}"
         ) from None
 
 
@@ -747,7 +743,7 @@ def check_plan_file(path: str | Path, sidecar: EngineSidecar) -> PlanHeader:
     try:
         header = read_plan_header_file(path)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or _one_line(exc)})") from None
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or one_line(exc)})") from None
     problems = plan_header_problems(header, sidecar)
     if problems:
         raise CheckpointError(f"{path}: {'; '.join(problems)}; rebuild it: {rebuild_command(path, sidecar.precision)}")

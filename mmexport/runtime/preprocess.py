@@ -62,6 +62,8 @@ from mmexport.errors import (
     DataError,
     MissingDependencyError,
     MMExportError,
+    one_line,
+    shown_value,
 )
 from mmexport.jsonread import parse_json
 from mmexport.runtime.dicom import DicomPixels, dicom_to_rgb, is_dataset
@@ -257,17 +259,6 @@ class Preprocessing:
 # -- validation of the block's fields -------------------------------------------------------------
 
 
-def shown_value(value: Any, limit: int = 60) -> str:
-    """A short, one-line, ASCII rendering of a value read from a file (which may be huge, deep or hostile)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)) >= 10**18:
-        return f"an integer of {int(value).bit_length()} bits"
-    try:
-        text = ascii(value)
-    except (ValueError, RecursionError):  # an integer beyond Python's str() limit, or nesting beyond the stack
-        text = f"a {type(value).__name__}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _sizes(value: Any, name: str, problems: list[str], count: int | None) -> tuple[int, ...] | None:
     """``value`` as a tuple of ``count`` integers from 1 to :data:`MAX_SIZE`, or None with the problem noted."""
     if not isinstance(value, (list, tuple)):
@@ -341,8 +332,8 @@ def to_rgb(image: Any) -> Any:
     return image.convert("RGB")
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
+def _one_line(text: object, limit: int = 300) -> str:
+    text = one_line(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -23,7 +23,6 @@ reference outputs were computed from. The file is read with
 from __future__ import annotations
 
 import os
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from mmexport.config import MAX_SEED, check_int
-from mmexport.errors import CheckpointError
-from mmexport.fileio import atomic_path
+from mmexport.errors import CheckpointError, one_line
+from mmexport.fileio import atomic_path, is_sha256_hex
 from mmexport.runtime.compare import ReferenceSet
 from mmexport.runtime.modelinfo import check_class_names
 from mmexport.runtime.preprocess import Preprocessing, normalize
@@ -133,7 +132,6 @@ MAX_CLASSES = 100_000
 MAX_NAME = 256  # characters of a set or output name
 MAX_TEXT_CHARS = 2**20  # of one string (the preprocessing block is ~300)
 MAX_REFERENCE_BYTES = 8 * 2**30  # all arrays together, as their headers declare them
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class _Archive:
@@ -161,7 +159,7 @@ class _Archive:
                 else:
                     raise ValueError(f"npy format version {version} is not one numpy.savez writes here")
             except ValueError as exc:
-                raise self.fail(key, f"is not a readable array ({_one_line(exc)})") from None
+                raise self.fail(key, f"is not a readable array ({one_line(exc)})") from None
         return tuple(shape), np.dtype(dtype)
 
     def array(self, key: str, *, kinds: str, ndim: int, what: str, shape: tuple[int | None, ...] | None = None,
@@ -203,8 +201,6 @@ class _Archive:
         return values
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _read_validated(cls: type[ReferenceData], archive: Any, where: str) -> ReferenceData:
@@ -223,9 +219,9 @@ def _read_validated(cls: type[ReferenceData], archive: Any, where: str) -> Refer
         preprocessing = Preprocessing.from_json(arrays.text("preprocessing"))
         height, width = (int(v) for v in preprocessing.output_size)
     except (CheckpointError, TypeError, ValueError) as exc:
-        raise arrays.fail("preprocessing", f"is not a valid preprocessing block ({_one_line(exc)})") from None
+        raise arrays.fail("preprocessing", f"is not a valid preprocessing block ({one_line(exc)})") from None
     model_sha256 = arrays.text("model_sha256")
-    if not _SHA256.match(model_sha256):
+    if not is_sha256_hex(model_sha256):
         raise arrays.fail("model_sha256", "must be 64 lowercase hex digits (a sha256)")
     seed = arrays.array("seed", kinds="iu", ndim=0, what="one integer")
     data = cls(classes=classes, preprocessing=preprocessing, model_sha256=model_sha256,

@@ -43,7 +43,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmexport import runtime
-from mmexport.errors import CheckpointError
+from mmexport.errors import CheckpointError, one_line
 from mmexport.serving.version_record import VERSION_RECORD, check_version_files, read_version_record
 
 
@@ -54,7 +54,7 @@ MAX_MESSAGE = 500  # characters of an error response (a hostile input must not e
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line(exc)
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 

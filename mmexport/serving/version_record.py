@@ -9,12 +9,11 @@ one rule. It imports only the standard library, the ground modules and
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
 from mmexport.errors import CheckpointError, MMExportError
-from mmexport.fileio import sha256_file
+from mmexport.fileio import is_sha256_hex, sha256_file
 from mmexport.jsonread import read_json_object
 from mmexport.runtime.modelinfo import check_class_names
 
@@ -43,7 +42,6 @@ def read_version_record(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 MAX_RECORD_BYTES = 64 * 2**20  # the record embeds the run's verification records: generous, still bounded
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _is_plain_file_name(name: object) -> bool:
@@ -63,7 +61,7 @@ def _check_version_record(data: Mapping[str, Any], where: str) -> None:
     for name, digest in files.items():
         if not _is_plain_file_name(name):
             raise fail("files", f"names {name[:80]!r}, which is not a plain file name of the version folder")
-        if not isinstance(digest, str) or not _SHA256_HEX.match(digest):
+        if not is_sha256_hex(digest):
             raise fail(f"files[{name!r}]", "must be a sha256 (64 lowercase hex digits)")
     served = data.get("served_artifact")
     if not _is_plain_file_name(served):

@@ -99,10 +99,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmexport.config import MAX_DICOM_FRAME, MAX_DICOM_WINDOW, check_int
+from mmexport.config import check_int
 from mmexport.errors import CheckpointError, DataError
 from mmexport.fileio import sha256_file
-from mmexport.runtime import dicom as runtime_dicom
 from mmexport.runtime.modelinfo import check_class_names
 from mmexport.runtime.preprocess import (
     DicomPixels,
@@ -129,8 +128,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".t
 CSV_DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MAX_EXAMPLES = 3
-# config.py (below the runtime) repeats the runtime's DICOM bounds for its option checks
-assert (MAX_DICOM_FRAME, MAX_DICOM_WINDOW) == (runtime_dicom.MAX_FRAME_INDEX, runtime_dicom.MAX_WINDOW_VALUE)
 
 # kind -> option -> default (None: no default / derived). The order is the order printed in errors.
 OPTIONS: dict[str, dict[str, Any]] = {
