@@ -44,7 +44,7 @@ import triton_python_backend_utils as pb_utils
 
 from mmexport import runtime
 from mmexport.errors import CheckpointError, one_line
-from mmexport.serving.version_record import VERSION_RECORD, check_version_files, read_version_record
+from mmexport.serving.version_record import VERSION_RECORD, read_version_record, recorded_file_problems
 
 
 IMAGE_INPUT = "image"
@@ -56,6 +56,19 @@ MAX_MESSAGE = 500  # characters of an error response (a hostile input must not e
 def _one_line(exc: BaseException) -> str:
     text = one_line(exc)
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def _checked_record(version_dir: Path) -> dict:
+    """The version's record (read once), after every file it records has its recorded sha256; else one line."""
+    try:
+        record = read_version_record(version_dir)
+        problems = recorded_file_problems(version_dir, record)
+    except CheckpointError as exc:
+        problems = [str(exc)]
+    if problems:
+        raise CheckpointError(f"{problems[0]}; refusing to serve it"
+                              + (f" ({len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
+    return record
 
 
 def _request_error(message: str):
@@ -73,11 +86,7 @@ class TritonPythonModel:
         if here is None or not (here / VERSION_RECORD).is_file():
             here = Path(args["model_repository"]) / str(args["model_version"])
         try:
-            problems = check_version_files(here)  # every recorded file, with its recorded sha256
-            if problems:
-                raise CheckpointError(f"{problems[0]}; refusing to serve it"
-                                      + (f" ({len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
-            record = read_version_record(here)
+            record = _checked_record(here)
         except CheckpointError as exc:
             # The Python backend appends the traceback to an exception's text in the server log; the
             # reason stands alone on one line first, and the model stays not ready.

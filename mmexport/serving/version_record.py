@@ -98,6 +98,12 @@ def check_version_files(version_dir: str | os.PathLike[str]) -> list[str]:
         record = read_version_record(folder)
     except MMExportError as exc:
         return [str(exc)]
+    return recorded_file_problems(folder, record)
+
+
+def recorded_file_problems(version_dir: str | os.PathLike[str], record: Mapping[str, Any]) -> list[str]:
+    """:func:`check_version_files` for a record already read with :func:`read_version_record`."""
+    folder = Path(version_dir)
     problems = []
     for filename, digest in record["files"].items():
         path = folder / filename
@@ -115,4 +121,5 @@ def check_version_files(version_dir: str | os.PathLike[str]) -> list[str]:
     return problems
 
 
-__all__ = ["MAX_RECORD_BYTES", "RECORD_FORMAT", "VERSION_RECORD", "check_version_files", "read_version_record"]
+__all__ = ["MAX_RECORD_BYTES", "RECORD_FORMAT", "VERSION_RECORD", "check_version_files", "read_version_record",
+           "recorded_file_problems"]
