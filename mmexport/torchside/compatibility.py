@@ -1,0 +1,97 @@
+"""What two sources share, measured before training: the lineage signal of their weights.
+
+MedMerge blends the two sources kernel by kernel. That pays where the sources share an
+ancestor (an ImageNet backbone and a model fine-tuned from it; two models fine-tuned from
+one public checkpoint): their kernels still sit in the same channel order and close to
+each other. Two networks trained from different random initialisations have kernels in
+unrelated orders, and a blend near σ = 0.5 averages unrelated channels, which destroys
+features (Git Re-Basin, ZipIt!).
+
+The cheap signal: the cosine similarity of each conv/linear kernel of A with the same
+kernel of B. Independent initialisations give |cos| ≈ 0 (a random direction in a space of
+thousands of dimensions); fine-tuning from one ancestor keeps it far from 0. The thresholds
+below sit between the two populations the merge study measures (docs/merge-study.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import median
+from typing import Any
+
+import torch
+
+from mmexport.errors import ArchitectureError
+
+SHARED_ANCESTOR_MIN = 0.3  # median kernel cosine at or above: the sources share an ancestor
+UNRELATED_MAX = 0.1  # median kernel cosine below: unrelated initialisations
+
+
+@dataclass(frozen=True)
+class LineageCheck:
+    """Per-kernel cosine similarities of A and B and the lineage they indicate."""
+
+    cosines: dict[str, float]  # kernel name -> cosine(A, B), in network order
+    aligned: bool = False  # measured after --align weights
+
+    @property
+    def median(self) -> float:
+        return median(self.cosines.values())
+
+    @property
+    def lineage(self) -> str:
+        """``shared-ancestor``, ``unrelated`` or ``unclear``."""
+        if self.median >= SHARED_ANCESTOR_MIN:
+            return "shared-ancestor"
+        if self.median < UNRELATED_MAX:
+            return "unrelated"
+        return "unclear"
+
+    def verdict(self) -> str:
+        """One line a user reads before training: which case they are in and what to expect."""
+        measured = f"median kernel cosine {self.median:.2f} over {len(self.cosines)} kernels"
+        if self.lineage == "shared-ancestor":
+            return f"the sources share an ancestor ({measured}): the setting MedMerge is made for"
+        if self.lineage == "unrelated":
+            hint = ("even after alignment; " if self.aligned else
+                    "their channels are in unrelated orders, so a blend averages unrelated features; "
+                    "align B first (--align weights) or ")
+            return (f"warning: the sources share no ancestor ({measured}): expect the merge to lose to the better "
+                    f"source fine-tuned alone; {hint}check with --compare")
+        return (f"warning: the sources are only weakly related ({measured}): the merge may not beat a single "
+                "source; check with --compare")
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "signal": "kernel cosine similarity",
+            "aligned": self.aligned,
+            "kernels": len(self.cosines),
+            "median_cosine": round(self.median, 6),
+            "min_cosine": round(min(self.cosines.values()), 6),
+            "max_cosine": round(max(self.cosines.values()), 6),
+            "lineage": self.lineage,
+            "verdict": self.verdict(),
+            "thresholds": {"shared_ancestor_min": SHARED_ANCESTOR_MIN, "unrelated_max": UNRELATED_MAX},
+        }
+
+
+def kernel_cosines(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """cosine(A, B) of every weight with ≥ 2 dimensions (conv and linear kernels) the two share."""
+    cosines: dict[str, float] = {}
+    for name, a in state_a.items():
+        b = state_b.get(name)
+        if b is None or a.dim() < 2 or a.shape != b.shape or not name.endswith("weight"):
+            continue
+        va, vb = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+        norm = float(va.norm() * vb.norm())
+        cosines[name] = float(torch.dot(va, vb)) / norm if norm > 0 else 0.0
+    return cosines
+
+
+def check_lineage(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], *,
+                  aligned: bool = False) -> LineageCheck:
+    """The lineage check of two same-architecture source backbones (heads dropped)."""
+    cosines = kernel_cosines(state_a, state_b)
+    if not cosines:
+        raise ArchitectureError("the sources share no kernel of equal shape: nothing to compare")
+    return LineageCheck(cosines, aligned=aligned)

@@ -1,0 +1,60 @@
+"""The lineage check (mmexport.torchside.compatibility) tells the user which case they are in."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mmexport.torchside.align import align_weights, permutation_spec, permute_state
+from mmexport.torchside.backbones import get_backbone
+from mmexport.torchside.compatibility import (
+    SHARED_ANCESTOR_MIN,
+    UNRELATED_MAX,
+    check_lineage,
+)
+
+
+def _init(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    backbone = get_backbone("resnet18")
+    return {k: v for k, v in backbone.build(num_classes=3).state_dict().items() if not backbone.is_head_key(k)}
+
+
+def _fine_tuned(ancestor: dict[str, torch.Tensor], seed: int, drift: float) -> dict[str, torch.Tensor]:
+    """The ancestor moved by a random step of relative size ``drift`` per tensor (what fine-tuning does, roughly)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, value in ancestor.items():
+        if value.is_floating_point() and value.dim() >= 2:
+            step = torch.randn(value.shape, generator=generator)
+            value = value + drift * step * value.norm() / step.norm()
+        out[name] = value
+    return out
+
+
+def test_two_fine_tunes_of_one_ancestor_are_recognised():
+    ancestor = _init(0)
+    check = check_lineage(_fine_tuned(ancestor, 1, 0.5), _fine_tuned(ancestor, 2, 0.5))
+    assert check.lineage == "shared-ancestor" and check.median >= SHARED_ANCESTOR_MIN
+    assert "share an ancestor" in check.verdict() and "warning" not in check.verdict()
+    record = check.to_record()
+    assert record["lineage"] == "shared-ancestor" and record["kernels"] == len(check.cosines) == 20  # conv1, 16 block convs, 3 shortcuts; the head is dropped
+    assert not any(name.endswith(("bias", "running_mean")) for name in check.cosines)
+
+
+def test_unrelated_initialisations_are_warned_about():
+    check = check_lineage(_init(1), _init(2))
+    assert check.lineage == "unrelated" and abs(check.median) < UNRELATED_MAX
+    assert check.verdict().startswith("warning: the sources share no ancestor") and "--align weights" in check.verdict()
+
+
+def test_a_shuffled_copy_reads_unrelated_until_aligned():
+    """The same network with its channels shuffled: unrelated by the weights as stored, identical once aligned."""
+    a = _init(3)
+    rng = np.random.default_rng(0)
+    spec = permutation_spec("resnet18")
+    shuffled = permute_state(a, spec, {p: rng.permutation(n) for p, n in spec.sizes.items()})
+    assert check_lineage(a, shuffled).lineage == "unrelated"
+    aligned = align_weights("resnet18", a, shuffled).state
+    after = check_lineage(a, aligned, aligned=True)
+    assert after.lineage == "shared-ancestor" and abs(after.median - 1.0) < 1e-9
