@@ -35,7 +35,8 @@ from mmexport.torchside.operations import export_onnx_run
 def _stats(report) -> dict:
     stats = next(iter(report.stats().values()))
     return {"passed": report.passed, "top1_agreement": stats.top1_agreement, "macro_f1_drop": stats.macro_f1_drop,
-            "reference_macro_f1": stats.reference_macro_f1, "n": stats.n_samples}
+            "reference_macro_f1": stats.reference_macro_f1, "n": stats.n_samples, "top1_agreed": stats.top1_agreed,
+            "top1_lower_bound": stats.top1_lower_bound}
 
 
 def run_arch(arch: str, root: Path, args) -> dict:
@@ -71,7 +72,7 @@ def run_arch(arch: str, root: Path, args) -> dict:
     try:
         out = export_onnx_run(run, "int8", int8_max_float=args.max_float)["int8"]
         search = out.facts.int8_search
-        aware = {**_stats(out.report), "float_nodes": out.facts.float_nodes,
+        aware = {**_stats(out.report), "float_nodes": out.facts.float_nodes, "float_modules": out.facts.float_modules,
                  "attempts": search.attempts if search is not None else []}
     except VerificationError as exc:
         aware = {**_stats(exc.report), "float_nodes": None}

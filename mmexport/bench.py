@@ -93,6 +93,12 @@ class BenchReport:
                 grouped.setdefault(kind, (text, []))[1].append(row)
         lines = [f"{text} — in {len(rows)} of {len(self.results)} rows ({', '.join(rows)})"
                  for text, rows in grouped.values()]
+        unsettled = [r for r in self.ratios if r.get("settled") is False and r.get("advice")]
+        if unsettled:
+            worst = max(unsettled, key=lambda r: r.get("rounds_needed") or 0)
+            lines.append(f"headline not settled — the rounds disagree on {len(unsettled)} of {len(self.ratios)} ratios "
+                         f"({', '.join(str(r['ratio']) + '@' + str(r['batch_size']) for r in unsettled)}); worst, "
+                         f"{worst['ratio']}@{worst['batch_size']}: {worst['advice']}")
         unverified = sorted({r.model for r in self.results if r.verified is False})
         if unverified:
             lines.append(f"unverified (failed its check against the reference): {', '.join(unverified)}")
@@ -199,7 +205,7 @@ def bench_run(run_path: str | os.PathLike[str], request: BenchRequest,
             models = _artifact_models(RunDir.open(run.path), request, progress)
         results = benchmark(models, request.settings, progress.message)
     return BenchReport(str(run.path), request.engine, request.precision, asdict(request.settings), machine_info(),
-                       results, ratio_table(results))
+                       results, ratio_table(results, settings=request.settings))
 
 
 def write_json(report: BenchReport, path: str | os.PathLike[str]) -> None:

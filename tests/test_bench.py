@@ -151,3 +151,58 @@ def test_gpu_runners_get_trtexec_statistics_and_one_line_per_warning():
     report = BenchReport("run", "trt", "fp32", {}, {}, results, ratio_table(results))
     lines = report.warnings()
     assert sum(line.startswith("GPU: ") for line in lines) == 1 and any("unverified" in line and "dual" in line for line in lines)
+
+
+# -- what a noisy measurement should do (pure logic of runtime.timing) ---------------------------------
+
+
+def test_rounds_that_agree_settle_the_headline():
+    from mmexport.runtime.timing import ratio_agreement
+
+    agreement = ratio_agreement([0.49, 0.50, 0.51, 0.50, 0.49], duration_s=5.0)
+    assert agreement.settled and agreement.advice is None and agreement.half_width < 0.05
+    assert agreement.mean == pytest.approx(0.498)
+
+
+def test_rounds_that_disagree_refuse_the_headline_and_say_how_many_rounds():
+    from mmexport.runtime.timing import RATIO_HALF_WIDTH, ratio_agreement, t975
+
+    rounds = [0.40, 0.55, 0.48, 0.62, 0.45]
+    agreement = ratio_agreement(rounds, duration_s=5.0)
+    spread = np.std(rounds, ddof=1) / np.mean(rounds)
+    assert agreement.half_width == pytest.approx(t975(4) * spread / np.sqrt(5))
+    assert not agreement.settled and agreement.half_width > RATIO_HALF_WIDTH
+    needed = int(np.ceil((1.96 * spread / RATIO_HALF_WIDTH) ** 2))
+    assert agreement.rounds_needed == needed
+    # same time per round: 5 s over 5 rounds -> 1 s per round
+    assert f"--rounds {needed} --duration {needed}" in agreement.advice
+    more = ratio_agreement(rounds, iterations=50)
+    assert f"--iterations {10 * needed}" in more.advice
+
+
+def test_a_machine_too_noisy_for_the_ratio_is_told_so_and_one_round_shows_no_spread():
+    from mmexport.runtime.timing import MAX_ADVISED_ROUNDS, ratio_agreement
+
+    wild = ratio_agreement([0.2, 0.9, 0.4, 1.3], duration_s=4.0)
+    assert wild.rounds_needed > MAX_ADVISED_ROUNDS and "idle machine" in wild.advice and "--rounds" not in wild.advice
+    single = ratio_agreement([0.5])
+    assert not single.settled and "--rounds 3" in single.advice
+
+
+def test_iterations_for_a_pinned_median_grow_with_the_spread():
+    from mmexport.runtime.timing import iterations_for_median
+
+    assert iterations_for_median(0.0) == 1
+    assert iterations_for_median(0.5) == int(np.ceil((1.96 * 1.2533 * 0.5 / 0.02) ** 2))
+    assert iterations_for_median(0.34) < iterations_for_median(0.68)
+
+
+def test_ratio_rows_carry_the_round_verdict():
+    models = [ModelUnderTest("folded", lambda: SleepRunner("folded", 0.002), image_size=8),
+              ModelUnderTest("dual", lambda: SleepRunner("dual", 0.004), image_size=8)]
+    settings = BenchSettings(batch_sizes=(1,), warmup_s=0.0, duration_s=None, iterations=9, rounds=3, distinct_batches=2)
+    results = benchmark(models, settings)
+    assert all(len(r.round_medians_ms) == 3 for r in results)
+    row = ratio_table(results, settings=settings)[0]
+    assert len(row["round_ratios"]) == 3 and isinstance(row["settled"], bool)
+    assert row["settled"] == (row["half_width"] <= 0.05) and (row["advice"] is None) == row["settled"]

@@ -56,6 +56,7 @@ import numpy as np
 
 from mmexport.config import check_int
 from mmexport.convert.fp16_recipe import convert_model
+from mmexport.convert.node_names import module_names, shown
 from mmexport.convert.onnxfile import (
     INPUT_NAME,
     OnnxFileFacts,
@@ -70,6 +71,7 @@ from mmexport.progress import ProgressSink, sink
 from mmexport.runtime.compare import run_batched
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
+from mmexport.runtime.tolerances import TOP1_CONFIDENCE, samples_to_show
 
 DEFAULT_CALIBRATION_IMAGES = 256  # enough for stable min/max and histograms on a CNN; all images if fewer
 CALIBRATION_BATCH = 8  # images per calibration run
@@ -401,15 +403,27 @@ def _relative_error(candidate: np.ndarray, reference: np.ndarray) -> float:
 
 @dataclass
 class Int8Search:
-    """How an accuracy-aware int8 artifact was found: the float nodes and what each attempt measured."""
+    """How an accuracy-aware int8 artifact was found: the float nodes and what each attempt measured.
+
+    ``modules``: ONNX node name -> the torch module it came from (``layer4.1.conv2``,
+    :mod:`mmexport.convert.node_names`), for every weight-bearing node; reports name both.
+    """
     float_nodes: list[str] = field(default_factory=list)
     sensitivity: list[tuple[str, float]] = field(default_factory=list)  # node, relative error when only it is int8
-    attempts: list[dict[str, Any]] = field(default_factory=list)  # float node count -> passed, top-1, F1 drop
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # float node count -> passed, top-1 (N, bound), F1 drop
     passed: bool = False
+    modules: dict[str, str] = field(default_factory=dict)
+    unjudgeable: str | None = None  # why the search did not run: the judged set is too small for any graph to pass
+
+    @property
+    def float_modules(self) -> list[str]:
+        """The float nodes as torch module names (the node name where none is known)."""
+        return [self.modules.get(n, n) for n in self.float_nodes]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"float_nodes": self.float_nodes, "sensitivity": [[n, round(e, 6)] for n, e in self.sensitivity],
-                "attempts": self.attempts, "passed": self.passed}
+        return {"float_nodes": self.float_nodes, "float_modules": self.float_modules,
+                "sensitivity": [[n, round(e, 6), self.modules.get(n, n)] for n, e in self.sensitivity],
+                "attempts": self.attempts, "passed": self.passed, "unjudgeable": self.unjudgeable}
 
 
 @dataclass(frozen=True)
@@ -432,6 +446,11 @@ class Int8Export(OnnxFileFacts):
     float_nodes: list[str]
     int8_search: Int8Search | None
     quantize_seconds: float
+    float_modules: list[str] = field(default_factory=list)  # float_nodes as torch module names (layer4.1.conv2)
+
+    def float_layers(self) -> list[str]:
+        """Each float node as a user reads it: ``layer4.1.conv2 (node_Conv_330)``."""
+        return [shown(node, dict(zip(self.float_nodes, self.float_modules))) for node in self.float_nodes]
 
 
 def quantize_int8(
@@ -486,7 +505,7 @@ def quantize_int8(
 
     progress = sink(progress)
     start = time.perf_counter()
-    search = Int8Search()
+    search = Int8Search(modules=module_names(model, quantizable_nodes(model)))
     with tempfile.TemporaryDirectory(prefix="mmexport-quant-") as workdir:
         work = Path(workdir)
         quantizer = _Quantizer(model, images, method=method, target=target, per_channel=per_channel, workdir=work,
@@ -508,7 +527,7 @@ def quantize_int8(
     _doc(quantized, "int8")
     recipe = {"tool": f"onnxruntime.quantization.quantize_static {_ort_version()}", "format": "QDQ", "target": target,
               "calibration": method, "per_channel": per_channel, "accuracy_aware": judge is not None,
-              "float_nodes": search.float_nodes, "quantizations": quantizer.runs}
+              "float_nodes": search.float_nodes, "float_modules": search.float_modules, "quantizations": quantizer.runs}
     set_metadata(
         quantized,
         {
@@ -528,8 +547,11 @@ def quantize_int8(
     written = write_onnx_checked(quantized, dst_path, info)
     return Int8Export(
         **written.file_fields(), int8_target=target, per_channel=per_channel, calibration=calibration,
-        float_nodes=list(search.float_nodes), int8_search=search if judge is not None else None,
+        float_nodes=list(search.float_nodes), float_modules=search.float_modules,
+        int8_search=search if judge is not None else None,
         hint=None if judge is None or search.passed else (
+            f"{search.unjudgeable}: judge on a larger held-out set (--data) or publish it with --allow-unverified"
+            if search.unjudgeable else
             f"the accuracy-aware search kept up to {int(len(quantizable_nodes(model)) * max_float_fraction)} of "
             f"{len(quantizable_nodes(model))} layers in float and int8 still fails; raise --int8-max-float (up to 1) "
             "or deploy fp16"),
@@ -543,10 +565,25 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
+def _too_few_to_judge(report: Any) -> str | None:
+    """Why no int8 graph can pass ``report``'s policy on its labelled images (too few of them), or None."""
+    tolerance = getattr(report, "tolerance", None)
+    if tolerance is None or not 0.0 < tolerance.min_top1_agreement < 1.0:
+        return None
+    needed = samples_to_show(tolerance.min_top1_agreement)
+    for name, stats in report.stats().items():
+        if getattr(stats, "top1_rule", "") == "bound" and getattr(stats, "n_samples", needed) < needed:
+            return (f"{name} holds {stats.n_samples} labelled images, too few to show top-1 agreement "
+                    f"≥ {tolerance.min_top1_agreement:.0%} at {TOP1_CONFIDENCE:.0%} confidence (needs ≥ {needed})")
+    return None
+
+
 def _search_float_nodes(quantizer: _Quantizer, work: Path, candidate: Path, quantized: Any, judge: Callable[[Path], Any],
                         search: Int8Search, max_float_fraction: float, src_path: Any, progress: ProgressSink) -> Any:
     """Keep the most sensitive nodes in float until ``judge`` passes (see :func:`quantize_int8`)."""
     import shutil
+
+    judge_report: list[Any] = [None]
 
     def attempt(floats: list[str]) -> tuple[bool, Path, Any]:
         path = work / f"int8-{len(floats)}.onnx"
@@ -554,10 +591,14 @@ def _search_float_nodes(quantizer: _Quantizer, work: Path, candidate: Path, quan
         if not floats:
             shutil.copyfile(candidate, path)
         report = judge(path)
+        judge_report[0] = report
         stats = next(iter(report.stats().values()), None)
         search.attempts.append({
             "float_nodes": len(floats), "passed": bool(report.passed),
+            "n_samples": getattr(stats, "n_samples", None),
             "top1_agreement": None if stats is None else round(stats.top1_agreement, 6),
+            "top1_lower_bound": (None if getattr(stats, "top1_lower_bound", None) is None
+                                 else round(stats.top1_lower_bound, 6)),
             "macro_f1_drop": None if stats is None or stats.macro_f1_drop is None else round(stats.macro_f1_drop, 6),
         })
         return bool(report.passed), path, proto
@@ -565,6 +606,11 @@ def _search_float_nodes(quantizer: _Quantizer, work: Path, candidate: Path, quan
     ok, path, proto = attempt([])
     if ok:
         search.passed = True
+        return proto
+    too_few = _too_few_to_judge(judge_report[0])
+    if too_few is not None:  # no choice of float layers changes N: searching would only repeat the verdict
+        search.unjudgeable = too_few
+        progress.message(f"int8 accuracy-aware search skipped: {too_few}")
         return proto
     nodes = [n for n in quantizable_nodes(quantizer.model) if n not in quantizer.always_float]
     budget = int(len(nodes) * max_float_fraction)
@@ -587,7 +633,8 @@ def _search_float_nodes(quantizer: _Quantizer, work: Path, candidate: Path, quan
     low, count = 0, 1
     last = (path, proto)
     while count <= budget:  # 1, 2, 4, ... float nodes until the policy holds
-        progress.message(f"int8 with the {count} most sensitive layer(s) in float")
+        progress.message(f"int8 with the {count} most sensitive layer(s) in float: "
+                         + ", ".join(search.modules.get(n, n) for n in ranked[:count]))
         ok, path, proto = attempt(ranked[:count])
         last = (path, proto)
         if ok:

@@ -41,7 +41,7 @@ def check_runner(
     step = min(batch_size, cap) if cap else batch_size
     produced = {}
     for name in names:
-        inputs = reference.inputs(name, limits.get(name))
+        inputs = reference.input_view(name, limits.get(name))  # normalised batch by batch, not the whole set at once
         # an empty set still goes to the comparison, which fails it: zero samples prove nothing
         produced[name] = run_batched(runner, inputs, step) if len(inputs) else {
             k: v[:0] for k, v in references[name].outputs.items()}

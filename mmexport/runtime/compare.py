@@ -9,7 +9,10 @@ PyTorch can judge an engine against the stored reference.
 Every report gives, per input set and output: max / mean / p99 absolute error,
 max relative error, min and mean cosine similarity, top-1 and top-k agreement,
 the number of samples and of NaN/Inf values, and on labelled data the macro F1 of
-both sides. A comparison over zero samples is a failure, never a pass.
+both sides. Top-1 agreement comes with N, the count that agreed and its Wilson
+lower bound (one-sided 95 %), and the rule that judged it
+(:func:`mmexport.runtime.tolerances.top1_rule`). A comparison over zero samples is
+a failure, never a pass.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mmexport.runtime.metrics import classification_metrics
-from mmexport.runtime.tolerances import TOLERANCES, Tolerance
+from mmexport.runtime.tolerances import TOLERANCES, TOP1_CONFIDENCE, Tolerance, samples_to_show, top1_rule, wilson_lower_bound
 
 _TINY = np.finfo(np.float64).tiny
 TOPK = 3  # top-k agreement: the candidate's k best classes are the reference's (as a set); k = min(3, classes)
@@ -46,10 +49,25 @@ class OutputStats:
     reference_macro_f1: float | None = None
     candidate_macro_f1: float | None = None
     failures: list[str] = field(default_factory=list)
+    # top-1 as a statistic: how many of n_samples agreed, the Wilson lower bound of the rate at
+    # top1_confidence (one-sided), and the rule the row judged it by (all / bound / observed).
+    # None / "" in records written before they existed.
+    top1_agreed: int | None = None
+    top1_lower_bound: float | None = None
+    top1_confidence: float | None = None
+    top1_rule: str = ""
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    def top1_text(self) -> str:
+        """Top-1 agreement with its evidence, e.g. ``99.1 % (1933/1950, ≥ 98.7 % at 95 %)``."""
+        if self.top1_agreed is None or self.top1_lower_bound is None:
+            return f"{self.top1_agreement:.1%} (N={self.n_samples})"
+        confidence = self.top1_confidence if self.top1_confidence is not None else TOP1_CONFIDENCE
+        return (f"{self.top1_agreement:.1%} ({self.top1_agreed}/{self.n_samples}, "
+                f"≥ {self.top1_lower_bound:.1%} at {confidence:.0%})")
 
     @property
     def macro_f1_drop(self) -> float | None:
@@ -154,7 +172,9 @@ def compare_outputs(
     cosine = np.divide((flat_ref * flat_cand).sum(axis=1), norms, out=np.zeros(len(ref)), where=norms > 0)
     safe_cand = np.nan_to_num(flat_cand, nan=-np.inf)
     ref_top = flat_ref.argmax(axis=1)
-    top1 = float(np.mean(ref_top == safe_cand.argmax(axis=1)))
+    agreed = int(np.sum(ref_top == safe_cand.argmax(axis=1)))
+    top1 = agreed / len(ref)
+    lower = wilson_lower_bound(agreed, len(ref))
     k = min(TOPK, flat_ref.shape[1])
     ref_k = np.sort(np.argsort(-flat_ref, axis=1, kind="stable")[:, :k], axis=1)
     cand_k = np.sort(np.argsort(-safe_cand, axis=1, kind="stable")[:, :k], axis=1)
@@ -178,8 +198,10 @@ def compare_outputs(
     if tolerance.min_cosine is not None and float(cosine.min()) < tolerance.min_cosine:
         below = int(np.sum(cosine < tolerance.min_cosine))
         failures.append(f"{below} sample(s) with cosine below {tolerance.min_cosine:g} (min {float(cosine.min()):.6f})")
-    if top1 < tolerance.min_top1_agreement:
-        failures.append(f"top-1 agreement {top1:.2%} below the required {tolerance.min_top1_agreement:.2%}")
+    rule = top1_rule(tolerance.min_top1_agreement, labels is not None)
+    top1_failure = _top1_failure(rule, agreed, len(ref), lower, tolerance.min_top1_agreement)
+    if top1_failure:
+        failures.append(top1_failure)
 
     ref_f1 = cand_f1 = None
     if labels is not None:
@@ -209,7 +231,33 @@ def compare_outputs(
         reference_macro_f1=ref_f1,
         candidate_macro_f1=cand_f1,
         failures=failures,
+        top1_agreed=agreed,
+        top1_lower_bound=lower,
+        top1_confidence=TOP1_CONFIDENCE,
+        top1_rule=rule,
     )
+
+
+def _top1_failure(rule: str, agreed: int, n: int, lower: float, floor: float) -> str | None:
+    """Why ``agreed`` of ``n`` fails the row's top-1 ``floor`` under ``rule``, or None."""
+    observed = agreed / n
+    if rule == "all":
+        if agreed < n:
+            return f"top-1 agreement {observed:.2%} ({agreed} of {n}): the row requires every sample to agree"
+        return None
+    if rule == "observed":
+        if observed < floor:
+            return f"top-1 agreement {observed:.2%} ({agreed} of {n}) below the required {floor:.2%}"
+        return None
+    if lower >= floor:
+        return None
+    needed = samples_to_show(floor)
+    if n < needed:
+        return (f"top-1 agreement {observed:.2%} ({agreed} of {n}): N={n} labelled images cannot show "
+                f"≥ {floor:.1%} at {TOP1_CONFIDENCE:.0%} confidence (even {n} of {n} has a Wilson lower bound of "
+                f"{wilson_lower_bound(n, n):.1%}); judge on ≥ {needed} held-out images")
+    return (f"top-1 agreement {observed:.2%} ({agreed} of {n}): its {TOP1_CONFIDENCE:.0%} Wilson lower bound "
+            f"{lower:.2%} is below the required {floor:.1%}")
 
 
 def _nan_stats(n: int, message: str) -> OutputStats:

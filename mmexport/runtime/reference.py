@@ -13,6 +13,13 @@ Two input sets:
   dataset has one, else val), after the colour/resize/crop steps of the recorded
   preprocessing, kept as 8 bits.
 
+How many held-out images a new reference keeps is sized by memory, not a fixed
+count: every image of the split, up to :data:`HELD_OUT_BUDGET_BYTES` (256 MiB) of
+stored pixels (:func:`held_out_limit`: 1,783 images at 224 px, 606 at 384 px) and
+at most :data:`MAX_HELD_OUT_IMAGES` (20,000; reached below 66 px). A top-1 floor is judged by a confidence
+bound whose width shrinks with N (:mod:`mmexport.runtime.tolerances`), so the
+reference keeps what the split has rather than a sample of it.
+
 Both are stored as uint8 pixels (a quarter of float32's size) and normalised on
 load by :func:`mmexport.runtime.preprocess.normalize` -- the function the training
 side's evaluation used -- so the normalised inputs are bit-identical to what the
@@ -41,6 +48,37 @@ REFERENCE_FORMAT = "mmexport-reference/1"
 RANDOM_SET = "random"
 DATA_SET_PREFIX = "data:"  # labelled held-out images: data:<split>
 
+HELD_OUT_BUDGET_BYTES = 256 * 2**20  # stored held-out pixels (uint8 S x S x 3 each) a new reference may hold
+MAX_HELD_OUT_IMAGES = 20_000  # and at most this many: beyond it time, not memory, dominates (the bound of
+#                               20,000 perfect agreements is 99.99 %, nothing a floor needs more of)
+
+
+def held_out_limit(image_size: int, budget_bytes: int = HELD_OUT_BUDGET_BYTES) -> int:
+    """How many held-out images of ``image_size`` px a new reference keeps: ``budget_bytes`` of uint8 pixels,
+    at most :data:`MAX_HELD_OUT_IMAGES`, at least 1."""
+    per_image = 3 * int(image_size) * int(image_size)
+    return max(1, min(MAX_HELD_OUT_IMAGES, int(budget_bytes) // per_image))
+
+
+class NormalisedView:
+    """The normalised float32 NCHW inputs of uint8 pixels, computed slice by slice (``len`` and ``view[a:b]``).
+
+    A verification runs a set batch by batch (:func:`mmexport.runtime.compare.run_batched`), so the
+    float32 copy -- four times the stored pixels -- exists one batch at a time, never for the whole set.
+    """
+
+    def __init__(self, pixels: np.ndarray, preprocessing: Preprocessing) -> None:
+        self.pixels, self.preprocessing = pixels, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice):
+            raise TypeError("a NormalisedView is read by slices")
+        part = self.pixels[index]
+        return normalize(part, self.preprocessing) if len(part) else np.zeros((0, 3, *part.shape[1:3]), np.float32)
+
 
 @dataclass
 class StoredSet:
@@ -64,6 +102,11 @@ class ReferenceData:
         if limit is not None:
             pixels = pixels[:limit]
         return normalize(pixels, self.preprocessing) if len(pixels) else np.zeros((0, 3, *pixels.shape[1:3]), np.float32)
+
+    def input_view(self, name: str, limit: int | None = None) -> NormalisedView:
+        """:meth:`inputs` normalised lazily, batch by batch (what a verification of a large set runs on)."""
+        pixels = self.sets[name].pixels
+        return NormalisedView(pixels[:limit] if limit is not None else pixels, self.preprocessing)
 
     def reference_sets(self, limits: dict[str, int] | None = None) -> dict[str, ReferenceSet]:
         """Each set's stored outputs (and labels), cut to the same ``limits`` as :meth:`inputs`."""
@@ -124,14 +167,17 @@ class ReferenceData:
 # -- reading: every array's header is checked before its data is read ---------------------------
 # A forged or damaged file must fail in one line naming the field, never load as a smaller, still
 # "passing" reference (a set dropped, labels ignored) and never allocate what its header claims
-# beyond these bounds (the default reference is 64 + 512 images, ~90 MB at 224 px).
+# beyond these bounds. A reference mmexport writes holds 64 random images (verify_samples) and at
+# most HELD_OUT_BUDGET_BYTES (256 MiB) / MAX_HELD_OUT_IMAGES held-out ones: ~260 MiB at 224 px.
+# The bounds leave room above that (a larger --verify-samples, a 1,024 px model's random set)
+# and stay far below what a forged header could make a reader allocate.
 MAX_SETS = 16
 MAX_OUTPUTS = 16
-MAX_SAMPLES = 100_000  # images of one set
+MAX_SAMPLES = 5 * MAX_HELD_OUT_IMAGES  # images of one set (100,000)
 MAX_CLASSES = 100_000
 MAX_NAME = 256  # characters of a set or output name
 MAX_TEXT_CHARS = 2**20  # of one string (the preprocessing block is ~300)
-MAX_REFERENCE_BYTES = 8 * 2**30  # all arrays together, as their headers declare them
+MAX_REFERENCE_BYTES = 32 * HELD_OUT_BUDGET_BYTES  # all arrays together, as their headers declare them (8 GiB)
 
 
 class _Archive:
@@ -265,4 +311,5 @@ def _read_set(arrays: _Archive, prefix: str, name: str, num_classes: int, size: 
     return StoredSet(pixels, outputs, labels)
 
 
-__all__ = ["DATA_SET_PREFIX", "RANDOM_SET", "REFERENCE_FORMAT", "ReferenceData", "StoredSet"]
+__all__ = ["DATA_SET_PREFIX", "HELD_OUT_BUDGET_BYTES", "MAX_HELD_OUT_IMAGES", "NormalisedView", "RANDOM_SET",
+           "REFERENCE_FORMAT", "ReferenceData", "StoredSet", "held_out_limit"]

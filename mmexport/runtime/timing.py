@@ -28,6 +28,84 @@ from mmexport.runtime.runners.base import BaseRunner
 from mmexport.runtime.trt_stats import trtexec_summary
 
 UNSTABLE_CV = 0.10  # host wall clock on a shared CPU; TensorRT runs use trtexec's own 2.5 % of GPU compute (trt_stats)
+MEDIAN_TARGET = 0.02  # a median is "pinned" when its 95 % interval is within ±2 % (the advice of a noisy row)
+RATIO_HALF_WIDTH = 0.05  # a headline ratio is settled when its rounds put it within ±5 % at 95 %
+MAX_ADVISED_ROUNDS = 50  # beyond this the advice is "measure on a quieter machine", not "wait longer"
+
+# Student's t, two-sided 95 % (0.975 quantile), for 1..30 degrees of freedom
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The two-sided 95 % Student-t quantile for ``df`` degrees of freedom (normal approximation above 30)."""
+    if df < 1:
+        raise ValueError("at least 1 degree of freedom")
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+
+
+def iterations_for_median(cv: float, target: float = MEDIAN_TARGET) -> int:
+    """Timed iterations for a median within ±``target`` (relative, 95 %) at coefficient of variation ``cv``.
+
+    The median of n samples has a standard error of about 1.2533·σ/√n (normal samples), so
+    n = (1.96 · 1.2533 · cv / target)². Heavier tails than normal need more: a floor, not a promise.
+    """
+    return max(1, math.ceil((1.96 * 1.2533 * max(cv, 0.0) / target) ** 2))
+
+
+@dataclass
+class RatioAgreement:
+    """Whether the rounds of a side-by-side measurement agree on a latency ratio, and what to do if not.
+
+    Each round times every model back to back, so each round gives one ratio; their spread
+    is the ratio's own noise (drift of a busy machine hits both models of a round alike).
+    ``half_width``: the 95 % confidence half-width of the mean round ratio, relative to it
+    (Student's t over the rounds); ``settled`` when it is within :data:`RATIO_HALF_WIDTH`.
+    """
+
+    round_ratios: list[float]
+    mean: float
+    half_width: float  # relative; inf with one round
+    settled: bool
+    rounds_needed: int | None  # for RATIO_HALF_WIDTH at the observed spread; None when settled
+    advice: str | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def ratio_agreement(round_ratios: list[float], *, duration_s: float | None = None, iterations: int | None = None,
+                    target: float = RATIO_HALF_WIDTH) -> RatioAgreement:
+    """Judge the per-round ``round_ratios`` of one headline ratio (pure; see :class:`RatioAgreement`).
+
+    ``duration_s`` / ``iterations``: the run's settings, so the advice keeps each round as long
+    as it was and says which ``--rounds`` and ``--duration`` (or ``--iterations``) to pass.
+    """
+    values = [float(r) for r in round_ratios if math.isfinite(r) and r > 0]
+    rounds = len(values)
+    if rounds == 0:
+        return RatioAgreement([], float("nan"), math.inf, False, None, "no round measured this ratio")
+    mean = statistics.fmean(values)
+    if rounds == 1:
+        return RatioAgreement(values, mean, math.inf, False, 3,
+                              "one round cannot show how much the ratio moves: rerun with --rounds 3 or more")
+    spread = statistics.stdev(values) / mean
+    half_width = t975(rounds - 1) * spread / math.sqrt(rounds)
+    if half_width <= target:
+        return RatioAgreement(values, mean, half_width, True, None, None)
+    needed = max(rounds + 1, math.ceil((1.96 * spread / target) ** 2))
+    observed = f"its {rounds} rounds give {min(values):.3f}–{max(values):.3f} (±{half_width:.0%} at 95 %, limit ±{target:.0%})"
+    if needed > MAX_ADVISED_ROUNDS:
+        advice = (f"{observed}; pinning it would take ~{needed} rounds: the machine is too noisy for this ratio — "
+                  "measure on an idle machine (or fewer --threads than cores)")
+    else:
+        longer = ""
+        if duration_s is not None:
+            longer = f" --duration {math.ceil(duration_s / rounds * needed)}"
+        elif iterations is not None:
+            longer = f" --iterations {math.ceil(iterations / rounds) * needed}"
+        advice = f"{observed}; rerun with --rounds {needed}{longer} (same time per round) or on an idle machine"
+    return RatioAgreement(values, mean, half_width, False, needed, advice)
 
 
 @dataclass
@@ -105,6 +183,7 @@ class BenchResult:
     verified: bool | None = None  # whether the artifact measured passed its verification (None: not applicable)
     note: str = ""  # what the row measures, where it is not obvious
     device: dict | None = None  # GPU runners: trtexec's statistics of H2D / compute / D2H / enqueue (trt_stats)
+    round_medians_ms: list[float] = field(default_factory=list)  # median latency of each interleaving round
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -255,6 +334,7 @@ def benchmark(
                 peaks[model.name] = peak - rss_before if peak is not None and rss_before is not None else peak
                 gpu_peaks[model.name] = _gpu_peak()
             samples = {m.name: [] for m in models}
+            rounds_taken: dict[str, list[list[float]]] = {m.name: [] for m in models}
             device = {m.name: _DeviceSamples() for m in models}
             cursor = {m.name: 0 for m in models}
             per_round_s = settings.duration_s / settings.rounds if settings.duration_s is not None else None
@@ -269,6 +349,7 @@ def benchmark(
                         settings.device_timing, device[model.name],
                     )
                     samples[model.name].extend(taken)
+                    rounds_taken[model.name].append(taken)
         finally:
             for runner in runners.values():
                 runner.__exit__(None, None, None)
@@ -279,9 +360,13 @@ def benchmark(
             stats = LatencyStats.from_samples(taken, batch_size)
             warnings = []
             if stats.cv > UNSTABLE_CV:
+                needed = iterations_for_median(stats.cv)
+                seconds = math.ceil(needed * stats.mean_ms / 1e3)
                 warnings.append(
                     f"unstable: coefficient of variation {stats.cv:.1%} > {UNSTABLE_CV:.0%} "
                     "(busy machine, thermal or frequency scaling); trust medians and ratios, rerun for absolutes"
+                    f": a median within ±{MEDIAN_TARGET:.0%} needs ~{needed} iterations at this spread "
+                    f"(--duration {seconds} at this rate; {stats.iterations} were timed)"
                 )
             if stats.iterations < 10:
                 warnings.append(f"only {stats.iterations} timed iterations: increase --duration or --iterations")
@@ -291,12 +376,19 @@ def benchmark(
                 load_s=load_times[model.name], artifact_bytes=model.artifact_bytes, peak_rss_bytes=peaks[model.name],
                 gpu_peak_bytes=gpu_peaks[model.name], warnings=warnings, verified=model.verified, note=model.note,
                 device=_device_summary(device[model.name], batch_size, taken, graphs),
+                round_medians_ms=[float(np.median(r)) * 1e3 for r in rounds_taken[model.name] if r],
             ))
     return results
 
 
-def ratio_table(results: list[BenchResult], numerator: str = "folded") -> list[dict]:
-    """Median-latency ratios numerator ÷ every other model, per (engine, precision, batch)."""
+def ratio_table(results: list[BenchResult], numerator: str = "folded", settings: BenchSettings | None = None) -> list[dict]:
+    """Median-latency ratios numerator ÷ every other model, per (engine, precision, batch).
+
+    Each row also says whether the interleaving rounds agree on it (:func:`ratio_agreement`
+    over the per-round ratios of median latencies): ``settled``, ``half_width`` and, when the
+    rounds disagree beyond :data:`RATIO_HALF_WIDTH`, the ``advice`` to rerun (a headline
+    that is not settled is printed as its range, not as a number).
+    """
     rows = []
     keyed = {(r.engine, r.precision, r.batch_size, r.model): r for r in results}
     for (engine, precision, batch, model), result in keyed.items():
@@ -304,10 +396,15 @@ def ratio_table(results: list[BenchResult], numerator: str = "folded") -> list[d
             continue
         for (e2, p2, b2, other), other_result in keyed.items():
             if (e2, p2, b2) == (engine, precision, batch) and other != numerator:
+                per_round = [a / b for a, b in zip(result.round_medians_ms, other_result.round_medians_ms) if b > 0]
+                agreement = ratio_agreement(per_round, duration_s=settings.duration_s if settings else None,
+                                            iterations=settings.iterations if settings else None)
                 rows.append({
                     "engine": engine, "precision": precision, "batch_size": batch, "ratio": f"{numerator} ÷ {other}",
                     "median_ratio": result.latency.median_ms / other_result.latency.median_ms,
                     "mean_ratio": result.latency.mean_ms / other_result.latency.mean_ms,
+                    "round_ratios": agreement.round_ratios, "half_width": agreement.half_width,
+                    "settled": agreement.settled, "rounds_needed": agreement.rounds_needed, "advice": agreement.advice,
                 })
     return rows
 

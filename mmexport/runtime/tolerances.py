@@ -24,7 +24,8 @@ Why each row is what it is:
   carry about 1e-3 of their own magnitude: logits of 10–20 are off by 0.01–0.02
   in a perfectly good model, and a fixed 5e-3 bound refused such models (top-1
   100 %, cosine 0.999996). The bound is therefore 1 % of each sample's logit
-  range plus 1e-3, together with a per-sample cosine ≥ 0.999 and top-1 ≥ 99.5 %.
+  range plus 1e-3, together with a per-sample cosine ≥ 0.999 and top-1 ≥ 99 %
+  (below).
   A real fault still fails it: a saturated/overflowing layer gives Inf/NaN or a
   collapsed output (cosine, range), and a wrong constant moves logits by a
   visible fraction of their range (tests/convert/test_export_onnx.py plants both).
@@ -32,13 +33,77 @@ Why each row is what it is:
   by several percent by design. It needs top-1 agreement ≥ 99 % and a macro-F1
   drop ≤ 1 point, and only on labelled held-out target images: random inputs
   lie outside the calibrated ranges and would measure clipping, not the artifact.
+
+How a top-1 floor is judged (:func:`top1_rule`):
+
+* floor 100 % (``fold``, ``fp32``): *every* sample must agree. The two sides
+  compute the same function in float32; one flip is a fault, not a rate.
+* floor below 100 % (``fp16``, ``int8``) on labelled held-out images: a claim
+  about the images a deployment will see, of which the reference holds a sample.
+  The **Wilson score lower bound** of the agreement, one-sided at 95 %
+  confidence (z = 1.645, :data:`TOP1_CONFIDENCE`), must clear the floor: 99 % of
+  N = 300 with 3 flips is a point estimate, the bound (98.0 %) is what the sample
+  shows. Perfect agreement clears a floor f only from N ≥ z²·f/(1 − f)
+  (:func:`samples_to_show`): 268 images for 99 %. A smaller set fails with that
+  number in its message -- too few images cannot show the floor.
+* floor below 100 % on unlabelled inputs (fp16's seeded random images): those
+  probe the numeric range and stand for no population a deployment sees, so no
+  confidence bound is claimed; the observed rate must clear the floor.
+
+fp16's floor was 99.5 % of the observed rate; judged by the bound, 99.5 % would
+need 539 perfect agreements, more than many held-out splits hold, while its
+per-sample element bound and cosine (every sample) already refuse faults. The
+floor is 99 % of the bound: at the old default of 512 images it allows one flip
+(the old rule let 510 of 512 pass, whose bound is 98.8 %); it is at least as strict
+as the old rule below N = 1,157 and one flip more lenient above.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from mmexport.artifacts import check_precision
+
+TOP1_CONFIDENCE = 0.95  # one-sided: P(true agreement >= bound) = 95 %
+TOP1_Z = 1.6448536269514722  # the standard normal's 95th percentile (statistics.NormalDist().inv_cdf(0.95))
+
+
+def wilson_lower_bound(successes: int, n: int, z: float = TOP1_Z) -> float:
+    """The Wilson score interval's lower end for ``successes`` of ``n`` (0.0 for n = 0).
+
+    With the default ``z`` it is the one-sided 95 % lower confidence bound of the
+    proportion (the lower end of the two-sided 90 % interval); z = 1.96 gives the
+    lower end of the two-sided 95 % interval (Wilson 1927; Newcombe 1998, method 3).
+    """
+    if n <= 0:
+        return 0.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in 0..{n}, got {successes}")
+    p = successes / n
+    z2 = z * z
+    centre = p + z2 / (2 * n)
+    margin = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, (centre - margin) / (1 + z2 / n))
+
+
+def samples_to_show(floor: float, z: float = TOP1_Z) -> int:
+    """The smallest N whose perfect agreement (N of N) has a Wilson lower bound >= ``floor`` (floor < 1)."""
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"a floor below 1 is needed, got {floor}")
+    # N of N: bound = N / (N + z²) >= floor  <=>  N >= z²·floor / (1 - floor)
+    n = max(1, math.ceil(z * z * floor / (1 - floor) - 1e-9))
+    while wilson_lower_bound(n, n, z) < floor:  # guard the float edge
+        n += 1
+    return n
+
+
+def top1_rule(floor: float, labelled: bool) -> str:
+    """How a top-1 ``floor`` is judged: ``all`` (floor 1: every sample agrees), ``bound`` (the Wilson lower
+    bound on labelled held-out images) or ``observed`` (the observed rate, on unlabelled probe inputs)."""
+    if floor >= 1.0:
+        return "all"
+    return "bound" if labelled else "observed"
 
 
 @dataclass(frozen=True)
@@ -70,7 +135,11 @@ class Tolerance:
             parts.append(bound)
         if self.min_cosine is not None:
             parts.append(f"cosine ≥ {self.min_cosine:g}")
-        parts.append(f"top-1 ≥ {self.min_top1_agreement:.1%}")
+        if self.min_top1_agreement >= 1.0:
+            parts.append("top-1 100 % (every sample)")
+        else:
+            parts.append(f"top-1 ≥ {self.min_top1_agreement:.1%} "
+                         f"({TOP1_CONFIDENCE:.0%} one-sided Wilson lower bound on labelled images)")
         if self.max_macro_f1_drop is not None:
             parts.append(f"macro-F1 drop ≤ {100 * self.max_macro_f1_drop:g} pt")
         if self.labelled_data_only:
@@ -80,7 +149,7 @@ class Tolerance:
 
 FOLD = Tolerance("fold", "unmerged vs folded, torch fp32", 1e-5, 1e-5, 1.0)
 FP32 = Tolerance("fp32", "torch fp32 vs ONNX/TensorRT fp32", 1e-4, 1e-4, 1.0, range_rtol=1e-5)
-FP16 = Tolerance("fp16", "fp16 artifact vs fp32 reference (scale-aware)", 0.0, 1e-3, 0.995, range_rtol=1e-2,
+FP16 = Tolerance("fp16", "fp16 artifact vs fp32 reference (scale-aware)", 0.0, 1e-3, 0.99, range_rtol=1e-2,
                  min_cosine=0.999)
 INT8 = Tolerance("int8", "int8 artifact vs fp32 reference", None, None, 0.99, max_macro_f1_drop=0.01,
                  labelled_data_only=True)

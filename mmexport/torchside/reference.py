@@ -18,7 +18,7 @@ from mmexport.errors import DataError, MMExportError
 from mmexport.runtime.compare import VerificationReport, random_images, run_batched, verify_runners
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.preprocess import normalize
-from mmexport.runtime.reference import RANDOM_SET, ReferenceData, StoredSet
+from mmexport.runtime.reference import HELD_OUT_BUDGET_BYTES, RANDOM_SET, ReferenceData, StoredSet, held_out_limit
 from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
 from mmexport.runtime.tolerances import FOLD, for_precision
 from mmexport.torchside.data import TaskData
@@ -26,7 +26,10 @@ from mmexport.torchside.merge import MergedModel
 from mmexport.torchside.torch_runner import TorchRunner
 
 DEFAULT_RANDOM_SAMPLES = 64
-DEFAULT_DATA_SAMPLES = 512  # held-out images kept in the reference (all if fewer): int8 is judged on them
+# Held-out images kept in a new reference: all of the split, up to HELD_OUT_BUDGET_BYTES (256 MiB) of uint8
+# pixels (held_out_limit: 1,783 at 224 px). fp16 and int8 are judged on them by a confidence bound that
+# needs N: 268 perfect agreements to show a 99 % floor (mmexport.runtime.tolerances).
+DEFAULT_DATA_BUDGET_BYTES = HELD_OUT_BUDGET_BYTES
 BATCH = 16
 
 
@@ -37,14 +40,19 @@ def held_out_split(task: TaskData) -> str:
 
 def make_reference(
     model: nn.Module, task: TaskData | None, info: ModelInfo, model_sha256: str, *, random_count: int = DEFAULT_RANDOM_SAMPLES,
-    data_limit: int = DEFAULT_DATA_SAMPLES, seed: int = 0, device: str | torch.device = "cpu",
+    data_limit: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
 ) -> ReferenceData:
-    """Random and held-out inputs of ``task`` (spread over the split) and ``model``'s fp32 outputs for them."""
+    """Random and held-out inputs of ``task`` (spread over the split) and ``model``'s fp32 outputs for them.
+
+    ``data_limit``: held-out images kept; default every image of the split up to
+    :data:`DEFAULT_DATA_BUDGET_BYTES` of pixels (:func:`mmexport.runtime.reference.held_out_limit`).
+    """
     reference = ReferenceData(info.classes, info.preprocessing, model_sha256, seed)
     reference.sets[RANDOM_SET] = StoredSet(random_images(random_count, info.image_size, seed=seed), {})
     if task is not None:
         split = held_out_split(task)
-        pixels, labels = task.pixels(split, limit=data_limit, spread=True)
+        limit = held_out_limit(info.image_size, DEFAULT_DATA_BUDGET_BYTES) if data_limit is None else data_limit
+        pixels, labels = task.pixels(split, limit=limit, spread=True)
         reference.sets[f"data:{split}"] = StoredSet(pixels, {}, labels)
     return with_outputs(model, reference, device=device)
 
@@ -55,7 +63,7 @@ def with_outputs(module: nn.Module, reference: ReferenceData, *, device: str | t
     result = ReferenceData(reference.classes, reference.preprocessing, reference.model_sha256, reference.seed)
     with TorchRunner(module, name, device, image_size=reference.preprocessing.output_size[0]) as runner:
         for set_name, stored in reference.sets.items():
-            inputs = normalize(stored.pixels, reference.preprocessing)
+            inputs = reference.input_view(set_name)  # normalised batch by batch: 4x the pixels never at once
             outputs = run_batched(runner, inputs, BATCH) if len(inputs) else {"logits": np.zeros((0, len(reference.classes)), np.float32)}
             result.sets[set_name] = StoredSet(stored.pixels, outputs, stored.labels)
     return result
@@ -78,7 +86,7 @@ def verify_fold(
         return verify_runners(ref, cand, input_sets, FOLD)
 
 
-__all__ = ["DEFAULT_DATA_SAMPLES", "DEFAULT_RANDOM_SAMPLES", "held_out_split", "make_reference", "verify_fold",
+__all__ = ["DEFAULT_DATA_BUDGET_BYTES", "DEFAULT_RANDOM_SAMPLES", "held_out_split", "make_reference", "verify_fold",
            "with_outputs"]
 
 
