@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import os
 import sys
@@ -160,3 +161,26 @@ def load_layout_tool():
     sys.modules.setdefault("check_layout", module)  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return sys.modules["check_layout"]
+
+
+def same_file_but_the_run(first, second) -> None:
+    """Two runs' model files: bit-identical tensors and the same metadata, but for the run's identity.
+
+    Each file names its own run (``run_id``, ``run_created``: docs/deploying.md), so two runs never
+    write the same bytes; everything else -- weights, description, inputs, metrics -- must agree.
+    """
+    from safetensors.numpy import load_file
+
+    def read(path):
+        from mmexport.runs.verify import _safetensors_metadata
+
+        metadata = _safetensors_metadata(path)
+        provenance = json.loads(metadata.pop("provenance"))
+        assert metadata.pop("run_id") == provenance.pop("run_id") and provenance.pop("run_created")
+        return load_file(str(path)), metadata, provenance
+
+    (tensors_a, meta_a, prov_a), (tensors_b, meta_b, prov_b) = read(first), read(second)
+    assert tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        assert tensors_a[key].tobytes() == tensors_b[key].tobytes(), key
+    assert (meta_a, prov_a) == (meta_b, prov_b)

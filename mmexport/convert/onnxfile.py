@@ -16,7 +16,7 @@ import numpy as np
 
 from mmexport.artifacts import ArtifactFacts
 from mmexport.errors import CheckpointError, MMExportError
-from mmexport.fileio import atomic_path, sha256_file
+from mmexport.fileio import atomic_path, sha256_file, write_bytes_atomic
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.runners.onnxruntime import OnnxRuntimeRunner
 
@@ -52,6 +52,40 @@ def set_metadata(model: Any, fields: dict[str, str]) -> None:
 
 def get_metadata(model: Any) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
+
+
+def graph_sha256(model: Any) -> str:
+    """sha256 of the serialised graph (nodes, initializers, inputs, outputs): the file minus its metadata.
+
+    Anyone can recompute it with plain ``onnx``:
+    ``hashlib.sha256(onnx.load(path).graph.SerializeToString()).hexdigest()``. Writing metadata
+    (:func:`stamp_metadata`) leaves it unchanged, so a verification record that names it can be
+    embedded in the very file it verified.
+    """
+    import hashlib
+
+    return hashlib.sha256(model.graph.SerializeToString()).hexdigest()
+
+
+def stamp_metadata(path: str | os.PathLike[str], fields: dict[str, str]) -> str:
+    """Set ``fields`` in the file's ``metadata_props`` (other keys kept), graph and weights untouched; atomic.
+
+    Returns the graph's sha256 (:func:`graph_sha256`), checked to be the same before and after:
+    the file that was verified and the file that now carries the record compute the same thing.
+    """
+    import onnx
+
+    model = load_onnx(path)
+    before = graph_sha256(model)
+    bad = [k for k, v in fields.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise MMExportError(f"{Path(path).name}: metadata keys and values must be strings (offending: {bad[0]!r})")
+    set_metadata(model, {**get_metadata(model), **fields})
+    write_bytes_atomic(path, model.SerializeToString())
+    after = graph_sha256(onnx.load(str(path), load_external_data=False))
+    if after != before:  # cannot happen through set_metadata; a check that it did not
+        raise MMExportError(f"{Path(path).name}: writing metadata changed the graph ({before[:12]}… -> {after[:12]}…)")
+    return before
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -171,6 +205,6 @@ def write_onnx_checked(model: Any, path: str | os.PathLike[str], info: ModelInfo
 
 __all__ = [
     "INPUT_NAME", "MAX_PROTO_BYTES", "ONNX_FORMAT", "OUTPUT_NAME", "SMOKE_BATCHES", "OnnxFileFacts", "get_metadata",
-    "graph_facts",
-    "load_onnx", "onnx_model_info", "read_onnx_metadata", "set_metadata", "write_onnx_checked",
+    "graph_facts", "graph_sha256",
+    "load_onnx", "onnx_model_info", "read_onnx_metadata", "set_metadata", "stamp_metadata", "write_onnx_checked",
 ]

@@ -84,6 +84,7 @@ from mmexport.convert.onnxfile import (
     write_onnx_checked,
 )
 from mmexport.errors import ArchitectureError, MMExportError
+from mmexport.runs.provenance import PROVENANCE_KEYS, VERIFICATION_KEY
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.torchside.backbones import get_backbone
 from mmexport.torchside.merge import MergedModel
@@ -92,13 +93,18 @@ DEFAULT_OPSET = 18
 BATCH_DIM = "batch"
 EXPORTER = "torch.onnx.export(dynamo=True)"
 EXPORT_BATCH = 2  # traced with batch >= 2 so that batch 1 is never baked into the graph
-ModelKind = Literal["folded", "unmerged", "dual", "single"]
+# folded: a merge's fold (MedMerge or average); finetuned/probed: a single-source baseline's network (no merge);
+# unmerged, dual, single: the benchmark's comparison models
+ModelKind = Literal["folded", "finetuned", "probed", "unmerged", "dual", "single"]
+_KIND_WHAT = {"folded": "MedMerge folded", "finetuned": "fine-tuned (no merge)", "probed": "linear-probed (no merge)",
+              "unmerged": "MedMerge unmerged (blend in the graph)", "dual": "dual-backbone",
+              "single": "stock (untrained) torchvision"}
 
-# Keys this module writes; ``extra_metadata`` may not override them.
+# Keys this module writes; ``extra_metadata`` may not override them (nor forge the provenance).
 RESERVED_KEYS = frozenset(
     set(ModelInfo("resnet18", ("a", "b"), 16, (0, 0, 0), (1, 1, 1), weights_sha256="x").to_metadata())
     | {"format", "model_kind", "exporter", "torch_version", "onnx_opset", "input_name", "output_name", "granularity",
-       "num_sources"}
+       "num_sources"} | set(PROVENANCE_KEYS) | {VERIFICATION_KEY}
 )
 
 
@@ -147,12 +153,11 @@ def _merge_extra(metadata: dict[str, str], extra: dict[str, str] | None) -> dict
     return {**metadata, **extra}
 
 
-def _doc_string(info: ModelInfo, kind: str, precision: str) -> str:
+def _doc_string(info: ModelInfo, kind: str, precision: str, description: str | None = None) -> str:
     size = info.image_size
-    what = {"folded": "MedMerge folded", "unmerged": "MedMerge unmerged (blend in the graph)", "dual": "dual-backbone",
-            "single": "stock (untrained) torchvision"}[kind]
+    what = description if description is not None else f"{_KIND_WHAT[kind]} {info.arch}"
     return (
-        f"{what} {info.arch}, {precision}, {info.num_classes} classes ({', '.join(info.classes)}). "
+        f"{what}, {precision}, {info.num_classes} classes ({', '.join(info.classes)}). "
         f"Input '{INPUT_NAME}': float32 N x 3 x {size} x {size}. Preprocessing (metadata key 'preprocessing'): "
         f"{info.preprocessing.describe()}. "
         f"Output '{OUTPUT_NAME}': float32 N x {info.num_classes} logits. Made by mmexport {__version__}."
@@ -250,15 +255,20 @@ class OnnxExport(OnnxFileFacts):
 def _export(
     module: nn.Module, info: ModelInfo, path: str | os.PathLike[str], *, kind: ModelKind, opset: int,
     weights_sha256: str, extra_metadata: dict[str, str] | None, kind_metadata: dict[str, str] | None = None,
+    provenance: dict[str, str] | None = None,
 ) -> OnnxExport:
     _check_opset(opset)
     _check_weights_sha(weights_sha256)
+    provenance = dict(provenance or {})
+    if provenance and provenance.get("model_kind", kind) != kind:
+        raise MMExportError(f"the provenance says model_kind {provenance.get('model_kind')!r}, the export {kind!r}")
     metadata = _merge_extra({**_base_metadata(info, kind, weights_sha256, opset), **(kind_metadata or {})}, extra_metadata)
+    metadata.update(provenance)
     start = time.perf_counter()
     model = _trace_to_onnx(module, info, opset, keep_blend=(kind == "unmerged"))
     model.producer_name = "mmexport"
     model.producer_version = __version__
-    model.doc_string = _doc_string(info, kind, "fp32")
+    model.doc_string = _doc_string(info, kind, "fp32", provenance.get("model_description"))
     set_metadata(model, metadata)
     written = write_onnx_checked(model, path, info)
     return OnnxExport(**written.file_fields(), model_kind=kind, exporter=EXPORTER, torch_version=torch.__version__,
@@ -274,6 +284,7 @@ def export_onnx(
     weights_sha256: str,
     extra_metadata: dict[str, str] | None = None,
     kind: ModelKind = "folded",
+    provenance: dict[str, str] | None = None,
 ) -> OnnxExport:
     """Export the plain (folded or fine-tuned) torchvision network to one self-contained fp32 ONNX file.
 
@@ -283,11 +294,14 @@ def export_onnx(
     precision (``fp32``) and the exporter. The file is checked (``check_model`` with
     ``full_check``, an ONNX Runtime run at batch 1 and 3) before it replaces ``path``.
     Returns the :class:`OnnxExport` facts: opset, exporter, node counts, size, sha256, and
-    the input/output names, dtypes and shapes.
+    the input/output names, dtypes and shapes. ``provenance``: the run's fields
+    (:func:`mmexport.runs.provenance.artifact_provenance`: method, model kind and description,
+    run id, input hashes, metrics); its ``model_kind`` must be ``kind``, its description
+    opens the file's ``doc_string``.
     """
     _check_plain(model, info, "export_onnx")
     return _export(model, info, path, kind=kind, opset=opset, weights_sha256=weights_sha256,
-                   extra_metadata=extra_metadata)
+                   extra_metadata=extra_metadata, provenance=provenance)
 
 
 def export_unmerged_onnx(

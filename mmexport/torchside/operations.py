@@ -19,13 +19,14 @@ from torch import nn
 from mmexport import artifacts
 from mmexport.artifacts import COMPARISON_KINDS
 from mmexport.config import check_int
-from mmexport.convert.onnxfile import get_metadata, load_onnx, set_metadata
+from mmexport.convert.onnxfile import get_metadata, load_onnx, set_metadata, stamp_metadata
 from mmexport.convert.precision import DEFAULT_CALIBRATION_IMAGES, convert_fp16, quantize_int8
 from mmexport.errors import DataError, MMExportError, VerificationError
 from mmexport.fileio import write_bytes_atomic
 from mmexport.progress import ProgressSink, sink
 from mmexport.runs.lock import writes_run
 from mmexport.runs.manifest import PublishedArtifact, RunDir, published
+from mmexport.runs.provenance import artifact_provenance, verification_metadata
 from mmexport.runs.verify import check_deployables_intact, check_onnx_file, describes_run
 from mmexport.runtime.check import check_model_info
 from mmexport.runtime.compare import VerificationReport
@@ -181,14 +182,17 @@ def export_onnx_run(
     weights_sha = run.manifest["outputs"][model_name]["sha256"]
     results: dict[str, PublishedArtifact] = {}
     mark = mark_onnx_unverified if allow_unverified else None
+    provenance = artifact_provenance(run.manifest)
+    stamp = functools.partial(stamp_onnx_provenance, provenance=provenance, reference=_reference_record(run, data))
 
     fp32 = artifacts.onnx_artifact("fp32")
     if precision == "fp32" or not run.has(fp32.filename):
         progress.message(f"exporting {fp32.filename} (torch.onnx, dynamo)")
         results["fp32"] = run.publish_verified(
-            fp32.filename, lambda tmp: export_onnx(model, info, tmp, weights_sha256=weights_sha),
+            fp32.filename, lambda tmp: export_onnx(model, info, tmp, weights_sha256=weights_sha,
+                                                   kind=provenance["model_kind"], provenance=provenance),
             lambda tmp: _check_onnx(tmp, reference, "fp32", fp32.filename, samples, run, info),
-            "onnx", {"precision": "fp32", "source": model_name}, command="export", mark_unverified=mark)
+            "onnx", {"precision": "fp32", "source": model_name}, command="export", mark_unverified=mark, stamp=stamp)
     fp32_path = run.checked_file(fp32.filename)
 
     if precision == "fp16":
@@ -197,7 +201,7 @@ def export_onnx_run(
         results["fp16"] = run.publish_verified(
             target.filename, lambda tmp: convert_fp16(fp32_path, tmp),
             lambda tmp: _check_onnx(tmp, reference, "fp16", target.filename, samples, run, info),
-            "onnx", {"precision": "fp16", "source": fp32.filename}, command="export", mark_unverified=mark)
+            "onnx", {"precision": "fp16", "source": fp32.filename}, command="export", mark_unverified=mark, stamp=stamp)
     elif precision == "int8":
         target = artifacts.onnx_artifact("int8")
         calib_spec = calib_data or run_data_spec(run)
@@ -219,8 +223,29 @@ def export_onnx_run(
                                       max_float_fraction=int8_max_float),
             lambda tmp: _check_onnx(tmp, reference, "int8", target.filename, samples, run, info),
             "onnx", {"precision": "int8", "source": fp32.filename, "calibration_data": calib_spec}, command="export",
-            mark_unverified=mark)
+            mark_unverified=mark, stamp=stamp)
     return results
+
+
+def _reference_record(run: RunDir, data: str | None) -> dict[str, object]:
+    """What a deployable ONNX file is judged against, as its embedded verification names it."""
+    if data is not None:
+        return {"file": None, "sha256": None, "note": "a fresh reference on --data, computed by the run's final network"}
+    name = artifacts.filename("reference")
+    return {"file": name, "sha256": run.manifest["outputs"][name]["sha256"]}
+
+
+def stamp_onnx_provenance(path: Path, record: dict, *, provenance: dict[str, str],
+                          reference: dict[str, object]) -> dict[str, object]:
+    """Write the run's provenance and the file's own check (``record``, as the manifest keeps it) into the checked
+    ONNX file's metadata, graph untouched (:func:`mmexport.convert.onnxfile.stamp_metadata`). A file converted from
+    another (fp16, int8) inherits that one's fields and gets its own ``verification`` here."""
+    from mmexport.convert.onnxfile import graph_sha256
+
+    graph = graph_sha256(load_onnx(path))
+    fields = {**provenance, **verification_metadata(record, graph_sha256=graph, reference=reference)}
+    stamped = stamp_metadata(path, fields)
+    return {"graph_sha256": stamped, "provenance_embedded": True}
 
 
 def mark_onnx_unverified(path: Path, reason: str) -> None:
@@ -322,5 +347,5 @@ def export_comparison(run: RunDir, kind: str, precision: str, *, progress: Progr
 
 __all__ = [
     "COMPARISON_KINDS", "FOLD_FORMATS", "PublishedArtifact", "comparison_modules", "dual_from_merged", "export_comparison",
-    "export_onnx_run", "fold_run", "merge_run", "stock_network", "task_for", "verify_run",
+    "export_onnx_run", "fold_run", "merge_run", "stamp_onnx_provenance", "stock_network", "task_for", "verify_run",
 ]

@@ -10,7 +10,7 @@ from mmexport.fileio import sha256_file
 from mmexport.torchside.modelfile import load_model, load_unmerged
 from mmexport.config import TrainConfig
 from mmexport.torchside.train import train
-from tests.conftest import TINY_TARGET, one_line
+from tests.conftest import TINY_TARGET, one_line, same_file_but_the_run
 
 
 def config(sources, out, **overrides):
@@ -26,7 +26,7 @@ def test_train_writes_a_complete_traceable_run(resnet18_sources, tmp_path):
     run = train(config(resnet18_sources, tmp_path / "run"))
     manifest = json.loads((run / "manifest.json").read_text())
     assert set(manifest["outputs"]) == {"unmerged.safetensors", "folded.safetensors", "model.safetensors", "reference.npz",
-                                        "coefficients.png"}
+                                        "coefficients.png", "model_card.md"}
     for name, entry in manifest["outputs"].items():
         assert entry["sha256"] == sha256_file(run / name)
     assert manifest["inputs"]["source_a"]["sha256"] == sha256_file(resnet18_sources[0])
@@ -55,8 +55,8 @@ def test_unmerged_checkpoint_folds_to_the_published_fold(resnet18_sources, tmp_p
 def test_same_seed_same_weights(resnet18_sources, tmp_path):
     first = train(config(resnet18_sources, tmp_path / "a"))
     second = train(config(resnet18_sources, tmp_path / "b"))
-    for name in ("unmerged.safetensors", "model.safetensors"):
-        assert sha256_file(first / name) == sha256_file(second / name)
+    assert sha256_file(first / "unmerged.safetensors") == sha256_file(second / "unmerged.safetensors")
+    same_file_but_the_run(first / "model.safetensors", second / "model.safetensors")  # each names its own run
 
 
 def test_bn_reestimation_changes_the_starting_statistics(resnet18_sources, tmp_path):
