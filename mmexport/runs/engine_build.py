@@ -36,9 +36,10 @@ from mmexport.runtime.check import check_runner
 from mmexport.runtime.engine import BatchProfile, check_engine, current_environment, import_tensorrt, sidecar_path
 from mmexport.runtime.runners.tensorrt import EngineFromPath, TensorRTRunner
 from mmexport.runtime.tolerances import for_precision
+from mmexport.environment import TORCH_EXTRA_INSTALL
 
 INSTALL_HINT = "pip install 'mmexport[gpu]' on a machine with an NVIDIA GPU and driver"
-TORCH_INSTALL = "pip install torch torchvision"  # core dependencies of mmexport (no extra): the runtime alone runs without
+TORCH_INSTALL = TORCH_EXTRA_INSTALL  # the torch side is an extra: the runtime alone runs without it
 TORCH_HINT = f"needs PyTorch: {TORCH_INSTALL}"
 DEFAULT_TIMING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmexport" / "tensorrt-timing"
 

@@ -7,7 +7,13 @@ stops at once) and then stops with one line naming the holder. The wait is a par
 never ambient state: ``writing(run, command, wait=...)``, or the ``lock_wait`` keyword that
 every function decorated with :func:`writes_run` accepts (the CLI hands ``mmexport
 --lock-wait SECONDS`` down so). The lock file lives *beside* the run (``.RUN.lock``), so
-it survives the run directory being replaced. Within one process the lock is re-entrant
+it survives the run directory being replaced, and only while a writer needs it: a holder
+that finishes removes it (with the lock still held), so a finished command leaves nothing
+beside the run (one that failed leaves it, see below). A waiter that had opened the
+removed file finds, once it gets the lock, that the name no longer leads to the file it
+holds, and starts again on the name (the standard "re-check the inode after locking"
+protocol): two writers never hold locks on two different files of one name. Within one
+process the lock is re-entrant
 (a command that calls another writer keeps the lock it has). Readers (inspect, the
 runtime) need no lock: every manifest write is an atomic replace, so a reader sees the
 old or the new manifest, never a mix.
@@ -17,7 +23,9 @@ regular file with one link, owned by this user or the run's owner: a link plante
 ``.RUN.lock`` cannot make a writer truncate someone else's file. It records the holder's
 temporary-file token (:func:`mmexport.fileio.writer_token`) before the holder makes any
 temporary file; the next holder removes exactly that writer's leftovers (a killed writer's
-temporaries), never files that merely look temporary.
+temporaries), never files that merely look temporary. So a lock file that stays beside a run
+is the mark of a writer that failed or was killed: its record names the temporaries the next
+writer removes (and the file with them, when it finishes).
 """
 
 from __future__ import annotations
@@ -82,6 +90,20 @@ def _holder(fd: int) -> str:
     return "{} (pid {}, since {})".format(*(s if s.isprintable() else repr(s) for s in shown))
 
 
+class _Removed(Exception):
+    """The lock file was removed (by a holder that finished) between opening it and checking it: open it again."""
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """``path`` (not followed) still names the file open as ``fd``."""
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
 def _open_lock(path: Path, run: Path) -> int:
     """Open (creating it if missing) the lock file, refusing anything but a plain file of this user or the run's owner.
 
@@ -101,6 +123,8 @@ def _open_lock(path: Path, run: Path) -> int:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise RunDirError(f"{path}: the run's lock file is not a regular file; refusing to use it (remove it and retry)")
+        if info.st_nlink == 0:  # a finishing holder removed it after we opened it
+            raise _Removed
         if info.st_nlink != 1:
             raise RunDirError(f"{path}: the run's lock file has {info.st_nlink} hard links (another file's name); "
                               "refusing to write it (remove it and retry)")
@@ -148,23 +172,9 @@ def writing(run_path: str | os.PathLike[str], command: str, wait: float | None =
     if not run.exists() and not may_be_missing:
         raise RunDirError(f"{run}: no such run directory")
     wait = check_wait(wait)
-    fd = _open_lock(path, run)
     deadline = time.monotonic() + wait
+    fd = _acquire(path, run, wait, deadline)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise RunDirError(f"{path}: cannot lock the run ({exc.strerror})") from None
-                if time.monotonic() >= deadline:
-                    waited = f" after waiting {wait:g} s" if wait else ""
-                    raise RunDirError(
-                        f"{run.name}: another command is writing this run: {_holder(fd)}{waited}; "
-                        "retry when it is done, or wait for it with `mmexport --lock-wait SECONDS ...`"
-                    ) from None
-                time.sleep(POLL_SECONDS)
         previous = _record(fd).get("token")
         # With the lock held no live writer owns another token's temporaries; removed before that record is
         # overwritten, so a holder killed while removing them leaves the record for the next one. This
@@ -177,13 +187,52 @@ def writing(run_path: str | os.PathLike[str], command: str, wait: float | None =
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command, "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                   "token": writer_token()}).encode(), 0)
         _HELD[key] = [fd, 1]
+        finished = False
         try:
             yield
+            finished = True
         finally:
             del _HELD[key]
+            # Finished without an error: the record names nothing left to remove, so the file goes, under the
+            # lock, if the name still leads to this file (waiters on it see that after locking and start
+            # again). A writer that failed or was killed leaves it, with the record of its temporaries.
+            if finished:
+                with contextlib.suppress(OSError):
+                    if _same_file(fd, path):
+                        os.unlink(path)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _acquire(path: Path, run: Path, wait: float, deadline: float) -> int:
+    """An open file descriptor of ``path`` holding its exclusive flock, the name still leading to that file."""
+    while True:
+        try:
+            fd = _open_lock(path, run)
+        except _Removed:
+            continue
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise RunDirError(f"{path}: cannot lock the run ({exc.strerror})") from None
+                    if time.monotonic() >= deadline:
+                        waited = f" after waiting {wait:g} s" if wait else ""
+                        raise RunDirError(
+                            f"{run.name}: another command is writing this run: {_holder(fd)}{waited}; "
+                            "retry when it is done, or wait for it with `mmexport --lock-wait SECONDS ...`"
+                        ) from None
+                    time.sleep(POLL_SECONDS)
+            if _same_file(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder we waited for removed the file: lock the name's file anew
 
 
 __all__ = ["DEFAULT_WAIT", "check_wait", "is_held_here", "lock_path", "writing"]

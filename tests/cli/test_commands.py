@@ -76,7 +76,8 @@ def sha256(path: Path) -> str:
 def leftovers(out: Path) -> list[str]:
     """Hidden staging / retired siblings of a run directory (``.NAME.partial-*``, ``.NAME.old-*``).
 
-    The run's lock file ``.NAME.lock`` is not a leftover: flock files stay (removing one races with a waiter)."""
+    The run's lock file ``.NAME.lock`` is not counted here: a writer that failed leaves it with the record of its
+    temporaries (for the next writer); one that finished removes it (tests/runs/test_lock.py)."""
     return sorted(p.name for p in out.parent.iterdir()
                   if p.name.startswith(f".{out.name}.") and p.name != f".{out.name}.lock")
 
@@ -583,7 +584,7 @@ def test_existing_run_needs_force_and_force_replaces(runs):
     assert tree_hashes(run) == {**{name: e["sha256"] for name, e in manifest["outputs"].items()},
                            "manifest.json": sha256(run / "manifest.json")}
     assert tree_hashes(run)["unmerged.safetensors"] != chain["original"]["unmerged.safetensors"]
-    assert sorted(p.name for p in run.parent.iterdir()) == [".run.lock", "run"]  # the lock file stays (flock)
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]  # the finished writer removed its lock file
 
 
 # --------------------------------------------------------------------------- 4. a failed numerical check

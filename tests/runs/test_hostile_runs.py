@@ -69,7 +69,7 @@ def test_cli_writer_refuses_a_lock_symlinked_to_a_user_file(tmp_path):
     run = _run(tmp_path)
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
-    lock_path(run).unlink()
+    assert not lock_path(run).exists()  # a writer that finished removed its lock file
     lock_path(run).symlink_to(victim)
     before = tree_hashes(tmp_path)
     stderr = _assert_one_line_failure(_cli("verify", str(run), "--backend", "onnx", cwd=tmp_path))
@@ -81,7 +81,7 @@ def test_cli_writer_refuses_a_lock_symlinked_to_a_user_file(tmp_path):
 def test_lock_that_is_not_a_plain_file_of_its_own_is_refused(tmp_path, kind):
     run = _run(tmp_path)
     lock = lock_path(run)
-    lock.unlink()
+    assert not lock.exists()  # a writer that finished removed its lock file
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     if kind == "symlink to a file":
@@ -106,6 +106,7 @@ def test_lock_that_is_not_a_plain_file_of_its_own_is_refused(tmp_path, kind):
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
 def test_lock_owned_by_a_third_user_is_refused(tmp_path):
     run = _run(tmp_path)
+    lock_path(run).touch()  # a lock file of a writer still at work, or one killed
     os.chown(lock_path(run), 54321, 54321)  # neither this user nor the run's owner
     with pytest.raises(RunDirError, match="belongs to user 54321") as info, writing(run, "test"):
         pytest.fail("the lock was taken")
@@ -459,4 +460,4 @@ def test_doctor_says_torch_side_files_need_pytorch_when_it_cannot_be_imported(tm
     rows = {name: (ok, why) for name, ok, why in report.artifacts}
     for name in ("folded.safetensors", "model.safetensors"):
         ok, why = rows[name]
-        assert ok is False and "needs PyTorch" in why and "pip install torch" in why
+        assert ok is False and "needs PyTorch" in why and "pip install 'mmexport[torch]'" in why

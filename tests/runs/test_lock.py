@@ -109,4 +109,47 @@ def test_lock_file_lives_beside_the_run(tmp_path):
     assert lock_path(run) == tmp_path / ".run.lock"
     with writing(run, "x"), writing(run, "nested"):  # re-entrant in one process
         assert lock_path(run).exists()
+        with writing(run, "nested again"):
+            pass
+        assert lock_path(run).exists()  # only the outermost release removes it
     assert not (run / ".run.lock").exists()
+
+
+def test_a_finished_writer_removes_its_lock_file_and_a_failed_one_leaves_its_record(tmp_path):
+    run = _run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # publishing took the lock and removed it
+    with writing(run, "finishes"):
+        assert json.loads(lock_path(run).read_text())["command"] == "finishes"
+    assert not lock_path(run).exists()
+    with pytest.raises(ValueError), writing(run, "fails"):
+        raise ValueError("a writer that fails")
+    # the record of a writer that did not finish stays for the next one (it removes that writer's temporaries)
+    assert json.loads(lock_path(run).read_text())["command"] == "fails"
+    with writing(run, "next"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+COUNT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from mmexport.runs.lock import writing
+    counter = Path(sys.argv[1]) / "counter.txt"
+    for _ in range(int(sys.argv[2])):
+        with writing(sys.argv[1], "counter", wait=120):
+            value = int(counter.read_text())  # read, pause, write: two holders at once would lose an update
+            time.sleep(0.002)
+            counter.write_text(str(value + 1))
+    """
+)
+
+
+def test_removing_the_lock_file_on_release_never_lets_two_writers_in(tmp_path):
+    """Waiters blocked on a file its holder removes re-lock the name's new file: no update is lost."""
+    run = _run(tmp_path)
+    (run / "counter.txt").write_text("0")
+    processes = [subprocess.Popen([sys.executable, "-c", COUNT, str(run), "40"]) for _ in range(4)]
+    assert [p.wait(timeout=300) for p in processes] == [0, 0, 0, 0]
+    assert (run / "counter.txt").read_text() == "160"
+    assert not lock_path(run).exists()

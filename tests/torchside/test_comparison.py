@@ -2,12 +2,18 @@
 
 import json
 
+import numpy as np
 import pytest
 
-from mmexport.torchside.comparison import COMPARISON_FILE, Score, compare_methods, table_from_runs
 from mmexport.errors import MMExportError
 from mmexport.fileio import sha256_file
 from mmexport.runs.manifest import RunDir
+from mmexport.torchside.comparison import (
+    COMPARISON_FILE,
+    Score,
+    compare_methods,
+    table_from_runs,
+)
 from tests.conftest import one_line
 from tests.torchside.test_train import config
 
@@ -61,9 +67,16 @@ def test_score_formatting():
     assert str(Score.of([0.5])) == "0.500" and str(Score.of([0.5, 0.7])) == "0.600 ± 0.141"
 
 
-def test_compare_methods_writes_the_table_into_the_run(resnet18_sources, tmp_path):
+def test_compare_methods_writes_the_table_into_the_run_and_keeps_the_best_baseline(resnet18_sources, tmp_path):
+    from mmexport.cli.app import app
+    from typer.testing import CliRunner
+
+    from mmexport import runtime
+    from mmexport.runtime.reference import ReferenceData
+    from mmexport.torchside.operations import export_onnx_run
+
     cfg = config(resnet18_sources, tmp_path / "runs" / "medmerge")
-    table = compare_methods(cfg, ["finetune-a", "finetune-b"], seeds=[0])
+    table = compare_methods(cfg, ["finetune-a", "finetune-b"], seeds=[0])  # --keep-runs best, the default
     run = tmp_path / "runs" / "medmerge"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["outputs"][COMPARISON_FILE]["sha256"] == sha256_file(run / COMPARISON_FILE)
@@ -73,9 +86,106 @@ def test_compare_methods_writes_the_table_into_the_run(resnet18_sources, tmp_pat
     # the run's own scores are the run's final metrics
     assert written["methods"][0]["scores"]["test_macro_f1"]["values"] == [manifest["training"]["final"]["test"]["macro_f1"]]
     assert table.best_single in ("finetune-a", "finetune-b") and table.split == "test"
-    left = sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.name.endswith(".lock"))
-    assert left == ["medmerge"]  # the baselines' runs are removed
     RunDir.open(run).checked_file(COMPARISON_FILE)
+
+    # the best single source is kept as a complete run, where the manifest's comparison record says
+    kept = tmp_path / "runs" / "medmerge.compare" / f"{table.best_single}-seed0"
+    assert manifest["comparison"]["kept"]["policy"] == "best"
+    assert manifest["comparison"]["kept"]["best_single"]["path"] == str(kept)
+    assert manifest["comparison"]["kept"]["runs"] == [str(kept)]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["medmerge", "medmerge.compare"]
+    assert sorted(p.name for p in kept.parent.iterdir()) == [kept.name]  # the other baseline is removed, no leftovers
+    kept_manifest = RunDir.open(kept).manifest
+    assert kept_manifest["training"]["method"] == table.best_single and kept_manifest["config"]["out"] == str(kept)
+    assert {"model.safetensors", "reference.npz"} <= set(kept_manifest["outputs"])
+    best_row = next(m for m in written["methods"] if m["method"] == table.best_single)
+    assert best_row["runs"] == [str(kept)]
+    assert best_row["scores"]["test_macro_f1"]["values"] == [kept_manifest["training"]["final"]["test"]["macro_f1"]]
+    # ... that the commands take like any run: verify --manifest, fold to ONNX, the torch-free runtime
+    result = CliRunner().invoke(app, ["verify", str(kept), "--manifest"])
+    assert result.exit_code == 0, result.output
+    export_onnx_run(kept, "fp32")
+    reference = ReferenceData.load(kept / "reference.npz")
+    with runtime.load(kept / "model.onnx") as predictor:
+        logits = predictor.logits(reference.inputs("random", 4))
+    assert logits.shape == (4, len(kept_manifest["model"]["classes"]))
+    np.testing.assert_allclose(logits, reference.sets["random"].outputs["logits"][:4], atol=1e-3)
+
+
+def fake_train(scores):
+    """A stand-in for train(): publishes a run whose test macro-F1 is ``scores[(method, seed)]``."""
+    def train(config, progress=None, *, command="", lock_wait=None):
+        run = RunDir.create(config.out, force=config.force, command=command)
+        f1 = scores[(config.method, config.seed)]
+        run.manifest["training"] = {"method": config.method, "final": {
+            "val": {"accuracy": f1, "macro_f1": f1}, "test": {"accuracy": f1, "macro_f1": f1}}}
+        run.manifest["config"] = {"out": config.out}
+        run.write_output("model.safetensors", lambda p: p.write_bytes(config.method.encode()), "model")
+        run.save()
+        return run.publish(lock_wait=lock_wait)
+    return train
+
+
+SCORES = {("medmerge", 0): 0.5, ("medmerge", 1): 0.52, ("finetune-a", 0): 0.6, ("finetune-a", 1): 0.7,
+          ("finetune-b", 0): 0.4, ("finetune-b", 1): 0.45}
+
+
+@pytest.mark.parametrize("policy", ["best", "all", "none"])
+def test_keep_runs_policies(tmp_path, monkeypatch, policy):
+    import mmexport.torchside.train as train_module
+
+    monkeypatch.setattr(train_module, "train", fake_train(SCORES))
+    out = tmp_path / "runs" / "m"
+    table = compare_methods(config(("a", "b"), out), ["finetune-a", "finetune-b"], seeds=[0, 1], keep_runs=policy)
+    assert "did not pay; use finetune-a" in table.verdict
+    folder = tmp_path / "runs" / "m.compare"
+    best = table.kept["best_single"]
+    assert (best["method"], best["seed"], best["test_macro_f1"]) == ("finetune-a", 1, 0.7)  # the best seed of the best
+    expected = {"best": ["finetune-a-seed1"], "none": [],
+                "all": ["finetune-a-seed0", "finetune-a-seed1", "finetune-b-seed0", "finetune-b-seed1", "medmerge-seed1"]}
+    kept = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    assert kept == expected[policy]  # and nothing else: the call's own folder is gone
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == (["m"] + (["m.compare"] if kept else []))
+    assert sorted(table.kept["runs"]) == [str(folder / name) for name in expected[policy]]
+    assert best["path"] == (None if policy == "none" else str(folder / "finetune-a-seed1"))
+    for name in kept:
+        opened = RunDir.open(folder / name)
+        opened.checked_file("model.safetensors")
+        assert opened.manifest["config"]["out"] == str(folder / name)
+    recorded = json.loads((out / "manifest.json").read_text())["comparison"]["kept"]
+    assert recorded == {**table.kept, "runs": list(table.kept["runs"])} and recorded["policy"] == policy
+
+
+def test_keep_runs_replaces_a_previous_kept_run_in_a_given_folder_and_refuses_bad_requests(tmp_path, monkeypatch):
+    import mmexport.torchside.train as train_module
+
+    monkeypatch.setattr(train_module, "train", fake_train(SCORES))
+    out, folder = tmp_path / "m", tmp_path / "baselines"
+    cfg = config(("a", "b"), out)
+    first = compare_methods(cfg, ["finetune-a"], seeds=[0, 1], runs_dir=folder)
+    second = compare_methods(config(("a", "b"), out, force=True), ["finetune-a"], seeds=[0, 1], runs_dir=folder)
+    assert first.kept["runs"] == second.kept["runs"] == [str(folder / "finetune-a-seed1")]
+    assert sorted(p.name for p in folder.iterdir()) == ["finetune-a-seed1"]
+    # the 0.2 forms: a folder object keeps every run there, None keeps none
+    old_form = compare_methods(config(("a", "b"), out, force=True), ["finetune-a"], keep_runs=tmp_path / "old")
+    assert old_form.kept["policy"] == "all" and old_form.kept["runs"] == [str(tmp_path / "old" / "finetune-a-seed0")]
+    assert compare_methods(config(("a", "b"), out, force=True), ["finetune-a"], keep_runs=None).kept["runs"] == []
+    (folder / "finetune-a-seed1" / "notes.txt").write_text("mine\n")  # a user's file: --force would not replace it
+    calls = []
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: calls.append(a))
+    for kwargs, needle in [
+        ({"keep_runs": "some/folder"}, "--keep-runs must be one of best, all, none"),
+        ({"keep_runs": "none", "runs_dir": folder}, "--keep-runs none keeps none"),
+        ({"runs_dir": out / "inside"}, "is inside the run"),
+        ({"runs_dir": folder}, "files the run did not make"),
+    ]:
+        with pytest.raises(MMExportError) as info:
+            compare_methods(config(("a", "b"), out, force=True), ["finetune-a"], seeds=[0, 1], **kwargs)
+        assert needle in one_line(info)
+    assert calls == []  # refused before anything was trained
+    (folder / "file").write_text("x")
+    with pytest.raises(MMExportError, match="not a directory"):
+        compare_methods(config(("a", "b"), out, force=True), ["finetune-a"], keep_runs="all", runs_dir=folder / "file")
 
 
 def test_compare_refuses_bad_requests_before_training(resnet18_sources, tmp_path):
@@ -92,9 +202,8 @@ def test_compare_refuses_bad_requests_before_training(resnet18_sources, tmp_path
 
 
 def test_cli_seeds_need_compare(tmp_path):
-    from typer.testing import CliRunner
-
     from mmexport.cli.app import app
+    from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["train", "--arch", "resnet18", "--source-a", "a", "--source-b", "b", "--data", "d",
                                       "--out", str(tmp_path / "o"), "--seeds", "0,1"])
@@ -102,3 +211,10 @@ def test_cli_seeds_need_compare(tmp_path):
     result = CliRunner().invoke(app, ["train", "--arch", "resnet18", "--source-a", "a", "--source-b", "b", "--data", "d",
                                       "--out", str(tmp_path / "o"), "--seed", str(2**32)])
     assert result.exit_code != 0 and "--seed must be an integer from 0 to 4294967295" in str(result.exception)
+    result = CliRunner().invoke(app, ["train", "--arch", "resnet18", "--source-a", "a", "--source-b", "b", "--data", "d",
+                                      "--out", str(tmp_path / "o"), "--keep-runs", "all"])
+    assert result.exit_code != 0 and "--keep-runs and --runs-dir say which --compare runs are kept" in str(result.exception)
+    result = CliRunner().invoke(app, ["train", "--arch", "resnet18", "--source-a", "a", "--source-b", "b", "--data", "d",
+                                      "--out", str(tmp_path / "o"), "--compare", "--keep-runs", "some/folder"])
+    assert result.exit_code != 0 and "--keep-runs must be one of best, all, none" in str(result.exception)
+    assert not (tmp_path / "o").exists()
