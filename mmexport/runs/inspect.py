@@ -7,17 +7,34 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mmexport import artifacts
-from mmexport.errors import MMExportError
+from mmexport.errors import MMExportError, one_line
 from mmexport.runs.manifest import RunDir
+from mmexport.runs.model_card import MODEL_CARD_NAME
 from mmexport.runtime.preprocess import Preprocessing
 
 
 @dataclass(frozen=True)
 class InputRecord:
-    """One input of the run (a source checkpoint, the dataset): what the user gave and its sha256 (None: not a file)."""
+    """One input of the run (a source checkpoint, the dataset): what the user gave and its sha256 (None: not a file).
+
+    ``hashed``: what the sha256 is of -- ``file`` (a checkpoint, an ``.npz``), ``content`` (an image
+    folder or CSV: the dataset's fingerprint over every split, class and image sha256), or
+    ``generated`` (synthetic data: nothing to hash).
+    """
     name: str
     spec: str
     sha256: str | None
+    hashed: str = "file"
+
+
+def _input_record(name: str, entry: dict[str, Any]) -> InputRecord:
+    spec = str(entry.get("spec", entry.get("source", "")))
+    if entry.get("sha256"):
+        return InputRecord(name, spec, str(entry["sha256"]))
+    fingerprint = entry.get("fingerprint")  # a dataset: "sha256:<hex>" (data.formats)
+    if isinstance(fingerprint, str) and fingerprint.startswith("sha256:"):
+        return InputRecord(name, spec, fingerprint[len("sha256:"):], "file" if entry.get("kind") == "npz" else "content")
+    return InputRecord(name, spec, None, "generated" if entry.get("kind") == "synthetic" else "file")
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,8 @@ class ComparisonRecord:
     reference: str  # the run's own method
     methods: list[MethodScores]
     verdict: str
+    kept: dict[str, Any] = field(default_factory=dict)  # what --keep-runs kept: policy, directory, best_single, runs
+    sigma_agreement: dict[str, Any] | None = None  # r of the merge coefficients across seeds: seeds, overall, layers
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,7 @@ class TrainingReport:
     source_probes: dict[str, float] = field(default_factory=dict)  # source label -> head-only probe val macro-F1
     stage1_below_probe: list[str] = field(default_factory=list)  # sources whose probe beat stage 1
     comparison: ComparisonRecord | None = None
+    sources_check: list[str] = field(default_factory=list)  # the lineage verdict, alignment and feature probes
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,7 @@ class RunSummary:
     verifications: list[VerificationRecord]
     coefficients: list[dict[str, Any]] | None = None  # None: needs PyTorch, which is not installed
     warnings: list[str] = field(default_factory=list)
+    model_card: str | None = None  # the run's model_card.md (None: the manifest lists none)
 
 
 def inspect_run(run_path: str | os.PathLike[str], *,
@@ -166,14 +187,14 @@ def inspect_run(run_path: str | os.PathLike[str], *,
         granularity=manifest.get("config", {}).get("granularity"),
         seed=manifest.get("seed"),
         preprocessing=Preprocessing.from_dict(model["preprocessing"]) if model.get("preprocessing") else None,
-        inputs=[InputRecord(key, str(value.get("spec", value.get("source", ""))), value.get("sha256"))
-                for key, value in manifest.get("inputs", {}).items()],
+        inputs=[_input_record(key, value) for key, value in manifest.get("inputs", {}).items() if isinstance(value, dict)],
         final_metrics=_final_metrics(manifest),
         training=_training_report(manifest),
         has_unmerged=bool(manifest.get("outputs", {}).get(artifacts.filename("unmerged"))),
         outputs=outputs,
         verifications=verifications,
         coefficients=rows,
+        model_card=str(run.file(MODEL_CARD_NAME)) if MODEL_CARD_NAME in manifest.get("outputs", {}) else None,
     )
 
 
@@ -209,14 +230,40 @@ def _training_report(manifest: dict[str, Any]) -> TrainingReport:
         source_probes={label: probe["val_macro_f1"] for label, probe in probes.items()},
         stage1_below_probe=list(diagnostics.get("stage1_below_probe") or []),
         comparison=_comparison(comparison) if comparison else None,
+        sources_check=_sources_check(manifest.get("training", {}).get("compatibility")),
     )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _sources_check(record: Any) -> list[str]:
+    """The lines of the check made before stage 1 (``training.compatibility``; docs/lineage.md)."""
+    if not isinstance(record, dict):
+        return []
+    lines = [one_line(record["verdict"])[:400]] if isinstance(record.get("verdict"), str) else []
+    alignment = record.get("alignment")
+    if isinstance(alignment, dict):
+        moved, total, sweeps = (_number(alignment.get(k)) for k in ("moved_channels", "total_channels", "sweeps"))
+        before, after = _number(alignment.get("weight_cosine_before")), _number(alignment.get("weight_cosine_after"))
+        if None not in (moved, total, sweeps, before, after):
+            lines.append(f"source B aligned to A by weight matching: {moved:.0f} of {total:.0f} channels moved "
+                         f"({sweeps:.0f} sweeps), kernel cosine {before:.3f} → {after:.3f}")
+    probe = record.get("feature_probe")
+    if isinstance(probe, dict):
+        a, b = _number(probe.get("source_a")), _number(probe.get("source_b"))
+        if a is not None and b is not None:
+            lines.append(f"source features separate the target: A {a:.2f}, B {b:.2f} val macro-F1 (nearest class mean)")
+    return lines
 
 
 def _comparison(record: dict[str, Any]) -> ComparisonRecord:
     methods = [MethodScores(row["method"], {key: Score(score["mean"], score["std"], len(score["values"]))
                                             for key, score in row["scores"].items() if score is not None})
                for row in record["methods"]]
-    return ComparisonRecord(record["split"], list(record["seeds"]), record["reference"], methods, record["verdict"])
+    return ComparisonRecord(record["split"], list(record["seeds"]), record["reference"], methods, record["verdict"],
+                            dict(record.get("kept") or {}), record.get("sigma_agreement"))
 
 
 def _verification(record: dict[str, Any]) -> VerificationRecord:

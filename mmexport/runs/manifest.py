@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from mmexport.errors import RunDirError, VerificationError
 from mmexport.fileio import atomic_path, compare_tree, remove_temporaries, sha256_file, write_json_atomic, writer_token
 from mmexport.jsonread import parse_json_object
 from mmexport.runs.lock import is_held_here, writing
+from mmexport.runs.model_card import MODEL_CARD_KIND, MODEL_CARD_NAME, has_model_card, render_model_card
 from mmexport.runtime.compare import VerificationReport
 from mmexport.runtime.reference import ReferenceData
 
@@ -336,7 +338,42 @@ class RunDir:
                 on_disk = None
             if on_disk != self.manifest.get("run_id"):
                 raise RunDirError(f"{self.path}: the run was replaced while this command ran; nothing was recorded")
+        self._write_model_card()
         write_json_atomic(manifest_path, self.manifest)
+
+    def refresh_model_card(self) -> Path:
+        """Regenerate ``model_card.md`` from the manifest, record it and save (what every :meth:`save` does)."""
+        if not has_model_card(self.manifest):
+            raise RunDirError(f"{self.path}: has no trained network yet (no model in its manifest): no model card to write")
+        self.save()
+        return self.file(MODEL_CARD_NAME)
+
+    def _write_model_card(self) -> None:
+        """Render the card from the manifest about to be saved; write it and record it in ``outputs`` if it changed.
+
+        The card is derived data: the file is replaced first, then the manifest (the caller's write)
+        records its hash; a process killed in between leaves a card newer than the manifest, which
+        ``verify --manifest`` reports as altered until the next save renders the same card again.
+        A file of that name the run did not make (not in ``outputs``) is never overwritten.
+        """
+        if not has_model_card(self.manifest):
+            return
+        # rendered from the manifest as it will be read back (tuples become lists), so a card made by this save
+        # is the card any later save of the same record renders
+        as_read = json.loads(json.dumps(self.manifest))
+        data = render_model_card(as_read, self._final_path or self.path).encode("utf-8")
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.file(MODEL_CARD_NAME)
+        entry = self.manifest["outputs"].get(MODEL_CARD_NAME)
+        if entry is None and (target.exists() or target.is_symlink()):
+            raise RunDirError(f"{target}: a file the run did not make is in the way of the run's model card; "
+                              "move it away (nothing was recorded)")
+        if entry is not None and entry.get("sha256") == digest and target.is_file() and sha256_file(target) == digest:
+            return
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
+        self.manifest["outputs"].pop(MODEL_CARD_NAME, None)  # listed after the files it describes
+        self.manifest["outputs"][MODEL_CARD_NAME] = _output_entry(MODEL_CARD_KIND, digest, len(data), {})
 
     def write_output(self, relative: str, writer: Callable[[Path], None], kind: str, **details: Any) -> Path:
         """Write ``relative`` atomically with ``writer(tmp_path)``, then hash it into the manifest."""
@@ -428,7 +465,8 @@ class RunDir:
     def publish_verified(self, relative: str, write: Callable[[Path], ArtifactFacts | None],
                          check: Callable[[Path], VerificationReport], kind: str, details: dict[str, Any], command: str, *,
                          mark_unverified: Callable[[Path, str], None] | None = None,
-                         previous_sha256: str | None = None) -> PublishedArtifact:
+                         previous_sha256: str | None = None,
+                         stamp: Callable[[Path, dict[str, Any]], dict[str, Any] | None] | None = None) -> PublishedArtifact:
         """Write ``relative`` under a hidden temporary name, verify it there, and only then publish it.
 
         ``write(tmp)`` makes the file and returns what making it established (recorded in the
@@ -439,6 +477,9 @@ class RunDir:
         ``mark_unverified(tmp, reason)`` first writes the failure into the file itself, and the
         manifest records ``verified: false`` with the reason. ``previous_sha256``: the hash of the
         file this one replaces, to report whether the new one reproduces it bit for bit.
+        ``stamp(tmp, record)``: once judged (and marked), writes the check's record into the file's own
+        metadata, leaving what was checked (graph, weights) unchanged; what it returns joins the manifest
+        entry. The manifest hashes the stamped file, the one published.
         """
         target = self.file(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -453,7 +494,8 @@ class RunDir:
                     hint = f"; {facts.hint}" if facts is not None and facts.hint else ""
                     raise VerificationError(f"{relative}: verification failed, nothing published: {reason}{hint}", report)
                 mark_unverified(tmp, reason)
-            recorded = facts.as_record() if facts is not None else {}
+            stamped = (stamp(tmp, record) or {}) if stamp is not None else {}
+            recorded = {**(facts.as_record() if facts is not None else {}), **stamped}
             status = {"verified": True} if report.passed else {"verified": False, "unverified_reason": reason,
                                                                 "published_unverified_by": command + " --allow-unverified"}
             # the check's record and the output entry land together, after the rename (or not at all)

@@ -9,6 +9,7 @@
         1/                    # a version: every export adds one (1, 2, ...), nothing is overwritten
           model.onnx          # onnxruntime backend; model.plan (+ model.plan.json) for tensorrt;
           mmexport.json       #   model.py + the artifact for the python backend
+          model_card.md       # the run's model card as it was at export (hashed in mmexport.json)
         2/ ...
 
 ``mmexport.json`` in each version is the provenance excerpt of what the version holds:
@@ -56,7 +57,7 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -68,6 +69,7 @@ from mmexport.fileio import sha256_file, write_bytes_atomic
 from mmexport.progress import ProgressSink, sink
 from mmexport.runs.lock import writing
 from mmexport.runs.manifest import MANIFEST_NAME, RunDir, _now
+from mmexport.runs.model_card import MODEL_CARD_NAME
 from mmexport.runs.verify import describes_run
 from mmexport.runtime.engine import EngineSidecar, check_plan_file
 from mmexport.runtime.modelinfo import ModelInfo, check_class_names
@@ -575,7 +577,7 @@ def plan_repository(
     kind = _instance_kind(instance_kind, backend, found)
     batch = _max_batch(found, extra, max_batch, backend)
     _check_labels(found.info.classes, found.describe())
-    layout = _LAYOUTS[backend](found, extra, batch, preprocess=preprocess, threads=threads)
+    layout = _with_model_card(found, _LAYOUTS[backend](found, extra, batch, preprocess=preprocess, threads=threads))
     spec = ModelConfigSpec(
         name=name, backend=backend, max_batch_size=batch, inputs=layout.inputs, outputs=layout.outputs,
         instance_kind=kind, instance_count=instance_count, default_model_filename=layout.default_model_filename,
@@ -681,6 +683,14 @@ def _python_layout(found: SourceArtifact, engines: Sequence[SourceArtifact], bat
 
 
 _LAYOUTS = {"onnxruntime": _onnxruntime_layout, "tensorrt": _tensorrt_layout, "python": _python_layout}
+
+
+def _with_model_card(found: SourceArtifact, layout: BackendLayout) -> BackendLayout:
+    """The run's ``model_card.md`` travels into the version, hash-checked against the run's manifest first;
+    like every copied file its sha256 is in the version's ``mmexport.json`` (a run without a card: nothing)."""
+    if found.run is None or MODEL_CARD_NAME not in found.run.manifest.get("outputs", {}):
+        return layout
+    return replace(layout, copies={**layout.copies, MODEL_CARD_NAME: found.run.checked_file(MODEL_CARD_NAME)})
 
 
 # -- the destination -------------------------------------------------------------------------

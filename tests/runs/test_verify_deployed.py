@@ -97,9 +97,11 @@ def test_forged_description_in_model_onnx_fails_naming_the_field(copy, field):
     reason = "; ".join(reports[0].failures())
     assert f"embedded {field} " in reason and "differs from the run's" in reason, reason
     assert "\n" not in reason
-    # the failed check is recorded (a later `inspect` shows model.onnx FAILED); nothing else changes
+    # the failed check is recorded (a later `inspect` shows model.onnx FAILED, and so does the model card, which
+    # follows the manifest); nothing else changes
     after = tree_hashes(copy)
-    assert {k for k in before if before[k] != after.get(k)} == {"manifest.json"}
+    assert {k for k in before if before[k] != after.get(k)} == {"manifest.json", "model_card.md"}
+    assert "| `model.onnx` |" in (card := (copy / "model_card.md").read_text()) and "**FAILED**" in card
     record = json.loads((copy / "manifest.json").read_text())["verification"][-1]
     assert record["artifact"] == "model.onnx" and record["passed"] is False and field in " ".join(record["notes"])
 

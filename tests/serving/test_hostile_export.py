@@ -239,7 +239,8 @@ def test_the_record_holds_the_sha256_of_every_file_the_version_serves(run_dir, t
     a100 = _fake_engine(run_dir, tmp_path / "a100", (8, 0), 16)
     multi = export_repository(h100, tmp_path / "repo", backend="tensorrt", name="multi", engines=[a100 / "model.plan"])
     record = read_version_record(multi.version_dir)
-    assert set(record["files"]) == {"model.sm90.plan", "model.sm90.plan.json", "model.sm80.plan", "model.sm80.plan.json"}
+    assert set(record["files"]) == {"model.sm90.plan", "model.sm90.plan.json", "model.sm80.plan", "model.sm80.plan.json",
+                                    "model_card.md"}  # the run's model card travels with the version, hashed too
     assert all(sha256_file(multi.version_dir / name) == digest for name, digest in record["files"].items())
     assert check_version_files(multi.version_dir) == []
     with open(multi.version_dir / "model.sm80.plan", "ab") as handle:
@@ -250,7 +251,7 @@ def test_the_record_holds_the_sha256_of_every_file_the_version_serves(run_dir, t
          f"({altered}…, recorded {record['files']['model.sm80.plan'][:12]}…: altered after export)")]
 
     python = export_repository(run_dir, tmp_path / "repo", backend="python", name="py")
-    assert set(read_version_record(python.version_dir)["files"]) == {"model.onnx", "model.py"}
+    assert set(read_version_record(python.version_dir)["files"]) == {"model.onnx", "model.py", "model_card.md"}
     (python.version_dir / "model.onnx").unlink()
     (python.version_dir / "model.onnx").symlink_to(run_dir / "model.onnx")  # same bytes, but not the version's own file
     assert check_version_files(python.version_dir) == [f"{python.version_dir / 'model.onnx'} is not a regular file"]
