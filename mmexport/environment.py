@@ -9,6 +9,13 @@ from typing import Any
 
 from mmexport import __version__
 
+# What a torch-free installation (``pip install mmexport``) lacks and how to add it: the `torch` extra
+# (PyTorch, torchvision, onnxscript for torch.onnx's exporter, onnxconverter-common for the fp16 recipe,
+# matplotlib for the figures). Import names, as an ImportError reports them.
+TORCH_EXTRA_INSTALL = "pip install 'mmexport[torch]'"
+TORCH_EXTRA_MODULES = ("torch", "torchvision", "onnxscript", "onnxconverter_common")
+PLOT_EXTRA_INSTALL = "pip install 'mmexport[plot]'"
+
 _VERSIONED_PACKAGES = ("torch", "torchvision", "numpy", "safetensors", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 

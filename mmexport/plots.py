@@ -1,15 +1,29 @@
-"""Figures (matplotlib, headless): the depth-wise merge-coefficient profile."""
+"""Figures (matplotlib, headless): the depth-wise merge-coefficient profile, benchmark curves.
+
+matplotlib is part of the ``torch`` and ``plot`` extras, not of the core installation: it is imported
+when a figure is drawn, and its absence is one :class:`~mmexport.errors.MissingDependencyError` line.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-import matplotlib
+from mmexport.environment import PLOT_EXTRA_INSTALL
+from mmexport.errors import MissingDependencyError
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+def pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend, or one line naming the extra to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependencyError(f"drawing figures needs matplotlib: {PLOT_EXTRA_INSTALL}") from None
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _stage_of(name: str) -> str:
@@ -37,6 +51,9 @@ def plot_coefficients(
             points.append((name, float(mean)))
     if not points:
         points = [(r["name"], r["mean"]) if isinstance(r, dict) else (r[0], r[1]) for r in rows]
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     figure, axis = plt.subplots(figsize=(max(6.0, 0.12 * len(points) + 3), 3.6), dpi=120)
     xs = range(len(points))
     axis.plot(xs, [p[1] for p in points], marker="o", markersize=3, linewidth=1.2, color="#1f6f8b")
@@ -68,6 +85,7 @@ def _looks_like_conv(name: str) -> bool:
 
 def plot_latency(results: Sequence[Any], path: str | os.PathLike[str], title: str) -> None:
     """Median latency (with the p90–p99 band) and throughput vs batch size, one line per model."""
+    plt = pyplot()
     figure, (latency_axis, throughput_axis) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     for model in dict.fromkeys(r.model for r in results):
         rows = sorted((r for r in results if r.model == model), key=lambda r: r.batch_size)

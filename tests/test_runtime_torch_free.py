@@ -5,7 +5,8 @@ to import them raises ImportError) and then does what an inference server and an
 auditor on a torch-free host do: imports ``mmexport.runtime``, classifies a PNG file
 with an exported ONNX model, imports the ONNX Runtime runner, the comparison policy
 and the bench harness, and runs ``mmexport --help``, ``verify --backend onnx``,
-``bench --engine onnx`` and ``inspect`` on a run.
+``bench --engine onnx`` and ``inspect`` on a run. The core dependencies in pyproject.toml are checked
+against what the torch-free modules import (a real install without torch: test_torch_free_install.py).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def exported_run(tmp_path_factory, resnet18_sources):
 def _run_blocked(script: str, cwd: Path) -> subprocess.CompletedProcess:
     code = BLOCKER + textwrap.dedent(script)
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
+                          check=False)
 
 
 # The module map is the folder layout: ``mmexport/torchside/`` may import torch; so may the demo, which
@@ -101,7 +103,7 @@ def test_torch_free_modules_import_with_torch_blocked(tmp_path):
 def test_layering_has_no_circles_and_no_upward_imports():
     """tools/check_layout.py: no import circles (function-level imports included), no import from a higher layer."""
     result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "check_layout.py")],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 circle, 0 upward, 0 unplaced" in result.stdout
 
@@ -167,8 +169,72 @@ def test_cli_help_verify_bench_inspect_without_torch(exported_run):
     for args in commands:
         code = BLOCKER + textwrap.dedent(script)
         result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=run.parent,
-                                env={**os.environ, "COLUMNS": "200"}, timeout=300)
+                                env={**os.environ, "COLUMNS": "200"}, timeout=300, check=False)
         assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-2000:])
         assert "TORCH-MODULES: []" in result.stderr, (args, result.stderr[-500:])
     manifest = json.loads((run / "manifest.json").read_text())
     assert any(v["artifact"] == "model.onnx" and v["command"] == "verify" and v["passed"] for v in manifest["verification"])
+
+
+# -- the install matches the map: `pip install mmexport` (the core) brings what the torch-free modules import -----
+
+IMPORT_TO_DISTRIBUTION = {"PIL": "pillow", "onnxconverter_common": "onnxconverter-common"}
+TORCH_EXTRA = {"torch", "torchvision", "onnxscript", "onnxconverter-common", "matplotlib"}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    import re
+
+    return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Top-level package names a module imports when it is imported (not inside functions), stdlib excluded."""
+    import ast
+
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue  # lazy: runs only when called
+            if isinstance(child, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                found.add(child.module.split(".")[0])
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return {name for name in found if name not in sys.stdlib_module_names and name != "mmexport"}
+
+
+def test_core_dependencies_are_what_the_torch_free_modules_import():
+    """Every package a torch-free module imports at module level is a core dependency (so `pip install mmexport`
+    imports them all), and the core has none of the torch extra's packages (they are `mmexport[torch]`)."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    core = _requirement_names(project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert not core & TORCH_EXTRA, sorted(core & TORCH_EXTRA)
+    assert TORCH_EXTRA <= _requirement_names(extras["torch"]) <= TORCH_EXTRA
+    assert TORCH_EXTRA <= _requirement_names(extras["test"])  # the tests train and export
+    files = load_layout_tool().module_files()
+    needed = {}
+    for module in TORCH_FREE:
+        for name in _module_level_imports(files[module]):
+            needed.setdefault(IMPORT_TO_DISTRIBUTION.get(name, name).lower(), module)
+    missing = {dist: module for dist, module in needed.items() if dist not in core}
+    assert not missing, f"imported at module level by torch-free modules but not core dependencies: {missing}"
+
+
+def test_figures_without_matplotlib_name_the_plot_extra(monkeypatch):
+    """matplotlib is an extra (torch, plot): drawing without it is one line, importing mmexport.plots is not an error."""
+    import importlib
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # installed nowhere: `import matplotlib` raises ImportError
+    plots = importlib.reload(importlib.import_module("mmexport.plots"))
+    from mmexport.errors import MissingDependencyError
+
+    with pytest.raises(MissingDependencyError) as missing:
+        plots.plot_latency([], "unused.png", "title")
+    assert str(missing.value) == "drawing figures needs matplotlib: pip install 'mmexport[plot]'"

@@ -226,21 +226,49 @@ def _environment_ready(path: Path) -> bool:
     return (path / "bin" / "python3").exists() and (path / "mmexport-ready").is_file()
 
 
+def _wheel_args(wheels: str | os.PathLike[str] | None) -> list[str]:
+    """pip's offline arguments for a folder of wheels (``--no-index --find-links DIR``); [] for None."""
+    if wheels is None:
+        return []
+    folder = Path(wheels).expanduser().absolute()
+    if not folder.is_dir():
+        raise MMExportError(f"{folder}: no such folder of wheels (make one on a connected machine: "
+                            f"pip download '{STUB_NUMPY}' --only-binary :all: -d DIR)")
+    return ["--no-index", "--find-links", str(folder)]
+
+
+def _check_stub_python(path: Path, requirements: Sequence[str]) -> None:
+    """The prepared environment's python3 imports the pinned numpy first, then mmexport.runtime (the model's imports)."""
+    code = ("import numpy, mmexport.runtime, sys; "
+            "sys.exit(0 if int(numpy.__version__.split('.')[0]) < 2 else 'numpy ' + numpy.__version__ + ' comes first')")
+    result = subprocess.run([str(path / "bin" / "python3"), "-c", code], capture_output=True, text=True, timeout=120,
+                            check=False)
+    if result.returncode != 0:
+        detail = " ".join((result.stderr or result.stdout).split())[-300:]
+        raise MissingDependencyError(f"the Python environment of Triton's Python backend ({', '.join(requirements)}) "
+                                     f"does not work: {detail}")
+
+
 def prepare_python_environment(installation: TritonInstallation | None = None, *, progress: ProgressSink | None = None,
-                               pip_args: Sequence[str] = ()) -> Path | None:
+                               pip_args: Sequence[str] = (),
+                               wheels: str | os.PathLike[str] | None = None) -> Path | None:
     """Create (once; cached under ``~/.cache/mmexport/triton-python``) the stub's environment; None when none is needed.
 
     A virtual environment of the running interpreter without pip, whose own
     site-packages gets the stub's requirements (``pip install --target``, from the
-    package index pip is configured for; ``pip_args`` are passed on, e.g.
-    ``--find-links``), and a ``.pth`` file that adds every site directory of the
-    running interpreter after it.
+    package index pip is configured for: ``PIP_INDEX_URL``, ``PIP_FIND_LINKS``, pip.conf;
+    ``pip_args`` are passed on), and a ``.pth`` file that adds every site directory of the
+    running interpreter after it. ``wheels``: a folder of wheels to install from with no
+    index at all (an air-gapped host: ``pip download 'numpy>=1.24,<2' -d DIR`` on a
+    connected machine of the same platform and Python). The environment is checked (its
+    ``python3`` imports numpy<2 and ``mmexport.runtime``) before it is published.
     """
     progress = sink(progress)
     installation = installation or find_tritonserver()
     requirements = stub_requirements(installation)
     if not requirements:
         return None
+    pip_args = [*_wheel_args(wheels), *pip_args]
     final = python_environment_path(requirements)
     if _environment_ready(final):
         return final
@@ -260,6 +288,7 @@ def prepare_python_environment(installation: TritonInstallation | None = None, *
             raise MissingDependencyError(f"could not install {', '.join(requirements)} for Triton's Python backend: {detail}")
         lines = ["import site"] + [f"site.addsitedir({entry!r})" for entry in python_path_entries()]
         (purelib / "zz-mmexport-parent-sites.pth").write_text("; ".join(lines) + "\n", encoding="utf-8")
+        _check_stub_python(staging, requirements)
         (staging / "mmexport-ready").write_text(json.dumps({"requirements": list(requirements),
                                                             "python": sys.executable}) + "\n", encoding="utf-8")
         try:
@@ -291,13 +320,44 @@ def stub_python_bin(installation: TritonInstallation, *, prepare: bool = False,
             if not prepare:
                 raise MissingDependencyError(
                     f"Triton's Python-backend stub ({installation.source}) needs {', '.join(requirements)} and this Python "
-                    f"has numpy {__import__('numpy').__version__}: prepare its environment once with "
-                    "`mmexport serve --prepare-python` (or mmexport.serving.server.prepare_python_environment()), "
+                    f"has numpy {__import__('numpy').__version__}: prepare its environment once at installation with "
+                    "`mmexport prepare-serving` (offline: --wheels DIR; or serve --prepare-python), "
                     f"or set ${ENV_PYTHON} to a virtual environment that has them"
                 )
             path = prepare_python_environment(installation, progress=progress)
         return path / "bin"
     return Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class ServingPreparation:
+    """What :func:`prepare_serving` found or made: the server, and the stub's Python environment if it needs one."""
+    installation: TritonInstallation
+    requirements: tuple[str, ...]  # empty: the stub runs on this Python as it is
+    environment: Path | None  # the prepared environment (None: none needed, or $MMEXPORT_TRITON_PYTHON)
+    configured: str | None = None  # $MMEXPORT_TRITON_PYTHON when set (used as is, nothing prepared)
+    created: bool = False  # False: it was already there
+
+
+def prepare_serving(*, wheels: str | os.PathLike[str] | None = None, pip_args: Sequence[str] = (),
+                    progress: ProgressSink | None = None) -> ServingPreparation:
+    """The installation step of ``serve``: find the Triton server and prepare its Python-backend environment.
+
+    Run once after installing (``mmexport prepare-serving``), where the package index (or a
+    folder of wheels: ``wheels``) can be reached, so that ``serve`` itself never runs pip:
+    an air-gapped server then serves with what is on its disk. Idempotent.
+    """
+    installation = find_tritonserver()
+    configured = os.environ.get(ENV_PYTHON)
+    if configured:
+        stub_python_bin(installation)  # checks it has bin/python3
+        return ServingPreparation(installation, (), None, configured=configured)
+    requirements = stub_requirements(installation)
+    if not requirements:
+        return ServingPreparation(installation, (), None)
+    existed = _environment_ready(python_environment_path(requirements))
+    path = prepare_python_environment(installation, progress=progress, pip_args=pip_args, wheels=wheels)
+    return ServingPreparation(installation, requirements, path, created=not existed)
 
 
 def server_environment(installation: TritonInstallation, base: dict[str, str] | None = None,
@@ -1176,6 +1236,10 @@ def serve(
     ready_timeout = check_timeout(ready_timeout, "the ready timeout", MAX_READY_TIMEOUT)
     check_ports_free(host, [("HTTP", http_port), ("gRPC", grpc_port), ("metrics", metrics_port)])  # before the copy
     progress = sink(progress)
+    # The server and its Python before anything is written: a host without the prepared stub environment
+    # (`mmexport prepare-serving`) is told so in one line, with no repository version and no pip run.
+    installation = find_tritonserver()
+    stub_python_bin(installation, prepare=prepare_python, progress=progress)
     temporary = repo is None
     with _signals_unwind():  # SIGTERM/SIGHUP anywhere below unwinds through the cleanup
         remove_dead_owners_leftovers()
@@ -1191,7 +1255,7 @@ def serve(
             size = result.inputs[0].dims[-1]
             server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                                   model_control_mode="explicit", load_models=(result.name,), ready_timeout=ready_timeout,
-                                  log_file=log_file, prepare_python=prepare_python)
+                                  log_file=log_file, installation=installation)
             server.start(progress)
             try:
                 if not server.model_ready(result.name) or not server.is_running:
@@ -1208,8 +1272,9 @@ def serve(
 
 __all__ = [
     "DEFAULT_READY_TIMEOUT", "DEFAULT_STOP_TIMEOUT", "ENV_BINARY", "ENV_PYTHON", "MAX_READY_TIMEOUT", "MAX_STOP_TIMEOUT",
-    "OWNER_RECORD", "STUB_NUMPY", "ServingSession", "TritonInstallation", "TritonServer", "check_ports_free",
-    "check_timeout", "find_tritonserver", "free_ports", "owned_temporary_directory", "prepare_python_environment",
+    "OWNER_RECORD", "STUB_NUMPY", "ServingPreparation", "ServingSession", "TritonInstallation", "TritonServer",
+    "check_ports_free", "check_timeout", "find_tritonserver", "free_ports", "owned_temporary_directory",
+    "prepare_python_environment", "prepare_serving",
     "python_environment_path", "python_library_dir", "python_path_entries", "release_temporary_directory",
     "remove_dead_owners_leftovers", "serve", "server_environment", "stub_python_bin", "stub_requirements",
 ]

@@ -106,11 +106,12 @@ def test_verify_onnx_fails_on_a_forged_embedded_description(run):
                           "differs from the run's [0.229, 0.224, 0.225]")
     assert "vascular" in line  # the values are shown, not only the field
     after = tree_hashes(run)
-    assert {k for k in before if before[k] != after.get(k)} == {"manifest.json"}  # the failed check, recorded
+    # the failed check, recorded (and shown by the model card, which follows the manifest)
+    assert {k for k in before if before[k] != after.get(k)} == {"manifest.json", "model_card.md"}
     assert json.loads((run / "manifest.json").read_text())["verification"][-1]["passed"] is False
 
 
-# -- no PyTorch on this host: one line naming what to install, for every torch-side command -----------------
+# -- no PyTorch on this host: one line naming the extra to install, for every torch-side command ----------
 
 TORCH_SIDE = {
     "verify (torch backend)": lambda r, s, w: ["verify", str(r)],
@@ -129,8 +130,11 @@ def test_torch_side_commands_without_torch_say_what_to_install(run, resnet18_sou
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     before_run, before_cwd = tree_hashes(run), tree_hashes(workdir)
-    result = mmexport(TORCH_SIDE[name](run, resnet18_sources, workdir), workdir, without_torch=True)
-    one_error_line(result, "needs PyTorch here and torch is not installed", "pip install torch torchvision")
+    args = TORCH_SIDE[name](run, resnet18_sources, workdir)
+    result = mmexport(args, workdir, without_torch=True)
+    # the same line for every torch-side command: the command, what it needs, the extra that brings it
+    line = one_error_line(result, f"mmexport {args[0]} needs PyTorch: pip install 'mmexport[torch]'")
+    assert line == f"error: mmexport {args[0]} needs PyTorch: pip install 'mmexport[torch]'"
     assert tree_hashes(run) == before_run
     assert tree_hashes(workdir) == before_cwd and not any(workdir.iterdir())  # no run, demo folder or lock left
 
@@ -198,12 +202,15 @@ def test_verify_manifest_lists_a_users_notes_and_passes(run):
     assert "every file matches the manifest (1 other file(s)" in result.stdout
 
 
-def test_only_pytorchs_own_import_failures_become_the_install_line():
-    """Another missing package stays what it is (a bug with its traceback), not advice to install torch."""
+def test_only_the_torch_extras_import_failures_become_the_install_line():
+    """A package of the torch extra names the extra; any other missing package stays what it is (a bug with its
+    traceback), not advice to install torch."""
     from mmexport.cli.app import _torch_import_failure
 
-    assert _torch_import_failure(ModuleNotFoundError("No module named 'onnxscript'", name="onnxscript"), "fold") is None
+    assert _torch_import_failure(ModuleNotFoundError("No module named 'pydantic'", name="pydantic"), "fold") is None
     assert _torch_import_failure(ImportError("cannot import name 'x' from 'mmexport.config'"), "fold") is None
     translated = _torch_import_failure(ModuleNotFoundError("No module named 'torchvision.models'",
                                                            name="torchvision.models"), "train")
-    assert "mmexport train needs PyTorch here and torchvision is not installed" in str(translated)
+    assert str(translated) == "mmexport train needs PyTorch: pip install 'mmexport[torch]'"
+    exporter = _torch_import_failure(ModuleNotFoundError("No module named 'onnxscript'", name="onnxscript"), "fold")
+    assert str(exporter) == "mmexport fold needs onnxscript (part of the torch extra): pip install 'mmexport[torch]'"
