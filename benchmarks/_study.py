@@ -180,18 +180,26 @@ def digits_source_task(path: Path, task: str, *, seed: int = REGIME_SEED, val_fr
     return write_npz(path, images, labels, {"train": np.sort(order[cut:]), "val": np.sort(order[:cut])})
 
 
-def train_source(data: str, out: Path, *, image_size: int, epochs: int = 10, seed: int = REGIME_SEED) -> tuple[Path, dict]:
-    """Train a resnet18 from scratch on ``data`` (lr 1e-3, light augmentation) and save its state dict."""
+def train_source(data: str, out: Path, *, image_size: int, epochs: int = 10, seed: int = REGIME_SEED,
+                 init: Path | None = None, lr: float = 1e-3) -> tuple[Path, dict]:
+    """Train a resnet18 on ``data`` (light augmentation) and save its state dict.
+
+    From scratch, or fine-tuned from the backbone in ``init`` (an ancestor; the head is new).
+    """
     from mmexport.torchside.backbones import get_backbone
-    from mmexport.torchside.checkpoints import save_state_dict
+    from mmexport.torchside.checkpoints import load_source, save_state_dict
     from mmexport.torchside.data import load_task
     from mmexport.torchside.train import resolve_device, seed_everything, train_plain
 
     seed_everything(seed)
     task = load_task(data, image_size=image_size)
-    model = get_backbone(ARCH).build(task.num_classes)
+    backbone = get_backbone(ARCH)
+    model = backbone.build(task.num_classes)
+    if init is not None:
+        missing, unexpected = model.load_state_dict(load_source(str(init), ARCH).state_dict, strict=False)
+        assert not unexpected and all(backbone.is_head_key(k) for k in missing), (missing, unexpected)
     start = time.perf_counter()
-    result = train_plain(model, task, epochs=epochs, lr=1e-3, batch_size=32, seed=seed, device=resolve_device("cpu"),
+    result = train_plain(model, task, epochs=epochs, lr=lr, batch_size=32, seed=seed, device=resolve_device("cpu"),
                          augmentation="light")
     save_state_dict(out, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     return out, {"val_accuracy": result.best_metrics["accuracy"], "val_macro_f1": result.best_metrics["macro_f1"],
@@ -217,6 +225,78 @@ def _digits(name: str, per_class: dict[str, int], tasks: tuple[str, str], size: 
     return build
 
 
+# -- sources that share an ancestor (the paper's setting) ---------------------------------------------
+# The ancestor comes from ANOTHER image family, as ImageNet does for medical images: synthetic lesions
+# for the digits regimes, all of scikit-learn's digits for the synthetic ones. A and B are that ancestor
+# fine-tuned (lr 3e-4, 5 epochs) on two different tasks; the target is merged from them with few labels.
+FINETUNE_LR, FINETUNE_EPOCHS = 3e-4, 5
+
+
+def _ancestor(work: Path, family: str) -> Path:
+    root = work / "ancestors"
+    path = root / f"{family}.safetensors"
+    marker = root / f"{family}.json"
+    if not marker.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        if family == "synthetic-32":
+            data = "synthetic:target?n_train=2000&n_val=400&seed=11"
+        else:  # all 1797 digits, 10 classes: the synthetic regimes never see a digit
+            from sklearn.datasets import load_digits
+
+            digits = load_digits()
+            images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+            labels = digits.target.astype(np.int64)
+            order = np.random.default_rng(REGIME_SEED + 5).permutation(len(labels))
+            data = str(write_npz(root / "digits-all.npz", images, labels,
+                                 {"train": np.sort(order[300:]), "val": np.sort(order[:300])}))
+        _, summary = train_source(data, path, image_size=32, epochs=SOURCE_EPOCHS)
+        marker.write_text(json.dumps(summary, indent=2))
+    return path
+
+
+def _shared_digits(name: str, per_class: dict[str, int]) -> Callable[[Path], dict[str, str]]:
+    def build(work: Path) -> dict[str, str]:
+        root = work / "regimes" / name
+        target = root / "target.npz"
+        if not target.is_file():
+            digits_target(target, per_class)
+        # the sources depend only on the source pool (90 target images per class held out): shared by both budgets
+        shared = work / "regimes" / "digits-shared-sources"
+        paths = {"A": shared / "low-digits.safetensors", "B": shared / "high-digits.safetensors"}
+        marker = shared / "done.json"
+        if not marker.is_file():
+            shared.mkdir(parents=True, exist_ok=True)
+            ancestor = _ancestor(work, "synthetic-32")
+            summary = {}
+            for label, task in zip("AB", ("low-digits", "high-digits")):
+                data = digits_source_task(shared / f"{task}.npz", task, target_per_class=90)
+                _, summary[label] = train_source(str(data), paths[label], image_size=32, epochs=FINETUNE_EPOCHS,
+                                                 init=ancestor, lr=FINETUNE_LR)
+            marker.write_text(json.dumps(summary, indent=2))
+        return {"data": str(target), "A": str(paths["A"]), "B": str(paths["B"])}
+
+    return build
+
+
+def _shared_synthetic(n_train: int) -> Callable[[Path], dict[str, str]]:
+    def build(work: Path) -> dict[str, str]:
+        shared = work / "regimes" / "synthetic-shared-sources"
+        paths = {"A": shared / "pigment.safetensors", "B": shared / "border.safetensors"}
+        marker = shared / "done.json"
+        if not marker.is_file():
+            shared.mkdir(parents=True, exist_ok=True)
+            ancestor = _ancestor(work, "digits")
+            summary = {}
+            for label, task in zip("AB", ("pigment", "border")):
+                _, summary[label] = train_source(f"synthetic:{task}{SOURCE_DATA}", paths[label], image_size=32,
+                                                 epochs=FINETUNE_EPOCHS, init=ancestor, lr=FINETUNE_LR)
+            marker.write_text(json.dumps(summary, indent=2))
+        return {"data": f"synthetic:target?n_train={n_train}&n_val=200&n_test=600&seed=3", "A": str(paths["A"]),
+                "B": str(paths["B"])}
+
+    return build
+
+
 REGIMES: dict[str, Regime] = {
     r.name: r
     for r in (
@@ -234,8 +314,20 @@ REGIMES: dict[str, Regime] = {
         Regime("synthetic-demo", "the demo's setting: synthetic lesions, 64 px, a short budget (6+4 epochs)", None,
                "~60 (300 images)", "the demo's sources: A pigment, B border, 5 epochs on 1200 images each", "free",
                _synthetic_demo, epochs=(6, 4)),
+        Regime("digits-32-shared", "scikit-learn digits, 32 px, 10 classes", 32, "10",
+               "A digits 0-4, B digits 5-9, both fine-tuned from one ancestor (synthetic lesions)", "sensitive",
+               _shared_digits("digits-32-shared", {"train": 10, "val": 20, "test": 60})),
+        Regime("digits-32-40-shared", "scikit-learn digits, 32 px, 10 classes", 32, "40",
+               "the same shared-ancestor sources as digits-32-shared", "sensitive",
+               _shared_digits("digits-32-40-shared", {"train": 40, "val": 20, "test": 30})),
+        Regime("synth-32-shared", "synthetic lesions at 32 px, 5 imbalanced classes", 32, "~20 (100 images)",
+               "A pigment, B border, both fine-tuned from one ancestor (all digits)", "free", _shared_synthetic(100)),
+        Regime("synth-32-60-shared", "synthetic lesions at 32 px, 5 imbalanced classes", 32, "~60 (300 images)",
+               "the same shared-ancestor sources as synth-32-shared", "free", _shared_synthetic(300)),
     )
 }
+SHARED_REGIMES = ("digits-32-shared", "digits-32-40-shared", "synth-32-shared", "synth-32-60-shared")
+UNALIGNED_REGIMES = ("synthetic-64", "digits-32", "digits-32-60", "synth-32-rnd")
 # Kept for benchmarks/accuracy.py: a task name or a dataset spec standing for itself.
 TASKS: dict[str, str] = {"target-300": "synthetic:target?n_train=300&n_val=300&n_test=600&seed=0"}
 SOURCES: dict[str, Path] | None = None  # set to use given checkpoints instead of the synthetic sources
@@ -254,7 +346,9 @@ def effective_config(inputs: dict[str, str], image_size: int | None, seed: int, 
     """What a run trains, as a canonical string: runs with equal strings give equal results."""
     config = TrainConfig(arch=ARCH, source_a=inputs["A"], source_b=inputs["B"], data=inputs["data"], out="", seed=seed,
                          image_size=image_size, **overrides)
-    ignored = {"out", "force", "resume", "device", "num_workers"}
+    ignored = {"out", "force", "resume", "device", "num_workers", "intended_use"}  # words, not training
+    if config.align == "none":  # the default: runs from before --align existed stay comparable
+        ignored.add("align")
     if config.method != "medmerge":  # σ is fixed (average) or absent: the logit settings do nothing
         ignored |= {"lr_logits", "granularity", "initial_logit", "lr_logits_probe", "lr_probe_epochs", "sigma_bound"}
     if config.method not in ("medmerge", "average"):  # no blended BatchNorm statistics to initialise

@@ -37,6 +37,8 @@ CONFIGS: dict[str, dict] = {
     "finetune-a": {"method": "finetune-a", **LIGHT},
     "finetune-b": {"method": "finetune-b", **LIGHT},
     "lr1e-1": {"lr_logits": 1e-1, **LIGHT},
+    "lr1e-1 align": {"lr_logits": 1e-1, "align": "weights", **LIGHT},
+    "average align": {"method": "average", "align": "weights", **LIGHT},
     "lr3e-1": {"lr_logits": 3e-1, **LIGHT},
     # the defaults of mmexport 0.1: logit lr 0.3, flips on both axes (+ crop and jitter for files)
     "old-defaults medmerge": {"lr_logits": 3e-1, "augmentation": "legacy"},

@@ -19,8 +19,9 @@ from mmexport.errors import MissingDependencyError, MMExportError, VerificationE
 
 from .console import (
     RichProgress, console, error_console, literal, one_line, print_bench, print_comparison_model, print_demo,
-    print_doctor, print_onnx_exports, print_predictions, print_provenance, print_published, print_refold,
-    print_run_summary, print_serving, print_training_outcome, print_triton_export, print_verification, print_written,
+    print_doctor, print_monai_bundle, print_onnx_exports, print_predictions, print_provenance, print_published, print_refold,
+    print_run_summary, print_serving, print_serving_preparation, print_training_outcome, print_triton_export,
+    print_verification, print_written,
 )
 
 app = typer.Typer(
@@ -99,6 +100,8 @@ def train(
     augmentation: Annotated[Optional[str], typer.Option(help="Training augmentation preset: none, light (default: crop + colour jitter, never flips), orientation-free (flips + 90° rotations: dermoscopy, histology) or legacy (the old default).")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Kept for scripts: --no-augment is --augmentation none; --augment is the default preset.")] = None,
     bn_init: Annotated[str, typer.Option(help="BatchNorm statistics before stage 1: blend (of the sources') or reestimate (on target images).")] = _TRAIN_DEFAULTS.bn_init,
+    intended_use: Annotated[Optional[str], typer.Option(help="What the model is for, in your words (one line): the model card's intended use. Without it the card says research use only, not for clinical use.")] = None,
+    align: Annotated[str, typer.Option(help="Source B's channels before a merge: none (as stored) or weights (permuted into A's order by weight matching, Git Re-Basin; exact: B computes the same). ResNets only.")] = _TRAIN_DEFAULTS.align,
     image_size: Annotated[Optional[int], typer.Option(help="Input size (default 224 for folders, 64 for synthetic).")] = None,
     dicom_voi: Annotated[Optional[str], typer.Option(help="DICOM datasets: the VOI step recorded in the run: none (default: the full modality range), file (each file's own window; files without one are refused) or window:CENTER,WIDTH[:linear|linear_exact|sigmoid] (e.g. window:-600,1500). See docs/dicom.md.")] = None,
     dicom_frame: Annotated[Optional[int], typer.Option(help="DICOM datasets: use this frame (0-based) of multi-frame files (default: refuse them).")] = None,
@@ -111,6 +114,8 @@ def train(
     compare: Annotated[bool, typer.Option(help="Also train --compare-methods on every --seeds with the same settings and write the table (comparison.json): did the merge pay?")] = False,
     compare_methods: Annotated[str, typer.Option(help="Methods --compare trains beside this one (comma-separated).")] = "finetune-a,finetune-b",
     seeds: Annotated[str, typer.Option(help="Seeds of --compare, comma-separated (default: --seed only; use 3 to judge the spread).")] = "",
+    keep_runs: Annotated[Optional[str], typer.Option(help="Which --compare runs to keep as complete runs: best (default: the best single source at its best seed, the run the verdict recommends), all, or none.")] = None,
+    runs_dir: Annotated[Optional[Path], typer.Option(help="Where --keep-runs keeps them, as METHOD-seedN (default: RUN.compare beside the run).")] = None,
 ) -> None:
     """Train one method into a run directory: stage 1, fold (merge methods), stage 2."""
     from mmexport.config import DEFAULT_AUGMENTATION, parse_floats, parse_seeds
@@ -124,13 +129,15 @@ def train(
         lr_logits=lr_logits, lr_logits_probe=parse_floats(lr_logits_probe, "--lr-logits-probe"),
         lr_probe_epochs=lr_probe_epochs, sigma_bound=sigma_bound, lr_head=lr_head, lr_backbone=lr_backbone,
         weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, patience=patience,
-        class_weights=class_weights, sampler=sampler, augmentation=preset, bn_init=bn_init, image_size=image_size,
+        class_weights=class_weights, sampler=sampler, augmentation=preset, bn_init=bn_init, align=align, intended_use=intended_use, image_size=image_size,
         dicom_voi=dicom_voi, dicom_frame=dicom_frame, seed=seed, device=device, amp=amp, num_workers=workers, force=force, resume=resume,
     )
     config.validate()  # before torch is imported: option errors are immediate
     compare_seeds = parse_seeds(seeds) if seeds.strip() else ()
     if compare_seeds and not compare:
         raise MMExportError("--seeds is the seed list of --compare: add --compare (or use --seed for one run)")
+    if (keep_runs is not None or runs_dir is not None) and not compare:
+        raise MMExportError("--keep-runs and --runs-dir say which --compare runs are kept: add --compare")
     rank = int(os.environ.get("RANK", "0"))
     progress = RichProgress() if rank == 0 else None
     lock_wait = _lock_wait(ctx)
@@ -139,7 +146,8 @@ def train(
             from mmexport.torchside.comparison import compare_methods as run_comparison
 
             methods = [m.strip() for m in compare_methods.split(",") if m.strip()]
-            run_comparison(config, methods, compare_seeds, progress, command=_command_line(), lock_wait=lock_wait)
+            run_comparison(config, methods, compare_seeds, progress, command=_command_line(), lock_wait=lock_wait,
+                           keep_runs=keep_runs or "best", runs_dir=runs_dir)
             run_dir = Path(config.out).expanduser().absolute()
         else:
             from mmexport.torchside.train import train as run_training
@@ -158,7 +166,7 @@ def train(
 def fold_command(
     ctx: typer.Context,
     run: RunArg,
-    to: Annotated[str, typer.Option(help=f"What to write: {', '.join(artifacts.FOLD_TARGETS)}. safetensors/pt re-fold the merge; onnx exports the final network; trt builds a TensorRT engine from the verified ONNX.")] = "safetensors",
+    to: Annotated[str, typer.Option(help=f"What to write: {', '.join(artifacts.FOLD_TARGETS)}, monai-bundle. safetensors/pt re-fold the merge; onnx exports the final network; trt builds a TensorRT engine from the verified ONNX; monai-bundle writes a verified MONAI Bundle (--out, --license).")] = "safetensors",
     precision: Annotated[str, typer.Option(help="With --to onnx/trt: fp32, fp16 (fp32 I/O) or int8 (static QDQ).")] = "fp32",
     calib_data: Annotated[Optional[str], typer.Option(help="int8 calibration images (train split; any classes); default: the run's dataset.")] = None,
     calib_images: Annotated[Optional[int], typer.Option(help="Number of calibration images (default 256, all if fewer).")] = None,
@@ -180,11 +188,18 @@ def fold_command(
     repo: Annotated[Optional[Path], typer.Option(help="With --to triton: the Triton model repository to write into (DIR/<name>/<version>/; created if missing).")] = None,
     backend: Annotated[str, typer.Option(help="With --to triton: onnxruntime (Triton's ONNX Runtime backend), tensorrt (the run's engine: --to trt first) or python (mmexport.runtime inside Triton's Python backend).")] = "onnxruntime",
     model_name: Annotated[Optional[str], typer.Option("--name", help="With --to triton: model name (default: the run directory's name, made valid).")] = None,
-    preprocess: Annotated[bool, typer.Option(help="With --to triton --backend python: also accept encoded PNG/JPEG bytes (input image_bytes), preprocessed on the server exactly as the run recorded.")] = False,
+    preprocess: Annotated[Optional[bool], typer.Option("--preprocess/--no-preprocess", help="With --to triton: also accept encoded PNG/JPEG bytes (input image_bytes), preprocessed on the server exactly as the run recorded. Default: on with --backend python (as `serve`), off with onnxruntime/tensorrt (Triton's native backends take only the normalised tensor; --preprocess is refused there).")] = None,
     engine: Annotated[Optional[list[Path]], typer.Option("--engine", help="With --to triton --backend tensorrt: an engine of the same model built on another GPU (repeatable): cc_model_filenames.")] = None,
     allow_unverified: Annotated[bool, typer.Option(help="Publish an artifact that FAILED its check, marked unverified in the file and the manifest (loaders refuse it by default).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="With --to monai-bundle: the bundle folder to create (a path ending in .zip writes a zip); inside the run it is recorded as outputs, outside under monai_bundles.")] = None,
+    license_file: Annotated[Optional[Path], typer.Option("--license", help="With --to monai-bundle: the bundle's LICENSE (required by the MONAI Bundle specification).")] = None,
+    authors: Annotated[Optional[str], typer.Option(help="With --to monai-bundle: metadata.json authors (default: not recorded).")] = None,
+    copyright_: Annotated[Optional[str], typer.Option("--copyright", help="With --to monai-bundle: metadata.json copyright (default: not recorded, see LICENSE).")] = None,
 ) -> None:
     """Write the run's network in a deployable format, verified before it is published."""
+    if to == "monai-bundle":
+        _fold_to_monai_bundle(run, out, license_file, authors=authors, copyright=copyright_, lock_wait=_lock_wait(ctx))
+        return
     if to not in artifacts.FOLD_TARGETS:
         raise MMExportError(f"unknown --to {to!r}; choose one of {', '.join(artifacts.FOLD_TARGETS)}")
     lock_wait = _lock_wait(ctx)
@@ -193,6 +208,8 @@ def fold_command(
     elif to == "triton":
         if repo is None:
             raise MMExportError("--to triton needs --repo DIR (the Triton model repository to write into)")
+        if preprocess is None:  # the same default as `serve` where the backend can preprocess at all
+            preprocess = backend == "python"
         _fold_to_triton(run, repo, precision=precision, backend=backend, name=model_name, preprocess=preprocess,
                         max_batch=max_batch, engines=engine or (), lock_wait=lock_wait)
     elif to == "trt":
@@ -229,6 +246,27 @@ def _fold_to_triton(run: Path, repo: Path, *, precision: str, backend: str, name
     finally:
         progress.finish()
     print_triton_export(result)
+
+
+def _fold_to_monai_bundle(run: Path, out: Path | None, license_file: Path | None, *, authors: str | None,
+                          copyright: str | None, lock_wait: float | None) -> None:
+    """--to monai-bundle: a MONAI Bundle of the run's network, every model file verified, recorded in the run."""
+    from mmexport.torchside.monai_bundle import export_monai_bundle
+
+    if out is None:
+        raise MMExportError("--to monai-bundle needs --out DIR (the bundle folder to create, or a .zip)")
+    progress = RichProgress()
+    try:
+        try:
+            result = export_monai_bundle(run, out, license_file, authors=authors, copyright=copyright,
+                                         progress=progress, lock_wait=lock_wait)
+        except VerificationError as exc:
+            if exc.report is not None:
+                print_verification(exc.report)
+            raise
+    finally:
+        progress.finish()
+    print_monai_bundle(result)
 
 
 def _fold_to_trt(run: Path, precision: str, *, min_batch: int, opt_batch: int | None, max_batch: int | None,
@@ -361,6 +399,9 @@ def _verify_manifest(run: Path) -> None:
         if unlisted:
             parts.append(f"{len(unlisted)} file(s) the manifest does not list would be read as part of the run: "
                          f"{', '.join(unlisted[:5])}")
+        differing = [name for name, state, _ in report.embedded if state == "differs"]
+        if differing:
+            parts.append(f"{len(differing)} file(s) carry provenance that differs from the manifest: {', '.join(differing[:5])}")
         raise VerificationError("; ".join(parts))
     others = len(report.untracked)
     console.print("[green]every file matches the manifest[/green]"
@@ -442,6 +483,10 @@ def bench(
     for target in (json_path, plot):
         if target is not None:
             opened.refuse_overwrite(target)
+    if plot is not None:
+        from mmexport.plots import pyplot
+
+        pyplot()  # matplotlib (the plot extra) is there before the benchmark runs
     progress = RichProgress()
     try:
         report = bench_run(run, request, progress=progress, lock_wait=_lock_wait(ctx))
@@ -460,8 +505,8 @@ def bench(
 def doctor(
     run: Annotated[Optional[Path], typer.Argument(help="Optionally a run: which of its artifacts can run here, and why not.")] = None,
 ) -> None:
-    """What this machine can do: torch and CUDA, ONNX Runtime providers, TensorRT, CUDA layer, GPU."""
-    from mmexport.runs.engine_build import doctor as diagnose
+    """What this machine can do: torch and CUDA, ONNX Runtime providers, TensorRT, CUDA layer, GPU, Triton server."""
+    from mmexport.serving.diagnose import doctor as diagnose
 
     print_doctor(diagnose(run), run)
 
@@ -509,7 +554,7 @@ def serve_command(
     precision: Annotated[str, typer.Option(help="With a run directory: serve model.onnx (fp32), model.fp16.onnx or model.int8.onnx.")] = "fp32",
     repo: Annotated[Optional[Path], typer.Option(help="Export into this Triton model repository (kept; each call adds a version). Default: a temporary repository, removed on exit.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in the repository and the URLs (default: the run directory's name, made valid).")] = None,
-    preprocess: Annotated[bool, typer.Option(help="Also accept encoded PNG/JPEG bytes (input image_bytes), decoded and preprocessed on the server as the run recorded.")] = True,
+    preprocess: Annotated[bool, typer.Option(help="Also accept encoded PNG/JPEG bytes (input image_bytes), decoded and preprocessed on the server as the run recorded (the default, as `fold --to triton --backend python`); --no-preprocess: normalised FP32 tensors only.")] = True,
     max_batch: Annotated[Optional[int], typer.Option(help="Triton max_batch_size (default 32 for ONNX; an engine's profile maximum).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads of the model instance (default: ONNX Runtime's).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on. 127.0.0.1 (default) keeps the server on this machine; 0.0.0.0 exposes it without TLS or authentication.")] = "127.0.0.1",
@@ -518,7 +563,7 @@ def serve_command(
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port (default: a free one).")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for the server and the model to be ready.")] = 120.0,
     log_file: Annotated[Optional[Path], typer.Option(help="Keep the server's log here (default: a temporary file; its tail is shown on errors).")] = None,
-    prepare_python: Annotated[bool, typer.Option(help="If Triton's Python backend needs its own Python environment (numpy<2 for nvidia-pytriton 0.7), create it once (pip, cached in ~/.cache/mmexport).")] = False,
+    prepare_python: Annotated[bool, typer.Option(help="If Triton's Python backend needs its own Python environment (numpy<2 for nvidia-pytriton 0.7) and it is missing, create it now (pip, from the configured index). Better at installation: `mmexport prepare-serving` (offline: --wheels DIR).")] = False,
     allow_untracked: Annotated[bool, typer.Option(help="Serve an .onnx that is not part of a run directory (its verification cannot be checked).")] = False,
 ) -> None:
     """Serve a run's verified model with Triton Inference Server on this machine, until Ctrl-C."""
@@ -539,6 +584,25 @@ def serve_command(
     finally:
         progress.finish()
     console.print("[green]tritonserver stopped[/green]")
+
+
+@app.command("prepare-serving")
+def prepare_serving_command(
+    wheels: Annotated[Optional[Path], typer.Option(help="Install from this folder of wheels only (no index: an air-gapped host); made on a connected machine with `pip download 'numpy>=1.24,<2' --only-binary :all: -d DIR`.")] = None,
+) -> None:
+    """Installation step of `serve`: find tritonserver and prepare its Python backend's environment (numpy<2), once.
+
+    Without --wheels pip uses the index it is configured for (PIP_INDEX_URL, PIP_FIND_LINKS, pip.conf).
+    Afterwards `serve` runs no pip; without it, `serve` stops with one line saying to run this.
+    """
+    from mmexport.serving.server import prepare_serving
+
+    progress = RichProgress()
+    try:
+        prepared = prepare_serving(wheels=wheels, progress=progress)
+    finally:
+        progress.finish()
+    print_serving_preparation(prepared)
 
 
 @app.command()
@@ -588,29 +652,34 @@ TORCH_PACKAGES = ("torch", "torchvision")
 
 
 def _torch_import_failure(exc: ImportError, command: str | None) -> MissingDependencyError | None:
-    """``exc`` as one line naming what to install, when it is PyTorch that cannot be imported; else None.
+    """``exc`` as one line naming the extra to install, when a package of the torch extra (PyTorch,
+    torchvision, onnxscript, onnxconverter-common) cannot be imported; else None (a bug, with its traceback).
 
-    The torch side is imported lazily (inside commands, and inside the library where a path needs it:
-    bench --engine torch, verify --data), so the one place that sees every such import fail is here.
+    ``pip install mmexport`` is the torch-free core; the torch side is imported lazily (inside commands, and
+    inside the library where a path needs it: bench --engine torch, verify --data), so the one place that
+    sees every such import fail is here. Every torch-side command says the same:
+    ``mmexport train needs PyTorch: pip install 'mmexport[torch]'``.
     """
     import traceback
+
+    from mmexport.environment import TORCH_EXTRA_INSTALL, TORCH_EXTRA_MODULES
 
     missing = (exc.name or "").split(".")[0]
     # A broken installation fails while ``import torch`` itself runs (torch/__init__.py at module level, e.g. a
     # missing CUDA library); an ImportError of another package that torch imports lazily later is not torch's.
     broken = next((frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(exc.__traceback__)
                    if frame.f_globals.get("__name__") in TORCH_PACKAGES and frame.f_code.co_name == "<module>"), None)
+    needs = f"mmexport {command}" if command else "this command"
     if missing in TORCH_PACKAGES:
-        state = f"{missing} is not installed"
+        what = "PyTorch"
+    elif missing in TORCH_EXTRA_MODULES:
+        what = f"{missing.replace('_', '-')} (part of the torch extra)"
     elif broken is not None:
-        state = f"{broken} is installed but cannot be imported ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        what = f"PyTorch, and {broken} is installed but cannot be imported ({reason}); reinstall it"
     else:
         return None
-    needs = f"mmexport {command}" if command else "this command"
-    return MissingDependencyError(
-        f"{needs} needs PyTorch here and {state}: pip install torch torchvision (on a CPU-only host add "
-        "--index-url https://download.pytorch.org/whl/cpu); what runs exported artifacts works without it: "
-        "verify --backend onnx|trt, bench --engine onnx|trt, inspect, doctor, serve")
+    return MissingDependencyError(f"{needs} needs {what}: {TORCH_EXTRA_INSTALL}")
 
 
 class _OneLineRecords:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the commands import the library lazily; so does the renderi
     from mmexport.runs.manifest import PublishedArtifact
     from mmexport.runs.predict import PredictReport
     from mmexport.runs.provenance import ProvenanceReport
-    from mmexport.serving.server import ServingSession
+    from mmexport.serving.server import ServingPreparation, ServingSession
     from mmexport.serving.triton import RepositoryResult
 
 # Piped output (CI logs, files) would otherwise be cut at 80 columns, truncating the numbers
@@ -123,6 +123,8 @@ def verification_table(report: VerificationReport) -> Table:
         ("max rel error", lambda st: _fmt(st.max_rel_error)),
         ("min / mean cosine", lambda st: f"{_fmt(st.min_cosine, '.6f')} / {_fmt(st.mean_cosine, '.6f')}"),
         ("top-1 agreement", lambda st: f"{st.top1_agreement:.1%}"),
+        ("top-1 agreed / lower bound", lambda st: "—" if st.top1_agreed is None or st.top1_lower_bound is None
+         else f"{st.top1_agreed}/{st.n_samples}, ≥ {st.top1_lower_bound:.1%} ({st.top1_rule})"),
         ("top-k agreement", lambda st: "—" if not st.topk else f"{st.topk_agreement:.1%} (k={st.topk})"),
         ("macro-F1 ref → cand", lambda st: "—" if st.reference_macro_f1 is None
          else f"{st.reference_macro_f1:.3f} → {st.candidate_macro_f1:.3f}"),
@@ -187,10 +189,17 @@ def device_table(report) -> Table:
 
 def ratio_table_view(report) -> Table:
     table = Table(title="headline: median latency ratios (1.00 = same cost)", title_justify="left")
-    for column in ("batch", "ratio", "median", "mean"):
-        table.add_column(column, justify="left" if column == "ratio" else "right")
+    for column in ("batch", "ratio", "median", "mean", "rounds agree (95 %)"):
+        table.add_column(column, justify="left" if column in ("ratio", "rounds agree (95 %)") else "right")
     for row in report.ratios:
-        table.add_row(str(row["batch_size"]), row["ratio"], f"{row['median_ratio']:.3f}", f"{row['mean_ratio']:.3f}")
+        settled, rounds = row.get("settled"), row.get("round_ratios") or []
+        if settled is False and rounds:  # the rounds disagree: the range, not a headline number
+            median = f"[yellow]unsettled {min(rounds):.2f}–{max(rounds):.2f}[/yellow]"
+            agree = f"[yellow]no (±{row['half_width']:.0%}); --rounds {row['rounds_needed']}[/yellow]"
+        else:
+            median = f"{row['median_ratio']:.3f}"
+            agree = "—" if settled is None else f"yes (±{row['half_width']:.1%})"
+        table.add_row(str(row["batch_size"]), row["ratio"], median, f"{row['mean_ratio']:.3f}", agree)
     return table
 
 
@@ -226,6 +235,8 @@ def print_training_outcome(outcome: TrainingOutcome) -> None:
 
 def print_training_report(training: TrainingReport) -> None:
     """Stage-1 diagnostics (σ saturation, head-only probes) and the --compare table, when the run has them."""
+    for line in training.sources_check:  # what the sources share, checked before stage 1
+        console.print(f"  {literal(line)}", soft_wrap=True)
     if training.sigma_saturation is not None:
         console.print(f"  merge coefficients beyond 0.1/0.9 after stage 1: {training.sigma_saturation:.1%}")
     if training.source_probes:
@@ -255,6 +266,14 @@ def print_training_report(training: TrainingReport) -> None:
             view.add_row(literal(name), *cells)
         console.print(view)
         console.print(f"  {literal(comparison.verdict)}")
+        best, kept = comparison.kept.get("best_single"), comparison.kept.get("runs") or []
+        if best and best.get("path"):
+            console.print(f"  best single source kept as a complete run: {literal(best['method'])} seed {best['seed']} "
+                          f"in {literal(best['path'])}", soft_wrap=True)
+        if len(kept) > (1 if best and best.get("path") in kept else 0):
+            console.print(f"  {len(kept)} comparison runs kept in {literal(comparison.kept.get('directory'))}", soft_wrap=True)
+        elif comparison.kept.get("policy") == "none":
+            console.print("  the comparison runs were not kept (--keep-runs none)")
 
 
 # --------------------------------------------------------------------------- fold
@@ -279,7 +298,7 @@ def print_onnx_exports(results: Iterable[PublishedArtifact]) -> None:
 
     for result in results:
         print_verification(result.report)
-        floats = result.facts.float_nodes if isinstance(result.facts, Int8Export) else []
+        floats = result.facts.float_layers() if isinstance(result.facts, Int8Export) else []
         if floats:
             console.print(f"  int8: {len(floats)} layer(s) kept in float to meet the policy: {literal(', '.join(floats))}",
                           soft_wrap=True)
@@ -305,6 +324,19 @@ def print_triton_export(result: RepositoryResult) -> None:
                       soft_wrap=True)
 
 
+def print_monai_bundle(result: Any) -> None:
+    """``fold --to monai-bundle``: each model file's check, MONAI's own check, the bundle and how the run records it."""
+    for report in result.reports.values():
+        print_verification(report)
+    console.print(f"  MONAI verify_net_in_out: {literal(result.net_in_out)}", soft_wrap=True)
+    what = "zip" if result.zipped else "folder"
+    _wrote(f"MONAI Bundle ({what}) {literal(str(result.path))}" + (f"  sha256 {result.sha256[:16]}…" if result.sha256 else ""))
+    for relative, digest in result.files.items():
+        console.print(f"  {literal(relative)}  sha256 {digest[:16]}…", soft_wrap=True)
+    where = "outputs of the run" if result.inside_run else "the run's manifest (monai_bundles: the sha256 of every file)"
+    console.print(f"  recorded in {where}", soft_wrap=True)
+
+
 # --------------------------------------------------------------------------- verify --manifest, inspect
 
 
@@ -326,7 +358,11 @@ def print_provenance(report: ProvenanceReport) -> None:
         console.print("chain: " + literal(" ← ".join(chain)), soft_wrap=True)
     for target, state, detail in report.repositories:
         colour = "green" if state == "intact" else "red"
-        console.print(f"triton {literal(target)}: [{colour}]{literal(state)}[/{colour}] {literal(detail)}", soft_wrap=True)
+        console.print(f"exported {literal(target)}: [{colour}]{literal(state)}[/{colour}] {literal(detail)}", soft_wrap=True)
+    for name, state, detail in report.embedded:  # what each deployable file says of itself (docs/deploying.md)
+        colour = {"matches": "green", "differs": "red"}.get(state, "yellow")
+        console.print(f"embedded provenance of {literal(name)}: [{colour}]{literal(state)}[/{colour}] {literal(detail)}",
+                      soft_wrap=True)
     # every unlisted file that would be read is shown (they fail the check); of the others, the first ten
     others = [u for u in report.untracked if not u.read_by_mmexport]
     for item in report.unexpected + others[:10]:
@@ -351,11 +387,15 @@ def print_run_summary(summary: RunSummary, *, all_parameters: bool = False,
                   f"seed {literal(summary.seed)}", soft_wrap=True)
     if summary.preprocessing is not None:
         console.print(f"preprocessing: {literal(summary.preprocessing.describe())}", soft_wrap=True)
+    if summary.model_card is not None:
+        console.print(f"model card: {literal(summary.model_card)}", soft_wrap=True)
     inputs = Table(title="inputs", title_justify="left")
     for column in ("input", "spec", "sha256"):
         inputs.add_column(column)
     for record in summary.inputs:
-        inputs.add_row(literal(record.name), literal(record.spec), literal((record.sha256 or "—")[:16]))
+        digest = {"generated": "(generated)"}.get(record.hashed, "—") if record.sha256 is None else \
+            record.sha256[:16] + (" (content)" if record.hashed == "content" else "")
+        inputs.add_row(literal(record.name), literal(record.spec), literal(digest))
     console.print(inputs)
     outputs = Table(title="outputs", title_justify="left")
     for column in ("file", "kind", "deployable", "size", "sha256", "state"):
@@ -385,15 +425,27 @@ def print_run_summary(summary: RunSummary, *, all_parameters: bool = False,
     if summary.coefficients is None and summary.has_unmerged:
         console.print("merge coefficients: PyTorch is not installed here, so the per-layer profile is not shown")
     rows = [r for r in (summary.coefficients or []) if all_parameters or (r["layer"] == "conv" and r["name"].endswith("weight"))]
+    agreement = summary.training.comparison.sigma_agreement if summary.training.comparison else None
+    per_layer = (agreement or {}).get("layers") or {}
     if rows:
-        table = Table(title="mean weight of source A, σ(λ), input → output", title_justify="left")
-        for column in ("#", "parameter", "layer", "σ(λ)", "saturated", ""):
-            table.add_column(column, justify="right" if column in ("#", "σ(λ)", "saturated") else "left")
+        table = Table(title="mean weight of source A, σ(λ), input → output; its spread over the layer's coefficients"
+                            + (" and agreement across seeds (r)" if per_layer else ""), title_justify="left")
+        numeric = ("#", "σ(λ)", "σ std", "beyond 0.4/0.6", "saturated", "seeds r")
+        for column in ("#", "parameter", "layer", "σ(λ)", "σ std", "beyond 0.4/0.6", "saturated",
+                       *(("seeds r",) if per_layer else ()), ""):
+            table.add_column(column, justify="right" if column in numeric else "left")
         for index, row in enumerate(rows):
             bar = round(20 * row["mean"])
-            table.add_row(str(index), literal(row["name"]), literal(row["layer"]), f"{row['mean']:.3f}", f"{row['saturated']:.0%}",
-                          "A " + "█" * bar + "·" * (20 - bar) + " B")
+            spread = [_fmt(row.get("std"), ".3f"), "—" if row.get("off_centre") is None else f"{row['off_centre']:.0%}"]
+            seeds_r = [_fmt(per_layer.get(row["name"]), "+.2f")] if per_layer else []
+            table.add_row(str(index), literal(row["name"]), literal(row["layer"]), f"{row['mean']:.3f}", *spread,
+                          f"{row['saturated']:.0%}", *seeds_r, "A " + "█" * bar + "·" * (20 - bar) + " B")
         console.print(table)
+    if agreement:
+        overall = agreement.get("overall")
+        console.print(f"merge coefficients across seeds {literal(', '.join(map(str, agreement.get('seeds', []))))}: "
+                      f"r = {_fmt(overall, '+.2f')} over every coefficient (1: the same kernels lean to the same "
+                      "source in every seed; 0: unrelated choices)", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- bench, doctor, serve, demo
@@ -482,6 +534,21 @@ def print_serving(session: ServingSession) -> None:
     console.print("Ctrl-C stops the server.")
 
 
+def print_serving_preparation(prepared: ServingPreparation) -> None:
+    """``prepare-serving``: the server found, and the Python environment its Python backend will use."""
+    console.print(f"tritonserver: {literal(prepared.installation.describe())}", soft_wrap=True)
+    if prepared.configured is not None:
+        console.print(f"Python of the Python backend: ${literal('MMEXPORT_TRITON_PYTHON')}={literal(prepared.configured)} "
+                      "(used as is)", soft_wrap=True)
+    elif prepared.environment is None:
+        console.print("Python of the Python backend: this interpreter as it is (nothing to prepare)", soft_wrap=True)
+    else:
+        state = "created" if prepared.created else "already prepared"
+        console.print(f"Python of the Python backend ({literal(', '.join(prepared.requirements))}): {state} in "
+                      f"{literal(str(prepared.environment))}", soft_wrap=True)
+    console.print("[green]ready to serve[/green]: `mmexport serve RUN` runs no pip")
+
+
 def print_demo(summary: DemoSummary) -> None:
     """``demo``: each step's result and time, the benchmark headline, MedMerge against each source alone."""
     table = Table(title="demo summary", title_justify="left")
@@ -496,11 +563,11 @@ def print_demo(summary: DemoSummary) -> None:
     table.add_row("stage 1 merge (best epoch)", f"val acc {mb['val_accuracy']:.3f}  macro-F1 {mb['val_macro_f1']:.3f}", "")
     table.add_row("MedMerge run", literal(summary.run), f"{t['train']:.0f} s")
     for name, stats in summary.fold_stats.items():
-        table.add_row(f"fold check ({name})", f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}", "")
+        table.add_row(f"fold check ({name})", f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_text()}", "")
     table.add_row("fold + verify", "bit-identical re-fold" if summary.fold_reproduced else "re-folded", f"{t['fold_verify']:.0f} s")
     for export in summary.exports:
         for name, stats in export.stats.items():
-            detail = f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_agreement:.1%}, N={stats.n_samples}"
+            detail = f"max abs err {stats.max_abs_error:.3g}, top-1 {stats.top1_text()}"
             if stats.candidate_macro_f1 is not None:
                 detail += f", macro-F1 {stats.reference_macro_f1:.3f} → {stats.candidate_macro_f1:.3f}"
             table.add_row(f"ONNX {export.precision} ({name})", detail, "")

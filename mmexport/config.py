@@ -41,10 +41,14 @@ MIN_IMAGE_SIZE = 16  # below this the torchvision backbones' downsampling runs o
 ACTIVATION_FACTOR = 32
 GRANULARITIES: tuple[str, ...] = ("kernel", "filter", "layer")
 BN_INITS = ("blend", "reestimate")
+# Source B's channels before the merge: as stored, or permuted into A's order by weight matching
+# (Git Re-Basin; mmexport.torchside.align). Only merges read it: a single source has nothing to match.
+ALIGNMENTS = ("none", "weights")
+MAX_INTENDED_USE = 500  # characters of --intended-use
 SCHEDULES = ("cosine", "constant")
 BALANCING = ("none", "balanced")
 # Options that may differ between an interrupted run and its --resume.
-RESUME_FREE = ("force", "resume", "device", "num_workers")
+RESUME_FREE = ("force", "resume", "device", "num_workers", "intended_use")
 
 
 def max_workers() -> int:
@@ -227,6 +231,10 @@ class TrainConfig:
     augmentation: str = DEFAULT_AUGMENTATION
     initial_logit: float = 0.0
     bn_init: str = "reestimate"
+    align: str = "none"
+    # What the model is for, in the user's words: the model card's "intended use" (None: research use only,
+    # not for clinical use). One printable line.
+    intended_use: str | None = None
     image_size: int | None = None
     # The DICOM pixel policy recorded in the run's preprocessing block (see docs/dicom.md): ``none``,
     # ``file`` or ``window:CENTER,WIDTH[:FUNCTION]``; None: ``none`` for a DICOM dataset, nothing otherwise.
@@ -249,7 +257,7 @@ class TrainConfig:
         for value in self.lr_logits_probe:
             check_finite({"lr_logits_probe": value})
         choices = {
-            "method": METHODS, "granularity": GRANULARITIES, "bn_init": BN_INITS, "schedule": SCHEDULES,
+            "method": METHODS, "granularity": GRANULARITIES, "bn_init": BN_INITS, "align": ALIGNMENTS, "schedule": SCHEDULES,
             "class_weights": BALANCING, "sampler": BALANCING, "augmentation": tuple(AUGMENTATIONS),
         }
         for name, allowed in choices.items():
@@ -259,6 +267,13 @@ class TrainConfig:
             raise MMExportError("--merge-epochs and --finetune-epochs must be >= 0 and not both 0")
         if self.method in MERGE_METHODS and self.merge_epochs < 1:
             raise MMExportError(f"--merge-epochs must be at least 1 for --method {self.method} (stage 1 is the merge)")
+        if self.align != "none" and self.method not in MERGE_METHODS:
+            raise MMExportError(f"--align {self.align} aligns source B to source A before a merge; --method {self.method} "
+                                "trains one source: drop --align")
+        if self.intended_use is not None and (
+                not isinstance(self.intended_use, str) or not self.intended_use.strip()
+                or len(self.intended_use) > MAX_INTENDED_USE or not self.intended_use.isprintable()):
+            raise MMExportError(f"--intended-use must be one printable line of 1-{MAX_INTENDED_USE} characters")
         check_seed(self.seed)
         check_int(self.batch_size, "--batch-size", low=1, high=MAX_BATCH_SIZE)
         check_int(self.num_workers, "--workers", low=0, high=max_workers())

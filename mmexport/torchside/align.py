@@ -131,7 +131,7 @@ class Alignment:
     iterations: int
     moved_channels: int  # channels not left in place, over all permutations
     total_channels: int
-    cosine_before: float  # of all permuted weights (flattened), A vs B
+    cosine_before: float  # of all conv/linear kernels (flattened together), A vs B
     cosine_after: float
     history: list[float] = field(default_factory=list)  # matching objective after each sweep
 
@@ -188,6 +188,7 @@ def align_weights(arch: str, state_a: dict[str, torch.Tensor], state_b: dict[str
         if not improved:
             break
     result = permute_state(dict(state_b), spec, perms)
+    kernels = [n for n in weights if a[n].dim() >= 2]  # BatchNorm's γ ≈ 1 would dominate a cosine of everything
     moved = sum(int((p != np.arange(len(p))).sum()) for p in perms.values())
     return Alignment(
         state=result,
@@ -195,8 +196,8 @@ def align_weights(arch: str, state_a: dict[str, torch.Tensor], state_b: dict[str
         iterations=sweeps,
         moved_channels=moved,
         total_channels=sum(spec.sizes.values()),
-        cosine_before=_flat_cosine(a, b, weights),
-        cosine_after=_flat_cosine(a, permute_state(b, spec, perms), weights),
+        cosine_before=_flat_cosine(a, b, kernels),
+        cosine_after=_flat_cosine(a, permute_state(b, spec, perms), kernels),
         history=history,
     )
 

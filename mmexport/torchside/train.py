@@ -37,7 +37,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,11 +60,13 @@ from mmexport.errors import CheckpointError, DataError, MMExportError, RunDirErr
 from mmexport.fileio import atomic_path
 from mmexport.progress import ProgressSink, SilentProgress
 from mmexport.runs.manifest import RunDir
+from mmexport.runs.provenance import artifact_provenance, reference_model_verification
 from mmexport.runtime.metrics import classification_metrics
 from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.preprocess import DicomPixels
 from mmexport.torchside.backbones import get_backbone
 from mmexport.torchside.checkpoints import SourceCheckpoint, check_compatible, load_source
+from mmexport.torchside.compatibility import prepare_sources, probe_line
 from mmexport.torchside.data import TaskData, load_task
 from mmexport.torchside.distributed import (
     DistContext,
@@ -680,6 +682,11 @@ def _train(config: TrainConfig, progress: ProgressSink, command: str, after_epoc
     check_trainable(len(task.labels("train")), ctx)
     sources = _load_sources(config)
     inputs = {**{f"source_{k.lower()}": v.info for k, v in sources.items()}, "data": task.description}
+    compatibility = None
+    if len(sources) == 2:  # what the sources share, before stage 1 (and B aligned to A under --align weights)
+        aligned_b, compatibility = prepare_sources(config.arch, sources["A"].state_dict, sources["B"].state_dict,
+                                                   align=config.align, task=task if ctx.is_main else None, device=device)
+        sources["B"] = replace(sources["B"], state_dict=aligned_b)
 
     run = None
     if ctx.is_main:
@@ -710,16 +717,18 @@ def _train(config: TrainConfig, progress: ProgressSink, command: str, after_epoc
             run.manifest["inputs"] = _jsonable(inputs)
             run.manifest["model"] = session.info.as_dict()
             run.manifest["training"] = {"method": config.method, "stages": {}}
+            if compatibility is not None:
+                run.manifest["training"]["compatibility"] = compatibility
             run.save()
         progress.message(_describe_task(task, config.augmentation))
-        final = _run_method(session, resume)
+        if compatibility is not None and ctx.is_main:
+            for line in (compatibility["verdict"], probe_line(compatibility)):
+                if line:
+                    progress.message(line)
+        _run_method(session, resume)  # evaluates the final network (rank 0) before writing it: its file carries the metrics
         if run is None:
             barrier(ctx)
             return Path(config.out).expanduser().absolute()
-        evaluation = {"val": evaluate(final, task.loader("val", config.batch_size), task.num_classes, device)}
-        if "test" in task.splits:
-            evaluation["test"] = evaluate(final, task.loader("test", config.batch_size), task.num_classes, device)
-        run.manifest["training"]["final"] = evaluation
         run.save()
         published = run.publish(lock_wait=lock_wait)
         barrier(ctx)
@@ -797,7 +806,14 @@ def _run_method(s: _Session, resume: Checkpoint | None) -> nn.Module:
     check_finite_network(final, f"the final network ({config.method})")
     if s.run is not None:
         stage_name = "finetuned" if stage2_epochs else ("folded" if merging else "probed")
-        s.run.write_output(MODEL_FILE, lambda p: save_model(p, final, s.info, stage_name), "model", stage=stage_name,
+        evaluation = {"val": evaluate(final, s.task.loader("val", config.batch_size), s.task.num_classes, s.device)}
+        if "test" in s.task.splits:
+            evaluation["test"] = evaluate(final, s.task.loader("test", config.batch_size), s.task.num_classes, s.device)
+        s.training["final"] = evaluation
+        # the file says what it is and where it came from (method, run, input hashes, metrics), read alone
+        described = s.info.with_precision(s.info.precision, **artifact_provenance(s.run.manifest),
+                                          **reference_model_verification(s.run.manifest))
+        s.run.write_output(MODEL_FILE, lambda p: save_model(p, final, described, stage_name), "model", stage=stage_name,
                            method=config.method)
         _publish_reference(s.run, final, s.task, s.info, config, s.device)
     return final
