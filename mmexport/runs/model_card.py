@@ -25,8 +25,11 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from mmexport import artifacts
 from mmexport.errors import MMExportError, one_line
+from mmexport.runtime.metrics import per_class_scores
 from mmexport.runtime.preprocess import Preprocessing
 from mmexport.runtime.report import NOT_FOR_CLINICAL_USE
 
@@ -339,17 +342,11 @@ def _per_class(metrics: dict[str, Any], classes: list[str]) -> list[list[Any]] |
         return [list(row) for row in zip(*columns)]
     matrix = _list(metrics.get("confusion_matrix"))
     n = len(classes)
-    if n and len(matrix) == n and all(len(_list(r)) == n and all(_int(v) is not None for v in r) for r in matrix):
-        rows = []
-        for i in range(n):
-            true_pos = matrix[i][i]
-            predicted = sum(matrix[r][i] for r in range(n))
-            support = sum(matrix[i])
-            precision = true_pos / predicted if predicted else 0.0
-            recall = true_pos / support if support else 0.0
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-            rows.append([precision, recall, f1, support])
-        return rows
+    if n and len(matrix) == n and all(len(_list(r)) == n and all(_count(v) is not None and v < 2**53 for v in r)
+                                      for r in matrix):
+        scores = per_class_scores(np.asarray(matrix, dtype=np.int64))  # the same scores training records
+        return [[float(scores[k][i]) if k != "support" else int(scores[k][i]) for k in ("precision", "recall", "f1", "support")]
+                for i in range(n)]
     return None
 
 

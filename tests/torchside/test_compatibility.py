@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -58,3 +60,24 @@ def test_a_shuffled_copy_reads_unrelated_until_aligned():
     aligned = align_weights("resnet18", a, shuffled).state
     after = check_lineage(a, aligned, aligned=True)
     assert after.lineage == "shared-ancestor" and abs(after.median - 1.0) < 1e-9
+
+
+def test_a_merge_records_the_check_aligns_b_and_inspect_shows_it(tmp_path):
+    """train --align weights: the check before stage 1 lands in the manifest and inspect, and the aligned B is
+    merged and folded like any source (training's own fold check passes)."""
+    from mmexport.config import TrainConfig
+    from mmexport.runs.inspect import inspect_run
+    from mmexport.torchside.train import train
+
+    run = train(TrainConfig(arch="resnet18", source_a="scratch", source_b="scratch", out=str(tmp_path / "run"),
+                            data="synthetic:target?n_train=16&n_val=8&n_test=8", merge_epochs=1, finetune_epochs=0,
+                            batch_size=8, device="cpu", verify_samples=4, image_size=32, align="weights"))
+    record = json.loads((run / "manifest.json").read_text())["training"]["compatibility"]
+    assert record["lineage"]["lineage"] == "unrelated" and record["lineage"]["aligned"] is False
+    alignment = record["alignment"]
+    assert alignment["moved_channels"] > 0 and alignment["weight_cosine_after"] > alignment["weight_cosine_before"]
+    assert alignment["lineage_after"]["aligned"] is True and len(alignment["permutations_sha256"]) == 64
+    assert set(record["feature_probe"]) == {"method", "source_a", "source_b"}
+    lines = inspect_run(run).training.sources_check
+    assert lines[0].startswith("warning: the sources share no ancestor") and "after alignment" in lines[0]
+    assert lines[1].startswith("source B aligned to A by weight matching") and "val macro-F1" in lines[2]

@@ -86,6 +86,10 @@ def test_bn_reestimation_changes_the_starting_statistics(resnet18_sources, tmp_p
         ({"lr_logits_probe": (0.1, 0.1)}, "--lr-logits-probe"),
         ({"lr_logits_probe": (0.1, 0.3), "lr_probe_epochs": 2}, "--lr-probe-epochs"),
         ({"source_b": ""}, "--source-b is required"),
+        ({"align": "activations"}, "unknown --align 'activations'"),
+        ({"method": "finetune-a", "align": "weights"}, "--align weights aligns source B to source A before a merge"),
+        ({"intended_use": "two\nlines"}, "--intended-use must be one printable line"),
+        ({"intended_use": "x" * 501}, "--intended-use must be one printable line"),
     ],
 )
 def test_bad_config_is_refused_before_anything_is_written(resnet18_sources, tmp_path, overrides, message):
