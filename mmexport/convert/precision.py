@@ -553,7 +553,8 @@ def quantize_int8(
             f"{search.unjudgeable}: judge on a larger held-out set (--data) or publish it with --allow-unverified"
             if search.unjudgeable else
             f"the accuracy-aware search kept up to {int(len(quantizable_nodes(model)) * max_float_fraction)} of "
-            f"{len(quantizable_nodes(model))} layers in float and int8 still fails; raise --int8-max-float (up to 1) "
+            f"{len(quantizable_nodes(model))} layers in float and int8 still fails; raise --int8-max-float (a fraction, "
+            "at most 1), judge on more held-out images (each flip needs more of them for the bound to clear the floor) "
             "or deploy fp16"),
         quantize_seconds=round(time.perf_counter() - start, 3),
     )

@@ -537,6 +537,21 @@ def _artifacts_section(manifest: dict[str, Any], outputs: dict, classes: list[st
                   "and re-hashed by `verify --manifest`):"), ""]
         lines += [f"- {_code(r.get('path'))} model {_code(r.get('model'))} version {_text(r.get('version'))}: "
                   f"{_code(r.get('artifact'))}, backend {_text(r.get('backend'))}" for r in repositories] + [""]
+    latest: dict[str, dict] = {}
+    for record in (_dict(v) for v in _list(manifest.get("verification"))):
+        if isinstance(record.get("artifact"), str):
+            latest[record["artifact"]] = record
+    refused = [(name, record) for name, record in latest.items()
+               if record.get("passed") is False and name not in outputs and "/" not in name]
+    if refused:
+        lines += ["Checked and refused, so not published (the check's record stays in the manifest):", ""]
+        lines += [f"- {_code(name)}: failed the {_code(_dict(record.get('tolerance')).get('name') or '?')} policy"
+                  for name, record in refused] + [""]
+    bundles = [_dict(b) for b in _list(manifest.get("monai_bundles"))]
+    if bundles:
+        lines += ["Exported as MONAI Bundles (every file hashed in the manifest and re-hashed by `verify --manifest`):", ""]
+        lines += [f"- {_code(b.get('bundle'))} ({_text(b.get('format'))}), models verified: "
+                  f"{'yes' if b.get('verified') is True else 'no'}" for b in bundles] + [""]
     return lines
 
 

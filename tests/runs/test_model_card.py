@@ -185,6 +185,20 @@ def test_per_class_scores_come_from_the_confusion_matrix_when_only_it_is_recorde
     assert "Per-class precision and recall on test: not recorded." in render_model_card(manifest)
 
 
+def test_a_refused_artifact_and_an_exported_bundle_are_named(trained):
+    manifest = manifest_of(trained)
+    assert "Checked and refused" not in render_model_card(manifest)
+    refused = copy.deepcopy(manifest["verification"][-1])
+    refused.update(artifact="model.int8.onnx", passed=False, tolerance={**refused["tolerance"], "name": "int8"})
+    manifest["verification"].append(refused)
+    manifest["monai_bundles"] = [{"path": "/srv/b", "bundle": "/srv/b", "format": "folder", "files": {}, "verified": True}]
+    card = render_model_card(manifest)
+    assert "- `model.int8.onnx`: failed the `int8` policy" in card
+    assert "- `/srv/b` (folder), models verified: yes" in card
+    manifest["verification"].append({**refused, "passed": True})  # a later check that passed: no longer refused
+    assert "model.int8.onnx`: failed" not in render_model_card(manifest)
+
+
 def test_a_stated_intended_use_replaces_the_default(trained):
     manifest = manifest_of(trained)
     manifest["config"]["intended_use"] = "Research on dermoscopy triage | second line"
