@@ -258,6 +258,25 @@ def _ancestor(work: Path, family: str) -> Path:
     return path
 
 
+def _fine_tuned_pair(work: Path, folder: Path, family: str,
+                     tasks: dict[str, tuple[str, Callable[[], str]]]) -> dict[str, Path]:
+    """Sources A and B (once; cached in ``folder``): the ``family`` ancestor fine-tuned on each task.
+
+    ``tasks``: label -> (file name, a callable giving the task's data spec, called only when training).
+    """
+    paths = {label: folder / f"{name}.safetensors" for label, (name, _) in tasks.items()}
+    marker = folder / "done.json"
+    if not marker.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        ancestor = _ancestor(work, family)
+        summary = {}
+        for label, (_, data) in tasks.items():
+            _, summary[label] = train_source(data(), paths[label], image_size=32, epochs=FINETUNE_EPOCHS,
+                                             init=ancestor, lr=FINETUNE_LR)
+        marker.write_text(json.dumps(summary, indent=2))
+    return paths
+
+
 def _shared_digits(name: str, per_class: dict[str, int]) -> Callable[[Path], dict[str, str]]:
     def build(work: Path) -> dict[str, str]:
         root = work / "regimes" / name
@@ -266,17 +285,10 @@ def _shared_digits(name: str, per_class: dict[str, int]) -> Callable[[Path], dic
             digits_target(target, per_class)
         # the sources depend only on the source pool (90 target images per class held out): shared by both budgets
         shared = work / "regimes" / "digits-shared-sources"
-        paths = {"A": shared / "low-digits.safetensors", "B": shared / "high-digits.safetensors"}
-        marker = shared / "done.json"
-        if not marker.is_file():
-            shared.mkdir(parents=True, exist_ok=True)
-            ancestor = _ancestor(work, "synthetic-32")
-            summary = {}
-            for label, task in zip("AB", ("low-digits", "high-digits")):
-                data = digits_source_task(shared / f"{task}.npz", task, target_per_class=90)
-                _, summary[label] = train_source(str(data), paths[label], image_size=32, epochs=FINETUNE_EPOCHS,
-                                                 init=ancestor, lr=FINETUNE_LR)
-            marker.write_text(json.dumps(summary, indent=2))
+        paths = _fine_tuned_pair(work, shared, "synthetic-32", {
+            "A": ("low-digits", lambda: str(digits_source_task(shared / "low-digits.npz", "low-digits", target_per_class=90))),
+            "B": ("high-digits", lambda: str(digits_source_task(shared / "high-digits.npz", "high-digits",
+                                                                target_per_class=90)))})
         return {"data": str(target), "A": str(paths["A"]), "B": str(paths["B"])}
 
     return build
@@ -284,17 +296,9 @@ def _shared_digits(name: str, per_class: dict[str, int]) -> Callable[[Path], dic
 
 def _shared_synthetic(n_train: int) -> Callable[[Path], dict[str, str]]:
     def build(work: Path) -> dict[str, str]:
-        shared = work / "regimes" / "synthetic-shared-sources"
-        paths = {"A": shared / "pigment.safetensors", "B": shared / "border.safetensors"}
-        marker = shared / "done.json"
-        if not marker.is_file():
-            shared.mkdir(parents=True, exist_ok=True)
-            ancestor = _ancestor(work, "digits")
-            summary = {}
-            for label, task in zip("AB", ("pigment", "border")):
-                _, summary[label] = train_source(f"synthetic:{task}{SOURCE_DATA}", paths[label], image_size=32,
-                                                 epochs=FINETUNE_EPOCHS, init=ancestor, lr=FINETUNE_LR)
-            marker.write_text(json.dumps(summary, indent=2))
+        paths = _fine_tuned_pair(work, work / "regimes" / "synthetic-shared-sources", "digits", {
+            "A": ("pigment", lambda: f"synthetic:pigment{SOURCE_DATA}"),
+            "B": ("border", lambda: f"synthetic:border{SOURCE_DATA}")})
         return {"data": f"synthetic:target?n_train={n_train}&n_val=200&n_test=600&seed=3", "A": str(paths["A"]),
                 "B": str(paths["B"])}
 
