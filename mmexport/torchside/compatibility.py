@@ -113,6 +113,9 @@ def feature_probe(arch: str, state: dict[str, torch.Tensor], task: Any, device: 
     it ranks sources the way a trained head-only probe does in the study.
     """
     from torch import nn
+    from torch.utils.data import DataLoader, Subset
+
+    from mmexport.torchside.data.tasks import _sample_indices
 
     from mmexport.runtime.metrics import classification_metrics
     from mmexport.torchside.backbones import get_backbone
@@ -124,13 +127,15 @@ def feature_probe(arch: str, state: dict[str, torch.Tensor], task: Any, device: 
     model.to(device).eval()
 
     def features(split: str) -> tuple[torch.Tensor, np.ndarray]:
-        images, labels = task.arrays(split, PROBE_IMAGES, spread=True)
-        out = []
+        # streamed batch by batch: the images of a split at full size would not fit beside training
+        dataset = task.dataset(split, augment=False)
+        chosen = Subset(dataset, _sample_indices(len(dataset), PROBE_IMAGES, spread=True))
+        out, labels = [], []
         with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                batch = torch.from_numpy(images[start:start + batch_size]).to(device)
-                out.append(torch.nn.functional.normalize(model(batch).float().cpu(), dim=1))
-        return torch.cat(out), labels
+            for images, targets in DataLoader(chosen, batch_size=batch_size):
+                out.append(torch.nn.functional.normalize(model(images.to(device)).float().cpu(), dim=1))
+                labels.append(np.asarray(targets, dtype=np.int64))
+        return torch.cat(out), np.concatenate(labels)
 
     train, train_labels = features("train")
     val, val_labels = features("val")
