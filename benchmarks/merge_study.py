@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import _study
+from mmexport.torchside.comparison import judge_gap
 
 EPOCHS = {"merge_epochs": 8, "finetune_epochs": 8}
 LIGHT = {"augmentation": "light"}
@@ -109,39 +110,82 @@ def gap(records: list[dict], config: str, task: str) -> tuple[float, float, int,
     return _mean(diffs), _std(diffs), len(seeds), best
 
 
-def report(records: list[dict], tasks: list[str], seeds: list[int], started: str | None = None) -> str:
+VERDICT_SHORT = {"paid": "paid", "inside the seed spread": "spread", "did not pay": "lost", "one seed": "1 seed"}
+
+
+def regime_lineage(records: list[dict], work: Path | None) -> dict[str, dict]:
+    """regime -> the lineage check its merge runs recorded (before any alignment): lineage and median cosine.
+
+    Read from the record, else from the run's manifest in ``work`` (records logged before the
+    study recorded it); regimes with neither are left out.
+    """
+    found: dict[str, dict] = {}
+    for record in records:
+        task = record["task"]
+        if task in found or record["overrides"].get("method", "medmerge") not in ("medmerge", "average"):
+            continue
+        check = record.get("compatibility")
+        if check is None and work is not None:
+            manifest = work / "runs" / record.get("reused_from", record["key"]).replace("|", "_") / "manifest.json"
+            if manifest.is_file():
+                check = json.loads(manifest.read_text())["training"].get("compatibility")
+        if check:
+            found[task] = check["lineage"]
+    return found
+
+
+def _lineage_cell(check: dict | None) -> str:
+    return f"{check['lineage']} ({check['median_cosine']:.2f})" if check else "—"
+
+
+def report(records: list[dict], tasks: list[str], seeds: list[int], started: str | None = None,
+           lineage: dict[str, dict] | None = None) -> str:
+    lineage = lineage or {}
+    related = [t for t in tasks if lineage.get(t, {}).get("lineage") == "shared-ancestor"]
+    unrelated = [t for t in tasks if lineage.get(t, {}).get("lineage") == "unrelated"]
     records = records + [r for p in AUTO_EPOCHS for r in simulate_auto(records, p)]
     configs = [c for c in list(CONFIGS) + [f"auto p={p}" for p in AUTO_EPOCHS] if any(r["config"] == c for r in records)]
     lines = ["# MedMerge settings study: worst case over regimes", ""]
     lines += ["Regimes (`benchmarks/_study.py`, every one rebuilt from seed 0; runs vary `--seed`):", "",
-              "| regime | images | size | labels per class | sources | orientation |", "| --- | --- | --- | --- | --- | --- |"]
+              "| regime | images | size | labels per class | sources | lineage check (median kernel cosine) | orientation |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for task in tasks:
         r = _study.REGIMES[task]
         lines.append(f"| {task} | {r.description} | {r.image_size or 64} px | {r.labels_per_class} | {r.sources_note} | "
-                     f"{r.orientation} |")
+                     f"{_lineage_cell(lineage.get(task))} | {r.orientation} |")
     lines += ["", f"resnet18, every run {EPOCHS['merge_epochs']}+{EPOCHS['finetune_epochs']} epochs (synthetic-demo: the demo's "
               "6+4; finetune-* spend both in stage 2), library defaults otherwise; model selection on val macro-F1, test macro-F1 reported as mean ± std "
               f"over seeds {', '.join(map(str, seeds))} (×100). Command: `python benchmarks/merge_study.py`.", ""]
     lines += ["## Gap to the best single-source fine-tune (test macro-F1 points, paired by seed)", "",
-              "Per regime: mean ± std over seeds of (config − best of finetune-a/finetune-b with the same augmentation). "
-              "**worst** = the lowest regime mean, the criterion the defaults are chosen by.", ""]
-    lines.append("| config | " + " | ".join(tasks) + " | worst | mean |")
-    lines.append("|" + " --- |" * (len(tasks) + 3))
+              "Per regime: mean ± std over seeds of (config − best of finetune-a/finetune-b with the same augmentation), "
+              "and the verdict `mmexport train --compare` would print on those seeds (`comparison.judge_gap`: *paid* "
+              "when the gap is positive and larger than its std, *lost* when negative and larger, *spread* inside it). "
+              "**worst** = the lowest regime mean, the criterion the defaults are chosen by; *worst related* / *worst "
+              "unrelated* = the same over the regimes whose lineage check says shared-ancestor / unrelated; "
+              "*paid/spread/lost* counts the verdicts.", ""]
+    lines.append("| config | " + " | ".join(tasks) + " | worst | worst related | worst unrelated | mean | paid/spread/lost |")
+    lines.append("|" + " --- |" * (len(tasks) + 6))
     for config in configs:
         if config.replace("old-defaults ", "").replace("none ", "") in ("finetune-a", "finetune-b"):
             continue
-        cells, means = [], []
+        cells, means, verdicts = [], {}, []
         for task in tasks:
             g = gap(records, config, task)
             if g is None:
                 cells.append("—")
                 continue
-            means.append(g[0])
-            cells.append(f"{100 * g[0]:+.1f} ± {100 * g[1]:.1f}")
+            means[task] = g[0]
+            verdicts.append(judge_gap(g[0], g[1] if g[2] > 1 else None))
+            cells.append(f"{100 * g[0]:+.1f} ± {100 * g[1]:.1f} {VERDICT_SHORT[verdicts[-1]]}")
         complete = len(means) == len(tasks)
-        worst = f"{100 * min(means):+.1f}" if complete else "—"
-        mean = f"{100 * _mean(means):+.1f}" if complete else "—"
-        lines.append(f"| {config} | " + " | ".join(cells) + f" | {worst} | {mean} |")
+
+        def worst_of(group: list[str]) -> str:
+            return f"{100 * min(means[t] for t in group):+.1f}" if complete and group else "—"
+
+        mean = f"{100 * _mean(list(means.values())):+.1f}" if complete else "—"
+        counts = "/".join(str(verdicts.count(v)) for v in ("paid", "inside the seed spread", "did not pay"))
+        lines.append(f"| {config} | " + " | ".join(cells) + f" | {worst_of(tasks)} | {worst_of(related)} | "
+                     f"{worst_of(unrelated)} | {mean} | {counts if complete else '—'} |")
     lines += ["", "## Test macro-F1 per regime (mean ± std over seeds, n runs)", ""]
     lines.append("| config | " + " | ".join(tasks) + " |")
     lines.append("|" + " --- |" * (len(tasks) + 1))
@@ -212,7 +256,8 @@ def main() -> None:
     records = [json.loads(line) for line in log.read_text().splitlines()]
     total = sum(r["seconds"] for r in records if "reused_from" not in r)
     note = f"Training time of all runs in the log: {total / 60:.0f} min (2-core shared CPU)."
-    (args.out / "README.md").write_text(report(records, args.regimes, args.seeds, note))
+    lineage = regime_lineage(records, args.work)
+    (args.out / "README.md").write_text(report(records, args.regimes, args.seeds, note, lineage))
     print((args.out / "README.md").read_text())
     print(f"wall {time.time() - start:.0f} s")
 

@@ -98,3 +98,40 @@ def test_gap_is_paired_by_seed_against_the_best_single_source():
     mean, std, n, best = merge_study.gap(records, "lr1e-1", "r")
     assert best == "finetune-a" and n == 2 and mean == pytest.approx(0.0) and std == pytest.approx(0.0707107, abs=1e-6)
     assert merge_study.gap(records, "old-defaults medmerge", "r") is None  # no legacy single sources in the log
+
+
+def _lineage(kind, cosine):
+    return {"lineage": {"lineage": kind, "median_cosine": cosine}}
+
+
+def test_report_judges_each_regime_like_compare_and_takes_the_worst_per_lineage():
+    related, unrelated = "digits-32-shared", "digits-32-unrelated"
+    records = []
+    for seed, (merge_r, merge_u) in enumerate([(0.90, 0.70), (0.92, 0.71), (0.91, 0.69)]):
+        records += [_record("finetune-a", t, seed, 0.85) for t in (related, unrelated)]
+        records += [_record("finetune-b", t, seed, 0.80) for t in (related, unrelated)]
+        records += [_record("lr1e-1", related, seed, merge_r), _record("lr1e-1", unrelated, seed, merge_u)]
+    lineage = {related: _lineage("shared-ancestor", 0.999)["lineage"], unrelated: _lineage("unrelated", 0.0)["lineage"]}
+    text = merge_study.report(records, [related, unrelated], [0, 1, 2], lineage=lineage)
+    row = next(line for line in text.splitlines() if line.startswith("| lr1e-1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # +6.0 ± 1.0 over finetune-a: paid; -15.0 ± 1.0: lost (the rule of --compare)
+    assert cells[1] == "+6.0 ± 1.0 paid" and cells[2] == "-15.0 ± 1.0 lost"
+    assert cells[3:] == ["-15.0", "+6.0", "-15.0", "-4.5", "1/0/1"]  # worst, worst related, worst unrelated, mean, counts
+    assert "shared-ancestor (1.00)" in text and "unrelated (0.00)" in text
+
+
+def test_regime_lineage_reads_the_record_or_else_the_run_manifest(tmp_path):
+    import json
+
+    recorded = dict(_record("lr1e-1", "a", 0, 0.5), key="lr1e-1|a|0", overrides={},
+                    compatibility=_lineage("unrelated", 0.01))
+    single = dict(_record("finetune-a", "b", 0, 0.5), key="finetune-a|b|0", overrides={"method": "finetune-a"})
+    older = dict(_record("average", "b", 0, 0.5), key="x|b|0", reused_from="average|b|1", overrides={"method": "average"})
+    run = tmp_path / "runs" / "average_b_1"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"training": {"compatibility": _lineage("shared-ancestor", 0.97)}}))
+    found = merge_study.regime_lineage([recorded, single, older], tmp_path)
+    assert found == {"a": {"lineage": "unrelated", "median_cosine": 0.01},
+                     "b": {"lineage": "shared-ancestor", "median_cosine": 0.97}}
+    assert merge_study.regime_lineage([single], tmp_path) == {}  # single-source runs check no lineage

@@ -107,6 +107,19 @@ class ComparisonTable:
         return {"format": COMPARISON_FORMAT, **data, "seeds": list(self.seeds)}
 
 
+def judge_gap(gap: float, gap_std: float | None) -> str:
+    """The verdict rule of ``--compare`` on a paired gap (reference − best single, std over seeds).
+
+    ``one seed`` (no spread to judge by), ``inside the seed spread`` (|gap| ≤ std), ``paid`` or
+    ``did not pay``. The merge study applies the same rule to every regime.
+    """
+    if gap_std is None:
+        return "one seed"
+    if abs(gap) <= gap_std:
+        return "inside the seed spread"
+    return "paid" if gap > 0 else "did not pay"
+
+
 def _judge(table: ComparisonTable, per_seed: dict[str, dict[int, float]]) -> None:
     """Fill best single source, gap, its spread and the verdict (in place)."""
     metric = f"{table.split}_macro_f1"
@@ -121,13 +134,14 @@ def _judge(table: ComparisonTable, per_seed: dict[str, dict[int, float]]) -> Non
     table.gap = statistics.fmean(diffs)
     table.gap_std = statistics.stdev(diffs) if len(diffs) > 1 else None
     where = f"{table.split} macro-F1"
-    if table.gap_std is None:
+    kind = judge_gap(table.gap, table.gap_std)
+    if kind == "one seed":
         table.verdict = (f"{table.reference} {table.gap:+.3f} {where} vs {best.method} on one seed: no spread to judge "
                          "by; run more seeds (--seeds 0,1,2)")
-    elif abs(table.gap) <= table.gap_std:
+    elif kind == "inside the seed spread":
         table.verdict = (f"{table.reference} {table.gap:+.3f} ± {table.gap_std:.3f} {where} vs {best.method}: inside the "
                          "seed spread, no evidence that the merge paid")
-    elif table.gap > 0:
+    elif kind == "paid":
         table.verdict = f"{table.reference} {table.gap:+.3f} ± {table.gap_std:.3f} {where} vs {best.method}: the merge paid"
     else:
         table.verdict = (f"{table.reference} {table.gap:+.3f} ± {table.gap_std:.3f} {where} vs {best.method}: the merge "

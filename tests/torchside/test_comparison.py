@@ -12,6 +12,7 @@ from mmexport.torchside.comparison import (
     COMPARISON_FILE,
     Score,
     compare_methods,
+    judge_gap,
     table_from_runs,
 )
 from tests.conftest import one_line
@@ -218,3 +219,11 @@ def test_cli_seeds_need_compare(tmp_path):
                                       "--out", str(tmp_path / "o"), "--compare", "--keep-runs", "some/folder"])
     assert result.exit_code != 0 and "--keep-runs must be one of best, all, none" in str(result.exception)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("gap,std,kind", [
+    (0.03, 0.01, "paid"), (-0.03, 0.01, "did not pay"), (0.01, 0.01, "inside the seed spread"),
+    (-0.009, 0.02, "inside the seed spread"), (0.05, None, "one seed"),
+])
+def test_judge_gap_is_the_rule_compare_and_the_study_share(gap, std, kind):
+    assert judge_gap(gap, std) == kind
