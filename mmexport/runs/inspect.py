@@ -250,11 +250,6 @@ def _sources_check(record: Any) -> list[str]:
         if None not in (moved, total, sweeps, before, after):
             lines.append(f"source B aligned to A by weight matching: {moved:.0f} of {total:.0f} channels moved "
                          f"({sweeps:.0f} sweeps), kernel cosine {before:.3f} → {after:.3f}")
-    probe = record.get("feature_probe")
-    if isinstance(probe, dict):
-        a, b = _number(probe.get("source_a")), _number(probe.get("source_b"))
-        if a is not None and b is not None:
-            lines.append(f"source features separate the target: A {a:.2f}, B {b:.2f} val macro-F1 (nearest class mean)")
     return lines
 
 

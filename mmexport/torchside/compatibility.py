@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
-import numpy as np
 import torch
 
 from mmexport.errors import ArchitectureError
@@ -100,60 +99,15 @@ def check_lineage(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Ten
     return LineageCheck(cosines, aligned=aligned)
 
 
-# -- how well each source's features separate the target ----------------------------------------
-PROBE_IMAGES = 2048  # per split at most: the probe must stay cheap beside training
-
-
-def feature_probe(arch: str, state: dict[str, torch.Tensor], task: Any, device: torch.device, *,
-                  batch_size: int = 64) -> float:
-    """Val macro-F1 of a nearest-class-mean classifier on the frozen source's pooled features.
-
-    No training: class means of the train split's features, each val image to the nearest
-    mean (cosine). Cheap (one forward pass over ≤ 2 × PROBE_IMAGES images), deterministic, and
-    it ranks sources the way a trained head-only probe does in the study.
-    """
-    from torch import nn
-    from torch.utils.data import DataLoader, Subset
-
-    from mmexport.torchside.data.tasks import _sample_indices
-
-    from mmexport.runtime.metrics import classification_metrics
-    from mmexport.torchside.backbones import get_backbone
-
-    backbone = get_backbone(arch)
-    model = backbone.build(task.num_classes)
-    setattr(model, backbone.head, nn.Identity())
-    model.load_state_dict({k: v for k, v in state.items() if not backbone.is_head_key(k)})
-    model.to(device).eval()
-
-    def features(split: str) -> tuple[torch.Tensor, np.ndarray]:
-        # streamed batch by batch: the images of a split at full size would not fit beside training
-        dataset = task.dataset(split, augment=False)
-        chosen = Subset(dataset, _sample_indices(len(dataset), PROBE_IMAGES, spread=True))
-        out, labels = [], []
-        with torch.no_grad():
-            for images, targets in DataLoader(chosen, batch_size=batch_size):
-                out.append(torch.nn.functional.normalize(model(images.to(device)).float().cpu(), dim=1))
-                labels.append(np.asarray(targets, dtype=np.int64))
-        return torch.cat(out), np.concatenate(labels)
-
-    train, train_labels = features("train")
-    val, val_labels = features("val")
-    means = torch.stack([
-        train[torch.from_numpy(train_labels == k)].mean(0) if (train_labels == k).any() else torch.zeros(train.shape[1])
-        for k in range(task.num_classes)
-    ])
-    predictions = (val @ torch.nn.functional.normalize(means, dim=1).T).argmax(1).numpy()
-    return float(classification_metrics(val_labels, predictions, task.num_classes)["macro_f1"])
-
-
-def prepare_sources(arch: str, state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], *, align: str,
-                    task: Any = None, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def prepare_sources(arch: str, state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], *,
+                    align: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Source B as the merge will use it (aligned to A under ``align="weights"``) and the check's record.
 
     The record (for the manifest's ``training.compatibility``): the lineage before alignment,
-    the alignment's facts and the lineage after it, and each source's feature probe on the
-    target when ``task`` is given. Its ``verdict`` is the line to show before stage 1.
+    and the alignment's facts and the lineage after it. Its ``verdict`` is the line to show
+    before stage 1. How well each source's features separate the target is the other half of
+    the check: the head-only probes ``train`` runs right after it, before stage 1 trains
+    (``train.head_probe``, recorded in ``training.diagnostics.source_probes``).
     """
     before = check_lineage(state_a, state_b)
     record: dict[str, Any] = {"lineage": before.to_record(), "verdict": before.verdict()}
@@ -172,19 +126,4 @@ def prepare_sources(arch: str, state_a: dict[str, torch.Tensor], state_b: dict[s
         }
         record["verdict"] = after.verdict() if before.lineage != "shared-ancestor" else before.verdict()
         state_b = result.state
-    if task is not None:
-        record["feature_probe"] = {
-            "method": "nearest class mean on frozen pooled features, val macro-F1",
-            "source_a": round(feature_probe(arch, state_a, task, device or torch.device("cpu")), 4),
-            "source_b": round(feature_probe(arch, state_b, task, device or torch.device("cpu")), 4),
-        }
     return state_b, record
-
-
-def probe_line(record: dict[str, Any]) -> str | None:
-    """"features separate the target: A 0.81, B 0.64 val macro-F1 (nearest class mean)", if probed."""
-    probe = record.get("feature_probe")
-    if not probe:
-        return None
-    return (f"source features separate the target: A {probe['source_a']:.2f}, B {probe['source_b']:.2f} "
-            "val macro-F1 (nearest class mean, frozen)")

@@ -66,7 +66,7 @@ from mmexport.runtime.modelinfo import ModelInfo
 from mmexport.runtime.preprocess import DicomPixels
 from mmexport.torchside.backbones import get_backbone
 from mmexport.torchside.checkpoints import SourceCheckpoint, check_compatible, load_source
-from mmexport.torchside.compatibility import prepare_sources, probe_line
+from mmexport.torchside.compatibility import prepare_sources
 from mmexport.torchside.data import TaskData, load_task
 from mmexport.torchside.distributed import (
     DistContext,
@@ -685,7 +685,7 @@ def _train(config: TrainConfig, progress: ProgressSink, command: str, after_epoc
     compatibility = None
     if len(sources) == 2:  # what the sources share, before stage 1 (and B aligned to A under --align weights)
         aligned_b, compatibility = prepare_sources(config.arch, sources["A"].state_dict, sources["B"].state_dict,
-                                                   align=config.align, task=task if ctx.is_main else None, device=device)
+                                                   align=config.align)
         sources["B"] = replace(sources["B"], state_dict=aligned_b)
 
     run = None
@@ -722,9 +722,7 @@ def _train(config: TrainConfig, progress: ProgressSink, command: str, after_epoc
             run.save()
         progress.message(_describe_task(task, config.augmentation))
         if compatibility is not None and ctx.is_main:
-            for line in (compatibility["verdict"], probe_line(compatibility)):
-                if line:
-                    progress.message(line)
+            progress.message(compatibility["verdict"])
         _run_method(session, resume)  # evaluates the final network (rank 0) before writing it: its file carries the metrics
         if run is None:
             barrier(ctx)
