@@ -88,7 +88,7 @@ class TrainingReport:
     source_probes: dict[str, float] = field(default_factory=dict)  # source label -> head-only probe val macro-F1
     stage1_below_probe: list[str] = field(default_factory=list)  # sources whose probe beat stage 1
     comparison: ComparisonRecord | None = None
-    sources_check: list[str] = field(default_factory=list)  # the lineage verdict, alignment and feature probes
+    sources_check: list[str] = field(default_factory=list)  # the lineage verdict and the alignment
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,11 @@ def bad_cases(root: Path, source_a: Path, source_b: Path, run: Path) -> dict[str
 
     train_case("unknown_granularity", ["'kernels'", "kernel, filter, layer"], "--granularity", "kernels")
     train_case("unknown_bn_init", ["'reset'", "blend, reestimate"], "--bn-init", "reset")
+    train_case("unknown_align", ["'foo'", "none, weights"], "--align", "foo")
+    train_case("align_one_source", ["--align weights", "finetune-a", "drop --align"], "--method", "finetune-a",
+               "--align", "weights")
+    train_case("align_densenet", ["densenet121", "concatenat", "not supported"], "--arch", "densenet121",
+               "--source-a", "scratch", "--source-b", "scratch:1", "--align", "weights")
 
     existing = root / "existing_not_run" / "run"
     existing.mkdir(parents=True)
@@ -526,6 +531,7 @@ def test_inspect_shows_coefficients(runs, trained):
 BAD_INPUTS = [
     "different_arch", "wrong_shape", "pickled_module", "code_pickle", "empty_file", "truncated", "directory",
     "nan_weights", "unknown_arch", "no_images", "val_lacks_class", "unknown_granularity", "unknown_bn_init",
+    "unknown_align", "align_one_source", "align_densenet",
     "existing_not_run", "verify_altered", "verify_not_run", "fold_unknown_format",
     "negative_image_size",
     "corrupt_image",
