@@ -179,7 +179,7 @@ def test_cli_help_verify_bench_inspect_without_torch(exported_run):
 # -- the install matches the map: `pip install mmexport` (the core) brings what the torch-free modules import -----
 
 IMPORT_TO_DISTRIBUTION = {"PIL": "pillow", "onnxconverter_common": "onnxconverter-common"}
-TORCH_EXTRA = {"torch", "torchvision", "onnxscript", "onnxconverter-common", "matplotlib"}
+TORCH_EXTRA = {"torch", "torchvision", "onnxscript", "onnxconverter-common", "matplotlib", "scipy"}
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:
@@ -225,6 +225,44 @@ def test_core_dependencies_are_what_the_torch_free_modules_import():
             needed.setdefault(IMPORT_TO_DISTRIBUTION.get(name, name).lower(), module)
     missing = {dist: module for dist, module in needed.items() if dist not in core}
     assert not missing, f"imported at module level by torch-free modules but not core dependencies: {missing}"
+
+
+# imports no extra declares, each with the reason
+PROVIDED_ELSEWHERE = {
+    "triton_python_backend_utils": "Triton's Python backend provides it inside the server",
+    "google": "protobuf, which tritonclient[grpc] brings (parse_config names tritonclient when it is missing)",
+}
+IMPORT_TO_DISTRIBUTION_ALL = {**IMPORT_TO_DISTRIBUTION, "sklearn": "scikit-learn"}
+
+
+def _every_import(path: Path) -> set[str]:
+    """Top-level third-party package names ``path`` imports anywhere, lazy imports inside functions included."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return {name for name in found if name not in sys.stdlib_module_names and name not in ("mmexport", "cli")}
+
+
+def test_every_import_is_declared_by_the_core_or_an_extra():
+    """A lazy import (scipy inside --align weights) is still a dependency: the core or some extra must declare it,
+    or the user who installed that extra meets a bare ModuleNotFoundError."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = _requirement_names(project["dependencies"])
+    for requirements in project["optional-dependencies"].values():
+        declared |= _requirement_names(requirements)
+    undeclared = {}
+    for path in sorted([*(root / "mmexport").rglob("*.py"), *(root / "cli").rglob("*.py")]):
+        for name in _every_import(path) - set(PROVIDED_ELSEWHERE):
+            if IMPORT_TO_DISTRIBUTION_ALL.get(name, name).lower() not in declared:
+                undeclared.setdefault(name, str(path.relative_to(root)))
+    assert not undeclared, f"imported but declared by no dependency list: {undeclared}"
 
 
 def test_figures_without_matplotlib_name_the_plot_extra(monkeypatch):

@@ -48,7 +48,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pyproject.toml", "README.md", "LICENSE", "mmexport", "cli")
-TORCH_EXTRA = ("torch", "torchvision", "onnxscript", "onnxconverter-common", "matplotlib")
+TORCH_EXTRA = ("torch", "torchvision", "onnxscript", "onnxconverter-common", "matplotlib", "scipy")
 PIP_QUIET = ["--disable-pip-version-check", "--no-input", "-q"]
 
 
