@@ -39,6 +39,9 @@ CONFIGS: dict[str, dict] = {
     "finetune-b": {"method": "finetune-b", **LIGHT},
     "lr1e-1": {"lr_logits": 1e-1, **LIGHT},
     "lr1e-1 align": {"lr_logits": 1e-1, "align": "weights", **LIGHT},
+    # mmexport 0.3's default: align where the lineage check finds no shared ancestor. Its row is read off the
+    # lr1e-1 / lr1e-1 align runs (ALIGN_AUTO); training it checks that reading (identical runs).
+    "lr1e-1 auto": {"lr_logits": 1e-1, "align": "auto", **LIGHT},
     "average align": {"method": "average", "align": "weights", **LIGHT},
     "lr3e-1": {"lr_logits": 3e-1, **LIGHT},
     # the defaults of mmexport 0.1: logit lr 0.3, flips on both axes (+ crop and jitter for files)
@@ -61,6 +64,23 @@ AUTO_CANDIDATES = {"lr3e-2": 3e-2, "lr1e-1": 1e-1, "lr3e-1": 3e-1}
 AUTO_EPOCHS = (1, 2)
 SINGLE = {"legacy": ("old-defaults finetune-a", "old-defaults finetune-b"),
           "light": ("finetune-a", "finetune-b"), "none": ("none finetune-a", "none finetune-b")}
+
+
+ALIGN_AUTO = "align auto (read off)"
+
+
+def simulate_align_auto(records: list[dict], lineage: dict[str, dict]) -> list[dict]:
+    """``--align auto`` per (regime, seed), read off the fixed runs: ``lr1e-1`` where the regime's lineage
+    check says shared-ancestor (auto leaves B as stored), ``lr1e-1 align`` elsewhere (auto aligns, as weights)."""
+    out = []
+    for record in records:
+        check = lineage.get(record["task"])
+        if check is None:
+            continue
+        wanted = "lr1e-1" if check["lineage"] == "shared-ancestor" else "lr1e-1 align"
+        if record["config"] == wanted:
+            out.append({**record, "config": ALIGN_AUTO, "key": f"{ALIGN_AUTO}|{record['task']}|{record['seed']}"})
+    return out
 
 
 def _augmentation(name: str) -> str:
@@ -143,8 +163,9 @@ def report(records: list[dict], tasks: list[str], seeds: list[int], started: str
     lineage = lineage or {}
     related = [t for t in tasks if lineage.get(t, {}).get("lineage") == "shared-ancestor"]
     unrelated = [t for t in tasks if lineage.get(t, {}).get("lineage") == "unrelated"]
-    records = records + [r for p in AUTO_EPOCHS for r in simulate_auto(records, p)]
-    configs = [c for c in list(CONFIGS) + [f"auto p={p}" for p in AUTO_EPOCHS] if any(r["config"] == c for r in records)]
+    records = records + [r for p in AUTO_EPOCHS for r in simulate_auto(records, p)] + simulate_align_auto(records, lineage)
+    configs = [c for c in list(CONFIGS) + [f"auto p={p}" for p in AUTO_EPOCHS] + [ALIGN_AUTO]
+               if any(r["config"] == c for r in records)]
     lines = ["# MedMerge settings study: worst case over regimes", ""]
     lines += ["Regimes (`benchmarks/_study.py`, every one rebuilt from seed 0; runs vary `--seed`):", "",
               "| regime | images | size | labels per class | sources | lineage check (median kernel cosine) | orientation |",
@@ -248,7 +269,8 @@ def main() -> None:
             for regime in args.regimes:
                 budget = _study.REGIMES[regime].epochs if regime in _study.REGIMES else None
                 epochs = dict(zip(("merge_epochs", "finetune_epochs"), budget)) if budget else EPOCHS
-                overrides = {**epochs, **configs[name]}
+                # alignment explicit: a config names what it trains whatever the library's default
+                overrides = {**epochs, "align": "none", **configs[name]}
                 for seed in args.seeds:
                     record = _study.run_one(args.work, log, name, regime, seed, overrides)
                     print(f"{name:26s} {regime:13s} seed {seed}  val F1 {record['val_macro_f1']:.3f}  "

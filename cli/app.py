@@ -101,7 +101,7 @@ def train(
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Kept for scripts: --no-augment is --augmentation none; --augment is the default preset.")] = None,
     bn_init: Annotated[str, typer.Option(help="BatchNorm statistics before stage 1: blend (of the sources') or reestimate (on target images).")] = _TRAIN_DEFAULTS.bn_init,
     intended_use: Annotated[Optional[str], typer.Option(help="What the model is for, in your words (one line): the model card's intended use. Without it the card says research use only, not for clinical use.")] = None,
-    align: Annotated[str, typer.Option(help="Source B's channels before a merge: none (as stored) or weights (permuted into A's order by weight matching, Git Re-Basin; exact: B computes the same). ResNets only.")] = _TRAIN_DEFAULTS.align,
+    align: Annotated[str, typer.Option(help="Source B's channels before a merge: weights (permuted into A's order by weight matching, Git Re-Basin; exact: B computes the same; ResNets only), none (as stored), or auto: weights when the lineage check finds no shared ancestor, for medmerge on a ResNet, else none.")] = _TRAIN_DEFAULTS.align,
     image_size: Annotated[Optional[int], typer.Option(help="Input size (default 224 for folders, 64 for synthetic).")] = None,
     dicom_voi: Annotated[Optional[str], typer.Option(help="DICOM datasets: the VOI step recorded in the run: none (default: the full modality range), file (each file's own window; files without one are refused) or window:CENTER,WIDTH[:linear|linear_exact|sigmoid] (e.g. window:-600,1500). See docs/dicom.md.")] = None,
     dicom_frame: Annotated[Optional[int], typer.Option(help="DICOM datasets: use this frame (0-based) of multi-frame files (default: refuse them).")] = None,

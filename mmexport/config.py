@@ -43,7 +43,9 @@ GRANULARITIES: tuple[str, ...] = ("kernel", "filter", "layer")
 BN_INITS = ("blend", "reestimate")
 # Source B's channels before the merge: as stored, or permuted into A's order by weight matching
 # (Git Re-Basin; mmexport.torchside.align). Only merges read it: a single source has nothing to match.
-ALIGNMENTS = ("none", "weights")
+# auto (the default; benchmarks/merge_study.py): weights where the lineage check finds no shared ancestor,
+# for medmerge on a ResNet; as stored otherwise (see compatibility.alignment_decision).
+ALIGNMENTS = ("auto", "none", "weights")
 MAX_INTENDED_USE = 500  # characters of --intended-use
 SCHEDULES = ("cosine", "constant")
 BALANCING = ("none", "balanced")
@@ -231,7 +233,7 @@ class TrainConfig:
     augmentation: str = DEFAULT_AUGMENTATION
     initial_logit: float = 0.0
     bn_init: str = "reestimate"
-    align: str = "none"
+    align: str = "auto"
     # What the model is for, in the user's words: the model card's "intended use" (None: research use only,
     # not for clinical use). One printable line.
     intended_use: str | None = None
@@ -267,7 +269,7 @@ class TrainConfig:
             raise MMExportError("--merge-epochs and --finetune-epochs must be >= 0 and not both 0")
         if self.method in MERGE_METHODS and self.merge_epochs < 1:
             raise MMExportError(f"--merge-epochs must be at least 1 for --method {self.method} (stage 1 is the merge)")
-        if self.align != "none" and self.method not in MERGE_METHODS:
+        if self.align == "weights" and self.method not in MERGE_METHODS:
             raise MMExportError(f"--align {self.align} aligns source B to source A before a merge; --method {self.method} "
                                 "trains one source: drop --align")
         if self.intended_use is not None and (

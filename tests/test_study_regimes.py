@@ -135,3 +135,15 @@ def test_regime_lineage_reads_the_record_or_else_the_run_manifest(tmp_path):
     assert found == {"a": {"lineage": "unrelated", "median_cosine": 0.01},
                      "b": {"lineage": "shared-ancestor", "median_cosine": 0.97}}
     assert merge_study.regime_lineage([single], tmp_path) == {}  # single-source runs check no lineage
+
+
+def test_align_auto_row_takes_the_unaligned_run_where_an_ancestor_is_shared_and_the_aligned_one_elsewhere():
+    records = [_record("lr1e-1", "rel", 0, 0.80), _record("lr1e-1 align", "rel", 0, 0.80),
+               _record("lr1e-1", "unrel", 0, 0.60), _record("lr1e-1 align", "unrel", 0, 0.65),
+               _record("lr1e-1", "unknown", 0, 0.5)]
+    lineage = {"rel": {"lineage": "shared-ancestor", "median_cosine": 0.99},
+               "unrel": {"lineage": "unrelated", "median_cosine": 0.0}}
+    rows = {r["task"]: r for r in merge_study.simulate_align_auto(records, lineage)}
+    assert set(rows) == {"rel", "unrel"}  # a regime without a lineage record gets no row
+    assert rows["unrel"]["test_macro_f1"] == 0.65 and rows["rel"]["test_macro_f1"] == 0.80
+    assert rows["unrel"]["config"] == merge_study.ALIGN_AUTO

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mmexport import artifacts
-from mmexport.errors import MMExportError, one_line
+from mmexport.errors import MMExportError
 from mmexport.runs.manifest import RunDir
-from mmexport.runs.model_card import MODEL_CARD_NAME
+from mmexport.runs.model_card import MODEL_CARD_NAME, sources_check_lines
 from mmexport.runtime.preprocess import Preprocessing
 
 
@@ -230,27 +230,8 @@ def _training_report(manifest: dict[str, Any]) -> TrainingReport:
         source_probes={label: probe["val_macro_f1"] for label, probe in probes.items()},
         stage1_below_probe=list(diagnostics.get("stage1_below_probe") or []),
         comparison=_comparison(comparison) if comparison else None,
-        sources_check=_sources_check(manifest.get("training", {}).get("compatibility")),
+        sources_check=sources_check_lines(manifest.get("training", {}).get("compatibility")),
     )
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _sources_check(record: Any) -> list[str]:
-    """The lines of the check made before stage 1 (``training.compatibility``; docs/lineage.md)."""
-    if not isinstance(record, dict):
-        return []
-    lines = [one_line(record["verdict"])[:400]] if isinstance(record.get("verdict"), str) else []
-    alignment = record.get("alignment")
-    if isinstance(alignment, dict):
-        moved, total, sweeps = (_number(alignment.get(k)) for k in ("moved_channels", "total_channels", "sweeps"))
-        before, after = _number(alignment.get("weight_cosine_before")), _number(alignment.get("weight_cosine_after"))
-        if None not in (moved, total, sweeps, before, after):
-            lines.append(f"source B aligned to A by weight matching: {moved:.0f} of {total:.0f} channels moved "
-                         f"({sweeps:.0f} sweeps), kernel cosine {before:.3f} → {after:.3f}")
-    return lines
 
 
 def _comparison(record: dict[str, Any]) -> ComparisonRecord:

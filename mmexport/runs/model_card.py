@@ -216,6 +216,31 @@ def _source_origin(info: dict[str, Any]) -> str:
     return f"not recorded (a {_text(fmt or 'checkpoint')} file; the run cannot know its training data){head}"
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def sources_check_lines(record: Any) -> list[str]:
+    """The lines of the check made before stage 1 (``training.compatibility``; docs/lineage.md).
+
+    ``train`` prints them before stage 1, ``inspect`` again from the manifest, and the card lists them.
+    """
+    if not isinstance(record, dict):
+        return []
+    lines = [one_line(record["verdict"])[:400]] if isinstance(record.get("verdict"), str) else []
+    alignment = record.get("alignment")
+    if isinstance(alignment, dict) and alignment.get("applied") is False and isinstance(alignment.get("reason"), str):
+        lines.append(f"source B not aligned (--align {one_line(str(alignment.get('mode')))[:20]}): "
+                     f"{one_line(alignment['reason'])[:300]}")
+    elif isinstance(alignment, dict):
+        moved, total, sweeps = (_number(alignment.get(k)) for k in ("moved_channels", "total_channels", "sweeps"))
+        before, after = _number(alignment.get("weight_cosine_before")), _number(alignment.get("weight_cosine_after"))
+        if None not in (moved, total, sweeps, before, after):
+            lines.append(f"source B aligned to A by weight matching: {moved:.0f} of {total:.0f} channels moved "
+                         f"({sweeps:.0f} sweeps), kernel cosine {before:.3f} → {after:.3f}")
+    return lines
+
+
 def _sources_section(manifest: dict[str, Any], outputs: dict, classes: list[str], limitations: list[str]) -> list[str]:
     inputs = _dict(manifest.get("inputs"))
     rows = []
@@ -234,6 +259,10 @@ def _sources_section(manifest: dict[str, Any], outputs: dict, classes: list[str]
     lines += _table(["source", "checkpoint", "sha256", "trained on"], rows) + [""]
     if len(rows) == 1:
         lines += ["The method used one source only.", ""]
+    checked = sources_check_lines(_dict(manifest.get("training")).get("compatibility"))
+    if checked:
+        lines += ["What the sources share, checked before training (docs/lineage.md):", ""]
+        lines += [f"- {_text(line)}" for line in checked] + [""]
     if unknown:
         limitations.append(f"What {' and '.join(unknown)} {'was' if len(unknown) == 1 else 'were'} trained on is not "
                            "recorded: overlap between a source's training data and the target's test split, which "

@@ -104,6 +104,15 @@ def permutation_spec(arch: str, *, include_head: bool = False) -> PermutationSpe
     return PermutationSpec(axes, sizes)
 
 
+def alignable(arch: str) -> bool:
+    """Whether ``--align weights`` handles ``arch`` (torchvision ResNets; DenseNet is refused)."""
+    try:
+        permutation_spec(arch)
+    except ArchitectureError:
+        return False
+    return True
+
+
 def permute_state(state: dict[str, torch.Tensor], spec: PermutationSpec,
                   perms: dict[str, np.ndarray | torch.Tensor], *, skip: tuple[str, int] | None = None) -> dict[str, torch.Tensor]:
     """``state`` with every axis permuted: ``new[..., i, ...] = old[..., perm[i], ...]``.

@@ -297,7 +297,7 @@ def compare_methods(
         for index, (method, seed) in enumerate(jobs, start=2):
             progress.message(f"compare: run {index}/{1 + len(jobs)}: {method}, seed {seed}")
             job = replace(config, method=method, seed=seed, out=str(work / _run_name(method, seed)), force=True,
-                          resume=False, align="none")  # a single source has nothing to align to
+                          resume=False, align="none")  # the paper's baselines: single sources, the plain average as stored
             runs.setdefault(method, {})[seed] = train(job, progress, command=f"{command} (compare: {method} seed {seed})",
                                                       lock_wait=lock_wait)
         settings = {"merge_epochs": config.merge_epochs, "finetune_epochs": config.finetune_epochs,

@@ -49,15 +49,19 @@ class LineageCheck:
             return "unrelated"
         return "unclear"
 
-    def verdict(self) -> str:
-        """One line a user reads before training: which case they are in and what to expect."""
+    def verdict(self, *, can_align: bool = True) -> str:
+        """One line a user reads before training: which case they are in and what to expect.
+
+        ``can_align``: whether ``--align weights`` is an option to suggest (False for DenseNet).
+        """
         measured = f"median kernel cosine {self.median:.2f} over {len(self.cosines)} kernels" + (
             " after alignment" if self.aligned else "")
         if self.lineage == "shared-ancestor":
             return f"the sources share an ancestor ({measured}): the setting MedMerge is made for"
         if self.lineage == "unrelated":
-            hint = "" if self.aligned else ("their channels are in unrelated orders, so a blend averages unrelated "
-                                            "features; align B first (--align weights) or ")
+            hint = "" if self.aligned or not can_align else (
+                "their channels are in unrelated orders, so a blend averages unrelated features; align B first "
+                "(--align weights) or ")
             return (f"warning: the sources share no ancestor ({measured}): expect the merge to lose to the better "
                     f"source fine-tuned alone; {hint}check with --compare")
         return (f"warning: the sources are only weakly related ({measured}): the merge may not beat a single "
@@ -99,25 +103,53 @@ def check_lineage(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Ten
     return LineageCheck(cosines, aligned=aligned)
 
 
+# --align auto aligns for these methods only. The study (docs/merge-study.md) found alignment raised MedMerge's
+# worst case over the unrelated regimes and lowered the plain average's; `average` is also the paper's baseline,
+# which averages the sources as stored.
+AUTO_ALIGN_METHODS = ("medmerge",)
+
+
+def alignment_decision(mode: str, method: str, arch: str, lineage: str) -> tuple[bool, str | None]:
+    """(align B?, why not) for ``--align mode``; the reason is given only when ``auto`` decided against it."""
+    from mmexport.torchside.align import alignable
+
+    if mode != "auto":
+        return mode == "weights", None
+    if method not in AUTO_ALIGN_METHODS:
+        return False, f"--method {method} merges the sources as stored, the paper's baseline (--align weights aligns it)"
+    if lineage == "shared-ancestor":
+        return False, "the sources share an ancestor, so their channels are already in one order"
+    if not alignable(arch):
+        return False, f"{arch} cannot be aligned (its concatenations need one permutation per slice), so it is merged unaligned"
+    return True, None
+
+
 def prepare_sources(arch: str, state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], *,
-                    align: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Source B as the merge will use it (aligned to A under ``align="weights"``) and the check's record.
+                    align: str, method: str = "medmerge") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Source B as the merge will use it (aligned to A when ``align`` says so) and the check's record.
 
     The record (for the manifest's ``training.compatibility``): the lineage before alignment,
-    and the alignment's facts and the lineage after it. Its ``verdict`` is the line to show
-    before stage 1. How well each source's features separate the target is the other half of
-    the check: the head-only probes ``train`` runs right after it, before stage 1 trains
-    (``train.head_probe``, recorded in ``training.diagnostics.source_probes``).
+    and under ``weights``/``auto`` what alignment did (its facts and the lineage after it) or
+    why ``auto`` left B as stored. Its ``verdict`` is the line to show before stage 1. How well
+    each source's features separate the target is the other half of the check: the head-only
+    probes ``train`` runs right after it, before stage 1 trains (``train.head_probe``,
+    recorded in ``training.diagnostics.source_probes``).
     """
+    from mmexport.torchside.align import alignable
+
     before = check_lineage(state_a, state_b)
-    record: dict[str, Any] = {"lineage": before.to_record(), "verdict": before.verdict()}
-    if align == "weights":
+    record: dict[str, Any] = {"lineage": before.to_record(), "verdict": before.verdict(can_align=alignable(arch))}
+    apply, reason = alignment_decision(align, method, arch, before.lineage)
+    if reason is not None:
+        record["alignment"] = {"mode": align, "applied": False, "reason": reason}
+    if apply:
         from mmexport.torchside.align import align_weights
 
         result = align_weights(arch, state_a, state_b, seed=0)
         after = check_lineage(state_a, result.state, aligned=True)
         text = json.dumps(result.permutations, sort_keys=True, separators=(",", ":"))
         record["alignment"] = {
+            "mode": align, "applied": True,
             "method": "weight matching (Git Re-Basin)", "sweeps": result.iterations,
             "moved_channels": result.moved_channels, "total_channels": result.total_channels,
             "weight_cosine_before": round(result.cosine_before, 6), "weight_cosine_after": round(result.cosine_after, 6),

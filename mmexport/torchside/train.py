@@ -59,6 +59,7 @@ from mmexport.config import (
 from mmexport.errors import CheckpointError, DataError, MMExportError, RunDirError, VerificationError
 from mmexport.fileio import atomic_path
 from mmexport.progress import ProgressSink, SilentProgress
+from mmexport.runs.model_card import sources_check_lines
 from mmexport.runs.manifest import RunDir
 from mmexport.runs.provenance import artifact_provenance, reference_model_verification
 from mmexport.runtime.metrics import classification_metrics
@@ -685,7 +686,7 @@ def _train(config: TrainConfig, progress: ProgressSink, command: str, after_epoc
     compatibility = None
     if len(sources) == 2:  # what the sources share, before stage 1 (and B aligned to A under --align weights)
         aligned_b, compatibility = prepare_sources(config.arch, sources["A"].state_dict, sources["B"].state_dict,
-                                                   align=config.align)
+                                                   align=config.align, method=config.method)
         sources["B"] = replace(sources["B"], state_dict=aligned_b)
 
     run = None
@@ -722,7 +723,8 @@ def _train(config: TrainConfig, progress: ProgressSink, command: str, after_epoc
             run.save()
         progress.message(_describe_task(task, config.augmentation))
         if compatibility is not None and ctx.is_main:
-            progress.message(compatibility["verdict"])
+            for line in sources_check_lines(compatibility):
+                progress.message(line)
         _run_method(session, resume)  # evaluates the final network (rank 0) before writing it: its file carries the metrics
         if run is None:
             barrier(ctx)

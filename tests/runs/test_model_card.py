@@ -72,6 +72,9 @@ def test_the_card_names_the_runs_real_hashes_data_and_metrics(trained):
     assert "The target data is synthetic" in card and "Small test set (16 images)" in card
     assert "## Comparison with single-source baselines\n\nNot run" in card
     assert inspect_run(trained).model_card == str(trained / MODEL_CARD_NAME)
+    # the lineage check made before training, in the words train and inspect print
+    verdict = manifest["training"]["compatibility"]["verdict"]
+    assert f"What the sources share, checked before training (docs/lineage.md):\n\n- {verdict}" in card
 
 
 def test_the_card_follows_the_run_is_rehashed_by_verify_and_a_hand_edit_is_caught(trained, tmp_path):

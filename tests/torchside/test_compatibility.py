@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
+import torchvision
 
 from mmexport.torchside.align import align_weights, permutation_spec, permute_state
 from mmexport.torchside.backbones import get_backbone
@@ -83,3 +85,53 @@ def test_a_merge_records_the_check_aligns_b_and_inspect_shows_it(tmp_path):
     lines = inspect_run(run).training.sources_check
     assert lines[0].startswith("warning: the sources share no ancestor") and "after alignment" in lines[0]
     assert lines[1].startswith("source B aligned to A by weight matching") and len(lines) == 2
+
+
+@pytest.mark.parametrize("mode,method,arch,lineage,expected", [
+    ("auto", "medmerge", "resnet18", "unrelated", (True, None)),
+    ("auto", "medmerge", "resnet50", "unclear", (True, None)),
+    ("auto", "medmerge", "resnet18", "shared-ancestor", (False, "share an ancestor")),
+    ("auto", "average", "resnet18", "unrelated", (False, "--method average merges the sources as stored")),
+    ("auto", "medmerge", "densenet121", "unrelated", (False, "densenet121 cannot be aligned")),
+    ("weights", "average", "resnet18", "shared-ancestor", (True, None)),
+    ("none", "medmerge", "resnet18", "unrelated", (False, None)),
+])
+def test_auto_aligns_medmerge_only_where_no_ancestor_is_shared(mode, method, arch, lineage, expected):
+    from mmexport.torchside.compatibility import alignment_decision
+
+    apply, reason = alignment_decision(mode, method, arch, lineage)
+    assert apply is expected[0]
+    assert (reason is None) if expected[1] is None else (expected[1] in reason and "\n" not in reason)
+
+
+def test_auto_aligns_an_unrelated_pair_and_leaves_a_related_one_as_stored():
+    from mmexport.runs.model_card import sources_check_lines
+    from mmexport.torchside.compatibility import prepare_sources
+
+    a, b = _init(0), _init(1)
+    aligned, record = prepare_sources("resnet18", a, b, align="auto")
+    assert record["alignment"]["mode"] == "auto" and record["alignment"]["applied"] is True
+    assert record["alignment"]["moved_channels"] > 0 and any(not torch.equal(aligned[k], b[k]) for k in b)
+    kept, record = prepare_sources("resnet18", a, a, align="auto")
+    assert record["alignment"] == {"mode": "auto", "applied": False,
+                                   "reason": "the sources share an ancestor, so their channels are already in one order"}
+    assert all(kept[k] is a[k] for k in a)  # B as stored: not even copied
+    assert sources_check_lines(record)[1] == ("source B not aligned (--align auto): the sources share an ancestor, "
+                                              "so their channels are already in one order")
+    _, record = prepare_sources("resnet18", a, b, align="none")
+    assert "alignment" not in record and "--align weights" in record["verdict"]
+
+
+def test_densenet_under_auto_is_merged_unaligned_and_not_told_to_align():
+    from mmexport.torchside.compatibility import prepare_sources
+
+    def densenet(seed):
+        torch.manual_seed(seed)
+        return {k: v for k, v in torchvision.models.densenet121(num_classes=2).state_dict().items()
+                if not k.startswith("classifier.")}
+
+    a, b = densenet(0), densenet(1)
+    kept, record = prepare_sources("densenet121", a, b, align="auto")
+    assert record["lineage"]["lineage"] == "unrelated" and record["alignment"]["applied"] is False
+    assert "densenet121 cannot be aligned" in record["alignment"]["reason"]
+    assert "--align weights" not in record["verdict"] and all(kept[k] is b[k] for k in b)
