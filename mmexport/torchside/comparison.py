@@ -296,8 +296,10 @@ def compare_methods(
     try:
         for index, (method, seed) in enumerate(jobs, start=2):
             progress.message(f"compare: run {index}/{1 + len(jobs)}: {method}, seed {seed}")
+            # the run's own method on its other seeds keeps its alignment; the baselines are the paper's: single
+            # sources and the plain average, as stored
             job = replace(config, method=method, seed=seed, out=str(work / _run_name(method, seed)), force=True,
-                          resume=False, align="none")  # the paper's baselines: single sources, the plain average as stored
+                          resume=False, align=config.align if method == config.method else "none")
             runs.setdefault(method, {})[seed] = train(job, progress, command=f"{command} (compare: {method} seed {seed})",
                                                       lock_wait=lock_wait)
         settings = {"merge_epochs": config.merge_epochs, "finetune_epochs": config.finetune_epochs,

@@ -227,3 +227,23 @@ def test_cli_seeds_need_compare(tmp_path):
 ])
 def test_judge_gap_is_the_rule_compare_and_the_study_share(gap, std, kind):
     assert judge_gap(gap, std) == kind
+
+
+def test_the_merge_keeps_its_alignment_on_every_seed_and_the_baselines_train_as_stored(tmp_path, monkeypatch):
+    """--align weights --compare --seeds 0,1: medmerge seed 1 is aligned like seed 0; finetune-* and average are not."""
+    import mmexport.torchside.train as train_module
+
+    seen = []
+    scores = {**SCORES, ("average", 0): 0.3, ("average", 1): 0.3}
+    fake = fake_train(scores)
+
+    def recording(config, progress=None, *, command="", lock_wait=None):
+        seen.append((config.method, config.seed, config.align))
+        return fake(config, progress, command=command, lock_wait=lock_wait)
+
+    monkeypatch.setattr(train_module, "train", recording)
+    compare_methods(config(("a", "b"), tmp_path / "m", align="weights"), ["finetune-a", "finetune-b", "average"],
+                    seeds=[0, 1], keep_runs="none")
+    assert sorted(seen) == [("average", 0, "none"), ("average", 1, "none"), ("finetune-a", 0, "none"),
+                            ("finetune-a", 1, "none"), ("finetune-b", 0, "none"), ("finetune-b", 1, "none"),
+                            ("medmerge", 0, "weights"), ("medmerge", 1, "weights")]
