@@ -62,8 +62,9 @@ class LineageCheck:
             hint = "" if self.aligned or not can_align else (
                 "their channels are in unrelated orders, so a blend averages unrelated features; align B first "
                 "(--align weights) or ")
-            return (f"warning: the sources share no ancestor ({measured}): expect the merge to lose to the better "
-                    f"source fine-tuned alone; {hint}check with --compare")
+            # the study's unrelated regimes: the merge tied or lost to the better single source, aligned or not
+            return (f"warning: the sources share no ancestor ({measured}): expect no gain over the better source "
+                    f"fine-tuned alone; {hint}check with --compare")
         return (f"warning: the sources are only weakly related ({measured}): the merge may not beat a single "
                 "source; check with --compare")
 
