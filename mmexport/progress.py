@@ -37,8 +37,37 @@ class SilentProgress:
     def message(self, text: str) -> None: ...
 
 
+class OnceProgress:
+    """Forwards everything to ``inner`` but a message it has already forwarded.
+
+    For a command that runs the same step many times (``train --compare``: every run
+    describes the same data and sources): each line is shown once.
+    """
+
+    def __init__(self, inner: ProgressSink) -> None:
+        self.inner = inner
+        self.shown: set[str] = set()
+
+    def start(self, description: str, total: int) -> None:
+        self.inner.start(description, total)
+
+    def advance(self, steps: int = 1) -> None:
+        self.inner.advance(steps)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        self.inner.epoch(record)
+
+    def message(self, text: str) -> None:
+        if text not in self.shown:
+            self.shown.add(text)
+            self.inner.message(text)
+
+
 def sink(progress: ProgressSink | None) -> ProgressSink:
     return progress if progress is not None else SilentProgress()
 
 
-__all__ = ["ProgressSink", "SilentProgress", "sink"]
+__all__ = ["OnceProgress", "ProgressSink", "SilentProgress", "sink"]

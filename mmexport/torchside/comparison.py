@@ -36,7 +36,7 @@ from mmexport import artifacts
 from mmexport.config import METHOD_SOURCES, METHODS, TrainConfig, check_seed
 from mmexport.errors import MMExportError
 from mmexport.fileio import write_json_atomic
-from mmexport.progress import ProgressSink, SilentProgress
+from mmexport.progress import OnceProgress, ProgressSink, SilentProgress
 from mmexport.runs.manifest import RunDir, check_replaceable
 
 COMPARISON_FILE = artifacts.filename("comparison")
@@ -264,7 +264,7 @@ def compare_methods(
     from mmexport.torchside.coefficients import seed_agreement  # lazy: torch
     from mmexport.torchside.train import train
 
-    progress = progress or SilentProgress()
+    progress = OnceProgress(progress or SilentProgress())  # every run describes the same data and sources: once
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MMExportError("--compare trains several runs one after another: run it without torchrun")
     policy, given_dir = _keep_policy(keep_runs, runs_dir)

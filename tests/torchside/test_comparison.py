@@ -247,3 +247,38 @@ def test_the_merge_keeps_its_alignment_on_every_seed_and_the_baselines_train_as_
     assert sorted(seen) == [("average", 0, "none"), ("average", 1, "none"), ("finetune-a", 0, "none"),
                             ("finetune-a", 1, "none"), ("finetune-b", 0, "none"), ("finetune-b", 1, "none"),
                             ("medmerge", 0, "weights"), ("medmerge", 1, "weights")]
+
+
+def test_compare_shows_a_line_every_run_repeats_once(tmp_path, monkeypatch):
+    """Nine runs describe the same data and sources: the user reads each such line once, and every other line."""
+    import mmexport.torchside.train as train_module
+
+    fake = fake_train(SCORES)
+
+    def chatty(config, progress=None, *, command="", lock_wait=None):
+        progress.message("data: 10 classes, the same for every run")
+        progress.message(f"head-only probe of {config.method} seed {config.seed}")
+        progress.epoch({"stage": "merge", "epoch": 1})
+        return fake(config, progress, command=command, lock_wait=lock_wait)
+
+    class Recording:
+        def __init__(self):
+            self.lines, self.epochs = [], 0
+
+        def start(self, description, total): ...
+        def advance(self, steps=1): ...
+        def finish(self): ...
+
+        def epoch(self, record):
+            self.epochs += 1
+
+        def message(self, text):
+            self.lines.append(text)
+
+    monkeypatch.setattr(train_module, "train", chatty)
+    progress = Recording()
+    compare_methods(config(("a", "b"), tmp_path / "m"), ["finetune-a", "finetune-b"], seeds=[0, 1], progress=progress,
+                    keep_runs="none")
+    assert progress.lines.count("data: 10 classes, the same for every run") == 1
+    assert sum(line.startswith("head-only probe of") for line in progress.lines) == 6 and progress.epochs == 6
+    assert sum(line.startswith("compare: run ") for line in progress.lines) == 5
