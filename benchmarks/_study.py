@@ -422,11 +422,30 @@ def run_one(work: Path, log: Path, name: str, regime: str, seed: int, overrides:
         "diagnostics": training.get("diagnostics"),
         "lr_probe": training.get("lr_probe"),
         "compatibility": training.get("compatibility"),
+        "code": code_version(),
     }
     for path in (log, cache):
         with path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
     return record
+
+
+def code_version() -> str:
+    """mmexport's version and the commit the study ran (``+changes`` when mmexport/ differed from it): a log
+    row is reproducible by that code only (a training change shifts every later run's random stream)."""
+    import subprocess
+
+    import mmexport
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mmexport"], cwd=root, capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return mmexport.__version__
+    return f"{mmexport.__version__} {head}{'+changes' if dirty else ''}"
 
 
 def _mean_sigma(manifest: dict) -> float | None:

@@ -39,8 +39,10 @@ CONFIGS: dict[str, dict] = {
     "finetune-b": {"method": "finetune-b", **LIGHT},
     "lr1e-1": {"lr_logits": 1e-1, **LIGHT},
     "lr1e-1 align": {"lr_logits": 1e-1, "align": "weights", **LIGHT},
+    "lr3e-2 align": {"lr_logits": 3e-2, "align": "weights", **LIGHT},
+    "lr3e-1 align": {"lr_logits": 3e-1, "align": "weights", **LIGHT},
     # mmexport 0.3's default: align where the lineage check finds no shared ancestor. Its row is read off the
-    # lr1e-1 / lr1e-1 align runs (ALIGN_AUTO); training it checks that reading (identical runs).
+    # lr1e-1 / lr1e-1 align runs (simulate_align_auto); training it checks that reading (identical runs).
     "lr1e-1 auto": {"lr_logits": 1e-1, "align": "auto", **LIGHT},
     "average align": {"method": "average", "align": "weights", **LIGHT},
     "lr3e-1": {"lr_logits": 3e-1, **LIGHT},
@@ -66,20 +68,26 @@ SINGLE = {"legacy": ("old-defaults finetune-a", "old-defaults finetune-b"),
           "light": ("finetune-a", "finetune-b"), "none": ("none finetune-a", "none finetune-b")}
 
 
-ALIGN_AUTO = "align auto (read off)"
+AUTO_ALIGN_RATES = ("lr3e-2", "lr1e-1", "lr3e-1")
+
+
+def align_auto_name(rate: str) -> str:
+    return f"{rate} auto (read off)"
 
 
 def simulate_align_auto(records: list[dict], lineage: dict[str, dict]) -> list[dict]:
-    """``--align auto`` per (regime, seed), read off the fixed runs: ``lr1e-1`` where the regime's lineage
-    check says shared-ancestor (auto leaves B as stored), ``lr1e-1 align`` elsewhere (auto aligns, as weights)."""
+    """``--align auto`` per (rate, regime, seed), read off the fixed runs: ``lrX`` where the regime's lineage
+    check says shared-ancestor (auto leaves B as stored), ``lrX align`` elsewhere (auto aligns, as weights)."""
     out = []
-    for record in records:
-        check = lineage.get(record["task"])
-        if check is None:
-            continue
-        wanted = "lr1e-1" if check["lineage"] == "shared-ancestor" else "lr1e-1 align"
-        if record["config"] == wanted:
-            out.append({**record, "config": ALIGN_AUTO, "key": f"{ALIGN_AUTO}|{record['task']}|{record['seed']}"})
+    for rate in AUTO_ALIGN_RATES:
+        name = align_auto_name(rate)
+        for record in records:
+            check = lineage.get(record["task"])
+            if check is None:
+                continue
+            wanted = rate if check["lineage"] == "shared-ancestor" else f"{rate} align"
+            if record["config"] == wanted:
+                out.append({**record, "config": name, "key": f"{name}|{record['task']}|{record['seed']}"})
     return out
 
 
@@ -164,7 +172,7 @@ def report(records: list[dict], tasks: list[str], seeds: list[int], started: str
     related = [t for t in tasks if lineage.get(t, {}).get("lineage") == "shared-ancestor"]
     unrelated = [t for t in tasks if lineage.get(t, {}).get("lineage") == "unrelated"]
     records = records + [r for p in AUTO_EPOCHS for r in simulate_auto(records, p)] + simulate_align_auto(records, lineage)
-    configs = [c for c in list(CONFIGS) + [f"auto p={p}" for p in AUTO_EPOCHS] + [ALIGN_AUTO]
+    configs = [c for c in list(CONFIGS) + [f"auto p={p}" for p in AUTO_EPOCHS] + [align_auto_name(r) for r in AUTO_ALIGN_RATES]
                if any(r["config"] == c for r in records)]
     lines = ["# MedMerge settings study: worst case over regimes", ""]
     lines += ["Regimes (`benchmarks/_study.py`, every one rebuilt from seed 0; runs vary `--seed`):", "",
@@ -207,12 +215,12 @@ def report(records: list[dict], tasks: list[str], seeds: list[int], started: str
         counts = "/".join(str(verdicts.count(v)) for v in ("paid", "inside the seed spread", "did not pay"))
         lines.append(f"| {config} | " + " | ".join(cells) + f" | {worst_of(tasks)} | {worst_of(related)} | "
                      f"{worst_of(unrelated)} | {mean} | {counts if complete else '—'} |")
-    read_off = {(r["task"], r["seed"]): r for r in records if r["config"] == ALIGN_AUTO}
+    read_off = {(r["task"], r["seed"]): r for r in records if r["config"] == align_auto_name("lr1e-1")}
     trained = [(r, read_off.get((r["task"], r["seed"]))) for r in records if r["config"] == "lr1e-1 auto"]
     if trained:
         same = sum(1 for r, o in trained if o is not None and r["test_macro_f1"] == o["test_macro_f1"]
                    and r["val_macro_f1"] == o["val_macro_f1"])
-        lines += ["", f"*{ALIGN_AUTO}* checked by training `--align auto` itself: {same} of {len(trained)} runs "
+        lines += ["", f"*{align_auto_name('lr1e-1')}* checked by training `--align auto` itself: {same} of {len(trained)} runs "
                   "(" + ", ".join(f"{r['task']} seed {r['seed']}" for r, _ in trained) + ") give exactly the val and "
                   "test macro-F1 of the run the row reads off."]
     lines += ["", "## Test macro-F1 per regime (mean ± std over seeds, n runs)", ""]
