@@ -1,3 +1,3 @@
 """mmexport: MedMerge training, fold, verification and export of merged CNN backbones."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
