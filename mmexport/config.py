@@ -43,8 +43,9 @@ GRANULARITIES: tuple[str, ...] = ("kernel", "filter", "layer")
 BN_INITS = ("blend", "reestimate")
 # Source B's channels before the merge: as stored, or permuted into A's order by weight matching
 # (Git Re-Basin; mmexport.torchside.align). Only merges read it: a single source has nothing to match.
-# auto (the default; benchmarks/merge_study.py): weights where the lineage check finds no shared ancestor,
-# for medmerge on a ResNet; as stored otherwise (see compatibility.alignment_decision).
+# auto: weights where the lineage check finds no shared ancestor, for medmerge on a ResNet; as stored otherwise
+# (compatibility.alignment_decision). The default stays none: in the study (docs/merge-study.md) auto did not win
+# the worst case (-0.6 against -0.5 test macro-F1 points, 5 seeds, inside the spread).
 ALIGNMENTS = ("auto", "none", "weights")
 MAX_INTENDED_USE = 500  # characters of --intended-use
 SCHEDULES = ("cosine", "constant")
@@ -233,7 +234,7 @@ class TrainConfig:
     augmentation: str = DEFAULT_AUGMENTATION
     initial_logit: float = 0.0
     bn_init: str = "reestimate"
-    align: str = "auto"
+    align: str = "none"
     # What the model is for, in the user's words: the model card's "intended use" (None: research use only,
     # not for clinical use). One printable line.
     intended_use: str | None = None
