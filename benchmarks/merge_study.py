@@ -68,7 +68,7 @@ SINGLE = {"legacy": ("old-defaults finetune-a", "old-defaults finetune-b"),
           "light": ("finetune-a", "finetune-b"), "none": ("none finetune-a", "none finetune-b")}
 
 
-AUTO_ALIGN_RATES = ("lr3e-2", "lr1e-1", "lr3e-1")
+AUTO_ALIGN_RATES = tuple(AUTO_CANDIDATES)  # the fixed rates, each read off with --align auto
 
 
 def align_auto_name(rate: str) -> str:
